@@ -1,0 +1,13 @@
+"""read-cache: READ (Recurrent Adaptation, arXiv 2305.15348) trained from a cache of a frozen backbone.
+
+    read-cache build --model t5-base --task sst2      # run the backbone once, write a Zarr store
+    read-cache train --rnn gru --dim 256              # train side networks from the store alone
+
+From Python: `read_cache.open_cache(path)["train"][0].encoder_hidden`.
+"""
+
+__version__ = "0.1.0"
+
+from read_cache.store import Cache, Example, Split, open_cache  # noqa: E402
+
+__all__ = ["Cache", "Example", "Split", "open_cache", "__version__"]

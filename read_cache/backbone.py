@@ -1,0 +1,230 @@
+"""The frozen backbone: load a T5-family or encoder-only checkpoint and extract what READ needs.
+
+    backbone = load_backbone("t5-small")        # hub id or local folder
+    states = backbone.forward(input_ids, attention_mask)
+
+Only stage one (`build`), `predict` and `bench` import this module; training never does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from read_cache.errors import ReadCacheError
+
+log = logging.getLogger(__name__)
+
+T5_FAMILY = ("t5", "mt5", "umt5")
+ENCODER_FAMILY = ("bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert", "mpnet", "camembert")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class BackboneStates(NamedTuple):
+    """One batch's cached quantities, tokens flattened over the real (unpadded) positions."""
+
+    encoder_hidden: torch.Tensor
+    """[tokens, N_E, d]: phi_E[1..N_E] of every real token, example after example."""
+    cross_attention: torch.Tensor | None
+    """[tokens, N_D] (head mean) or [tokens, N_D, H]: sigma_D of decoder position 0; None for encoders."""
+    decoder_hidden: torch.Tensor | None
+    """[batch, N_D, d]: phi_D[1..N_D] at decoder position 0; None for encoders."""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True where bf16 matmuls beat fp32 on this CPU (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def default_dtype(device: str) -> str:
+    if device.startswith("cuda"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A frozen model, its tokenizer and the facts about it the cache records."""
+
+    model: torch.nn.Module
+    tokenizer: Any
+    kind: str
+    """'t5' (encoder-decoder) or 'encoder' (BERT family)."""
+    device: str
+    dtype: str
+    info: dict[str, Any]
+    """What the cache records under the root attribute `backbone`."""
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def n_encoder_layers(self) -> int:
+        return self.config.num_hidden_layers if self.kind == "encoder" else self.config.num_layers
+
+    @property
+    def n_decoder_layers(self) -> int:
+        return 0 if self.kind == "encoder" else self.config.num_decoder_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.config.hidden_size if self.kind == "encoder" else self.config.d_model
+
+    @property
+    def n_heads(self) -> int:
+        return self.config.num_attention_heads if self.kind == "encoder" else self.config.num_heads
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cross_attention: str = "mean") -> BackboneStates:
+        """Run the frozen model on a padded batch and return the flattened per-token states."""
+        input_ids = input_ids.to(self.device)
+        attention_mask = attention_mask.to(self.device)
+        real = attention_mask.bool()
+        with torch.autocast(device_type=self.device.split(":")[0], dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32"):
+            if self.kind == "encoder":
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+                enc = torch.stack(out.hidden_states[1:], dim=2)  # [B, L, N_E, d]
+                return BackboneStates(enc[real], None, None)
+            start = torch.full((len(input_ids), 1), self.config.decoder_start_token_id, device=self.device)
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                decoder_input_ids=start,
+                output_hidden_states=True,
+                output_attentions=True,
+            )
+        enc = torch.stack(out.encoder_hidden_states[1:], dim=2)  # [B, L, N_E, d]
+        dec = torch.stack(out.decoder_hidden_states[1:], dim=1)[:, :, 0]  # [B, N_D, d]
+        cross = torch.stack(out.cross_attentions, dim=1)[:, :, :, 0, :]  # [B, N_D, H, L]
+        cross = cross.permute(0, 3, 1, 2)  # [B, L, N_D, H]
+        if cross_attention == "mean":
+            cross = cross.float().mean(dim=-1)
+        return BackboneStates(enc[real], cross[real], dec)
+
+    def lm_head(self, label_words: tuple[str, ...]) -> dict[str, Any]:
+        """What the `lm` head needs, so training never loads the model: label tokens, LM rows, scaling."""
+        token_ids = [self.first_token(word) for word in label_words]
+        if len(set(token_ids)) != len(token_ids):
+            raise ReadCacheError(f"label words {label_words} share a first token under this tokenizer; the lm head cannot tell them apart")
+        rows = self.model.get_output_embeddings().weight[token_ids].detach().float().cpu().numpy()
+        # T5 rescales the decoder output by d**-0.5 before the (tied) LM head; v5 names the switch.
+        scale_flag = getattr(self.config, "scale_decoder_outputs", getattr(self.config, "tie_word_embeddings", True))
+        scale = self.d_model**-0.5 if scale_flag else 1.0
+        return {"label_words": list(label_words), "token_ids": token_ids, "output_scale": scale, "rows": rows}
+
+    def first_token(self, word: str) -> int:
+        ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ReadCacheError(f"label word {word!r} tokenizes to nothing")
+        return int(ids[0])
+
+
+def load_backbone(model: str, *, dtype: str | None = None, device: str | None = None, revision: str | None = None) -> Backbone:
+    """Load a frozen, eval-mode backbone from a hub id or a local folder."""
+    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5ForConditionalGeneration
+
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    if dtype not in DTYPES:
+        raise ReadCacheError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    config = _load_config(AutoConfig, model, revision)
+    kind = backbone_kind(config, model)
+    # Attention maps need eager attention in transformers 5 (SDPA refuses output_attentions).
+    cls = T5ForConditionalGeneration if kind == "t5" else AutoModel
+    try:
+        net = cls.from_pretrained(model, revision=revision, attn_implementation="eager", dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as e:
+        raise ReadCacheError(f"cannot load model {model!r}: {_first_line(e)}") from e
+    net.requires_grad_(False).eval().to(device)
+    info = {
+        "kind": kind,
+        "model": model_reference(model),
+        "model_type": config.model_type,
+        "revision": revision or getattr(config, "_commit_hash", None),
+        "fingerprint": model_fingerprint(model, config),
+        "config": config.to_diff_dict(),
+    }
+    log.info("loaded %s (%s) on %s with %s compute", model, kind, device, dtype)
+    return Backbone(net, tokenizer, kind, device, dtype, info)
+
+
+def _load_config(auto_config: Any, model: str, revision: str | None) -> Any:
+    path = Path(model)
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ReadCacheError(f"--model {model} is a folder without config.json, so not a model folder; pass a hub id or a saved model folder")
+    try:
+        return auto_config.from_pretrained(model, revision=revision)
+    except (OSError, ValueError) as e:
+        hint = "" if path.exists() else " (no such local folder, and the hub could not provide it: pass a local model folder where the hub is unreachable)"
+        raise ReadCacheError(f"cannot load model {model!r}{hint}: {_first_line(e)}") from e
+
+
+def model_reference(model: str) -> str:
+    """How a cache names its model: the hub id, or the absolute path of a local folder."""
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
+
+
+def backbone_kind(config: Any, model: str) -> str:
+    """'t5' or 'encoder'; anything else is refused with the families we support."""
+    if config.model_type in T5_FAMILY:
+        return "t5"
+    if config.model_type in ENCODER_FAMILY and not getattr(config, "is_decoder", False):
+        return "encoder"
+    raise ReadCacheError(
+        f"--model {model} is a {config.model_type!r} model; read-cache supports T5-family encoder-decoders "
+        f"({', '.join(T5_FAMILY)}) and encoder-only models ({', '.join(ENCODER_FAMILY)})"
+    )
+
+
+def model_fingerprint(model: str, config: Any) -> str:
+    """Identify the weights: the hub commit, or for a folder a hash of its weight files' ends and sizes."""
+    path = Path(model)
+    if not path.is_dir():
+        return f"hub:{getattr(config, '_commit_hash', None) or 'unknown'}"
+    digest = hashlib.sha256()
+    for weights in sorted([*path.glob("*.safetensors"), *path.glob("*.bin")]):
+        size = weights.stat().st_size
+        digest.update(f"{weights.name}:{size}".encode())
+        with weights.open("rb") as f:  # both ends: random weights differ everywhere, and this stays fast for GBs
+            digest.update(f.read(1 << 20))
+            f.seek(max(0, size - (1 << 20)))
+            digest.update(f.read(1 << 20))
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def package_versions() -> dict[str, str]:
+    import numcodecs
+    import transformers
+    import zarr
+
+    import read_cache
+
+    return {
+        "read_cache": read_cache.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "python": os.sys.version.split()[0],
+    }

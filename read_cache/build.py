@@ -1,0 +1,481 @@
+"""Stage one: run the frozen backbone once over every split and write the cache.
+
+    read-cache build --model t5-small --task sst2 --data-dir ../shared/glue
+
+`build_cache(BuildConfig(...))` is the library call behind that command. The forward pass and the
+writer overlap: a writer thread compresses and stores one unit while the backbone computes the next.
+A rerun of the same command resumes from the units already durable (see `read_cache.store`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from read_cache import paths
+from read_cache.backbone import Backbone, BackboneStates, load_backbone, model_reference, package_versions
+from read_cache.data import SplitData, load_glue, split_recipe
+from read_cache.errors import ReadCacheError
+from read_cache.store import (
+    CHUNK_BYTES,
+    SPLITS,
+    CacheWriter,
+    Geometry,
+    Unit,
+    BuildLock,
+    check_format_version,
+    codec_description,
+    free_bytes,
+    plan_units,
+    prepare_cache_dir,
+    read_root_attrs,
+    remove_partial_files,
+)
+from read_cache.tasks import TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class BuildConfig:
+    """Everything `read-cache build` takes; the identity fields must match to resume a cache."""
+
+    model: str
+    """Hub id or local folder of a T5-family or encoder-only checkpoint."""
+    task: str
+    """GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)."""
+    data_dir: Path | None = None
+    """Local GLUE folder (TSV or parquet layout); None reads the hub."""
+    out: Path | None = None
+    """Cache folder; None means `$READ_CACHE_HOME/caches/<model>/<task>`."""
+    limit: int | None = None
+    """Cap on the examples of each split (after the split recipe)."""
+    max_length: int = 256
+    """Longer inputs are truncated to this many tokens (and counted)."""
+    dtype: str | None = None
+    """Compute dtype: bf16, fp16 or fp32; None picks what is fast on the device."""
+    device: str | None = None
+    """'cuda', 'cpu', ...; None picks CUDA when present."""
+    batch_size: int = 64
+    """Examples per forward pass (batches are grouped by length)."""
+    cross_attention: str = "mean"
+    """'mean' over heads (the paper's single head) or 'heads' to keep every head."""
+    float_dtype: str = "bfloat16"
+    """Stored float type: 'bfloat16' (T5's range) or 'float16'."""
+    revision: str | None = None
+    """Hub revision of the model."""
+    chunk_mb: float = CHUNK_BYTES / 2**20
+    """Target raw size of a token chunk in MiB (DESIGN: 1-8 MB)."""
+    force: bool = False
+    """Build even when the disk estimate says it will not fit."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples per split (or left out)")
+        if self.max_length < 2:
+            raise ReadCacheError(f"--max-length {self.max_length} must be at least 2 tokens")
+        if self.batch_size <= 0:
+            raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
+        if self.cross_attention not in ("mean", "heads"):
+            raise ReadCacheError(f"--cross-attention {self.cross_attention} must be 'mean' or 'heads'")
+        if not 0 < self.chunk_mb <= 256:
+            raise ReadCacheError(f"--chunk-mb {self.chunk_mb} must be in (0, 256]")
+        if self.float_dtype not in ("bfloat16", "float16"):
+            raise ReadCacheError(f"--store-dtype {self.float_dtype} must be 'bfloat16' or 'float16'")
+
+
+@dataclasses.dataclass
+class SplitReport:
+    split: str
+    examples: int
+    tokens: int
+    truncated: int
+    units_written: int
+    seconds: float
+    bytes_written: int
+    resumed: bool
+
+
+@dataclasses.dataclass
+class BuildReport:
+    path: Path
+    splits: list[SplitReport]
+    wall_seconds: float
+    forward_seconds: float
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+@dataclasses.dataclass
+class Tokenized:
+    ids: list[list[int]]
+    truncated: int
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum([len(x) for x in self.ids])]).astype(np.int64)
+
+
+def model_inputs(backbone_kind: str, task: TaskSpec, texts: Sequence[tuple[str, ...]]) -> tuple[list[Any], list[Any] | None]:
+    """T5 reads the paper's prefixed text; an encoder reads the raw text (pair)."""
+    if backbone_kind == "t5":
+        return [task.t5_input(t) for t in texts], None
+    firsts = [t[0] for t in texts]
+    seconds = [t[1] for t in texts] if len(task.text_fields) > 1 else None
+    return firsts, seconds
+
+
+def tokenize(tokenizer: Any, firsts: list[str], seconds: list[str] | None, max_length: int) -> Tokenized:
+    """Token ids of every example, truncated to max_length, and how many needed truncation."""
+    full = tokenizer(firsts, seconds, truncation=False, verbose=False)["input_ids"]
+    too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
+    if too_long:
+        cut = tokenizer(
+            [firsts[i] for i in too_long],
+            [seconds[i] for i in too_long] if seconds else None,
+            truncation=True,
+            max_length=max_length,
+        )["input_ids"]
+        for i, ids in zip(too_long, cut):
+            full[i] = ids
+    return Tokenized([list(map(int, ids)) for ids in full], len(too_long))
+
+
+def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """Positions grouped by length (stable, so deterministic) into batches with little padding."""
+    order = np.argsort(lengths, kind="stable")
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, x in enumerate(ids):
+        input_ids[row, : len(x)] = torch.tensor(x)
+        mask[row, : len(x)] = 1
+    return input_ids, mask
+
+
+def to_stored(t: torch.Tensor, float_dtype: str) -> np.ndarray:
+    """A tensor in the store's 16-bit representation (bfloat16 as raw uint16 bits)."""
+    if float_dtype == "float16":
+        return t.to(torch.float16).cpu().numpy()
+    return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+def forward_batches(backbone: Backbone, ids: list[list[int]], batch_size: int, cross: str) -> Iterator[tuple[np.ndarray, BackboneStates]]:
+    """(positions, states) for length-grouped batches of `ids`; the bare forward pass is this alone."""
+    pad_id = backbone.tokenizer.pad_token_id or 0
+    for batch in length_batches(np.array([len(x) for x in ids]), batch_size):
+        input_ids, mask = pad([ids[i] for i in batch], pad_id)
+        yield batch, backbone.forward(input_ids, mask, cross)
+
+
+# --------------------------------------------------------------------------------------------------
+# One unit
+
+
+def compute_unit(backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: np.ndarray, cfg: BuildConfig, geometry: Geometry) -> tuple[dict, dict]:
+    """Run the backbone over a unit's examples and lay the results out as the store wants them."""
+    c0, c1 = unit.compute
+    base = int(offsets[c0])
+    n_tok = int(offsets[c1]) - base
+    enc = np.empty((n_tok, geometry.n_encoder_layers, geometry.d_model), dtype=_np16(cfg.float_dtype))
+    cross = np.empty((n_tok, *geometry.cross_shape()), dtype=enc.dtype) if geometry.cross_attention else None
+    e0, e1 = unit.examples
+    dec = np.empty((e1 - e0, geometry.n_decoder_layers, geometry.d_model), dtype=enc.dtype) if geometry.cross_attention else None
+    for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention):
+        examples = positions + c0
+        dest = _token_positions(offsets, examples) - base
+        enc[dest] = to_stored(states.encoder_hidden, cfg.float_dtype)
+        if cross is not None:
+            cross[dest] = to_stored(states.cross_attention, cfg.float_dtype)
+            own = (examples >= e0) & (examples < e1)
+            dec[examples[own] - e0] = to_stored(states.decoder_hidden[torch.from_numpy(own)], cfg.float_dtype)
+    t0, t1 = unit.tokens[0] - base, unit.tokens[1] - base
+    tokens = {"encoder_hidden": enc[t0:t1]}
+    examples_out = {}
+    if cross is not None:
+        tokens["cross_attention"] = cross[t0:t1]
+        examples_out["decoder_hidden"] = dec
+    return tokens, examples_out
+
+
+def _token_positions(offsets: np.ndarray, examples: np.ndarray) -> np.ndarray:
+    """Concatenated token positions of `examples`, in the order the backbone flattened them."""
+    starts, stops = offsets[examples], offsets[examples + 1]
+    lengths = stops - starts
+    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return np.arange(lengths.sum()) + shift
+
+
+def _np16(float_dtype: str) -> Any:
+    return np.uint16 if float_dtype == "bfloat16" else np.float16
+
+
+# --------------------------------------------------------------------------------------------------
+# The writer thread
+
+
+class UnitWriter:
+    """Writes units on a background thread so the backbone never waits on disk."""
+
+    def __init__(self, writer: CacheWriter, split: str, on_written: Callable[[Unit, int], None]):
+        self.writer = writer
+        self.split = split
+        self.on_written = on_written
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"read-cache-writer-{split}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain without writing once something failed
+            unit, tokens, examples = item
+            try:
+                self.writer.write_unit(self.split, unit, tokens, examples)
+                self.on_written(unit, sum(a.nbytes for a in (*tokens.values(), *examples.values())))
+            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                self.error = e
+
+    def put(self, unit: Unit, tokens: dict, examples: dict) -> None:
+        self._raise_if_failed()
+        while True:
+            try:
+                self.queue.put((unit, tokens, examples), timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is None:
+            return
+        if isinstance(self.error, OSError) and self.error.errno == 28:
+            raise ReadCacheError(
+                f"the disk filled up while writing {self.writer.path}; free some space and rerun the same command to resume"
+            ) from self.error
+        raise self.error
+
+
+# --------------------------------------------------------------------------------------------------
+# The build
+
+
+def build_cache(cfg: BuildConfig) -> BuildReport:
+    """Run stage one; resumes a cache that an earlier run of the same command left incomplete."""
+    started = time.perf_counter()
+    cfg.validate()
+    task = get_task(cfg.task)
+    out = Path(cfg.out) if cfg.out else paths.default_cache_path(cfg.model, task.name)
+    prepare_cache_dir(out)
+    existing = read_root_attrs(out)
+    if existing is not None:
+        check_format_version(existing, out)
+        check_same_build(existing, cfg, out, fingerprint=None)
+    data = load_glue(task, cfg.data_dir, cfg.limit)
+    backbone = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
+    if backbone.kind == "encoder" and cfg.cross_attention == "heads":
+        log.info("--cross-attention heads ignored: encoder-only backbones have no cross-attention")
+    geometry = make_geometry(backbone, cfg, task)
+    tokenized = {split: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, data[split].texts), cfg.max_length) for split in SPLITS}
+    with BuildLock(out):
+        existing = read_root_attrs(out)  # re-read under the lock
+        if existing is not None:
+            check_same_build(existing, cfg, out, fingerprint=backbone.info["fingerprint"])
+            removed = remove_partial_files(out)
+            log.info("resuming %s (%d leftover partial files removed)", out, removed)
+        check_disk(out, geometry, tokenized, existing, cfg.force)
+        if existing is None:
+            lm = backbone.lm_head(task.label_words) if backbone.kind == "t5" and task.label_words else None
+            writer = CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), lm["rows"] if lm else None)
+        else:
+            writer = CacheWriter(out, geometry)
+        forward_seconds = [0.0]
+        reports = [build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds) for split in SPLITS]
+    paths.record_last_cache(out)
+    return BuildReport(out, reports, time.perf_counter() - started, forward_seconds[0])
+
+
+def make_geometry(backbone: Backbone, cfg: BuildConfig, task: TaskSpec) -> Geometry:
+    return Geometry(
+        n_encoder_layers=backbone.n_encoder_layers,
+        n_decoder_layers=backbone.n_decoder_layers,
+        d_model=backbone.d_model,
+        n_heads=backbone.n_heads,
+        cross_attention=cfg.cross_attention if backbone.kind == "t5" else None,
+        float_dtype=cfg.float_dtype,
+        regression=task.is_regression,
+        chunk_bytes=int(cfg.chunk_mb * 2**20),
+    )
+
+
+def identity(cfg: BuildConfig) -> dict[str, Any]:
+    """The build options that determine the cache's bytes; a resume must repeat them exactly."""
+    return {
+        "limit": cfg.limit,
+        "max_length": cfg.max_length,
+        "batch_size": cfg.batch_size,
+        "cross_attention": cfg.cross_attention,
+        "float_dtype": cfg.float_dtype,
+        "chunk_mb": cfg.chunk_mb,
+        "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+    }
+
+
+def check_same_build(attrs: dict[str, Any], cfg: BuildConfig, out: Path, fingerprint: str | None) -> None:
+    """Refuse to mix two builds in one folder; name what differs and how to proceed."""
+    model, task = attrs["backbone"]["model"], attrs["task"]["name"]
+    if model != model_reference(cfg.model) or task != cfg.task or (fingerprint and attrs["backbone"]["fingerprint"] != fingerprint):
+        raise ReadCacheError(
+            f"--out {out} already holds a cache of model {model!r} on task {task!r}; "
+            "choose another --out (or delete that cache) to build a different model or task"
+        )
+    differing = [k for k, v in identity(cfg).items() if attrs["build"].get(k) != v]
+    if differing:
+        was = ", ".join(f"{k}={attrs['build'].get(k)!r}" for k in differing)
+        raise ReadCacheError(f"--out {out} was built with {was}; rerun with those options to resume it, or choose another --out")
+    if cfg.dtype and attrs["compute_dtype"] != cfg.dtype:
+        raise ReadCacheError(f"--out {out} was built with --dtype {attrs['compute_dtype']}; resume with that dtype or choose another --out")
+
+
+def root_attributes(cfg: BuildConfig, task: TaskSpec, backbone: Backbone, lm: dict | None) -> dict[str, Any]:
+    tok = backbone.tokenizer
+    return {
+        "backbone": {
+            **backbone.info,
+            "n_encoder_layers": backbone.n_encoder_layers,
+            "n_decoder_layers": backbone.n_decoder_layers,
+            "d_model": backbone.d_model,
+            "n_heads": backbone.n_heads,
+        },
+        "tokenizer": {"name_or_path": tok.name_or_path, "class": type(tok).__name__, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id},
+        "task": {
+            "name": task.name,
+            "metric": str(task.metric),
+            "label_words": list(task.label_words),
+            "num_labels": task.num_labels,
+            "regression": task.is_regression,
+            "template": task.t5_template if backbone.kind == "t5" else "text pair" if len(task.text_fields) > 1 else "text",
+        },
+        "data": {"source": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else "hub:nyu-mll/glue", "split_recipe": split_recipe(task)},
+        "build": identity(cfg),
+        "compute_dtype": backbone.dtype,
+        "float_dtype": cfg.float_dtype,
+        "codec": codec_description(),
+        "cross_attention": cfg.cross_attention if backbone.kind == "t5" else None,
+        "lm_head": {k: v for k, v in lm.items() if k != "rows"} if lm else None,
+        "packages": package_versions(),
+    }
+
+
+def check_disk(out: Path, geometry: Geometry, tokenized: dict[str, Tokenized], existing: dict | None, force: bool) -> None:
+    """Print the estimate before building; refuse a build that cannot fit unless forced."""
+    done = {s for s, st in (existing or {}).get("splits", {}).items() if st.get("complete")}
+    need = sum(
+        len(tok.ids) * geometry.bytes_per_example + int(tok.offsets[-1]) * geometry.bytes_per_token
+        for split, tok in tokenized.items()
+        if split not in done
+    )
+    free = free_bytes(out)
+    log.info("estimated cache size %.1f MB uncompressed (less on disk); %.1f MB free at %s", need / 1e6, free / 1e6, out)
+    if need > free and not force:
+        raise ReadCacheError(
+            f"the cache needs up to {need / 1e9:.2f} GB but {out} has {free / 1e9:.2f} GB free; free space, choose another --out, or pass --force"
+        )
+
+
+def build_split(writer: CacheWriter, backbone: Backbone, split: str, data: SplitData, tokenized: Tokenized, cfg: BuildConfig, forward_seconds: list[float]) -> SplitReport:
+    offsets = tokenized.offsets
+    resumed = writer.has_split(split)
+    if not resumed:
+        writer.create_split(
+            split,
+            offsets=offsets,
+            input_ids=np.fromiter((t for ids in tokenized.ids for t in ids), dtype=np.int32, count=int(offsets[-1])),
+            labels=np.asarray(data.labels),
+            index=np.asarray(data.index),
+            info={"source": data.source, "truncated": tokenized.truncated},
+        )
+    skeleton = writer.split_skeleton(split)
+    if not np.array_equal(skeleton["offsets"], offsets) or not np.array_equal(skeleton["label"], np.asarray(data.labels, skeleton["label"].dtype)):
+        raise ReadCacheError(f"split {split!r} of {writer.path} was built from other data or another tokenizer; choose another --out")
+    units = plan_units(offsets, writer.group[split].attrs["unit_examples"], writer.geometry.token_chunk)
+    pending = [u for u in units if not skeleton["units_done"][u.index]]
+    status = {"n_examples": len(offsets) - 1, "n_tokens": int(offsets[-1]), "truncated": tokenized.truncated, "source": data.source}
+    started = time.perf_counter()
+    written = [0, sum(u.examples[1] - u.examples[0] for u in units if skeleton["units_done"][u.index])]
+    writer.update_split_status(split, {**status, "examples_written": written[1], "complete": not pending})
+    with _progress(cfg.progress, split, len(offsets) - 1, written[1]) as advance:
+
+        def on_written(unit: Unit, nbytes: int) -> None:
+            written[0] += nbytes
+            written[1] += unit.examples[1] - unit.examples[0]
+            advance(unit.examples[1] - unit.examples[0], written[0] / max(time.perf_counter() - started, 1e-9))
+            writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False})
+
+        unit_writer = UnitWriter(writer, split, on_written)
+        try:
+            for unit in pending:
+                t = time.perf_counter()
+                tokens, examples = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry)
+                forward_seconds[0] += time.perf_counter() - t
+                unit_writer.put(unit, tokens, examples)
+        finally:
+            unit_writer.close()
+    writer.update_split_status(split, {**status, "examples_written": len(offsets) - 1, "complete": True})
+    return SplitReport(split, len(offsets) - 1, int(offsets[-1]), tokenized.truncated, len(pending), time.perf_counter() - started, written[0], resumed)
+
+
+class _progress:
+    """A rich progress bar with examples/s and MB/s written (or nothing when disabled)."""
+
+    def __init__(self, enabled: bool, split: str, total: int, done: int):
+        self.enabled, self.split, self.total, self.done = enabled, split, total, done
+
+    def __enter__(self) -> Callable[[int, float], None]:
+        if not self.enabled:
+            return lambda n, rate: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self._bar = Progress(
+            TextColumn(f"[bold]{self.split:>10}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]} ex/s, {task.fields[mbs]} MB/s written"),
+            TimeRemainingColumn(),
+        )
+        self._bar.start()
+        self._task = self._bar.add_task(self.split, total=self.total, completed=self.done, rate="-", mbs="-")
+        started, base = time.perf_counter(), self.done
+
+        def advance(n: int, bytes_per_second: float) -> None:
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            task = self._bar.tasks[0]
+            rate = (task.completed + n - base) / elapsed
+            self._bar.update(self._task, advance=n, rate=f"{rate:,.0f}", mbs=f"{bytes_per_second / 1e6:,.1f}")
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bar.stop()

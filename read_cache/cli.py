@@ -1,0 +1,161 @@
+"""The `read-cache` command: a thin layer that turns flags into the library's configs.
+
+    read-cache build --model t5-small --task sst2 --data-dir ../shared/glue --limit 2000
+    read-cache train --rnn gru --dim 256
+    read-cache inspect
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from read_cache.errors import ReadCacheError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="READ side networks trained from a cache of a frozen transformer: build once, train many.",
+)
+console = Console(stderr=True)
+out_console = Console()
+
+# Options shared by several commands.
+CacheArg = Annotated[Optional[Path], typer.Option("--cache", help="Cache folder; default: the last one built.")]
+NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars (logs stay).")]
+
+
+def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Print a ReadCacheError as one line and exit 2; Ctrl-C exits 130 with how to resume."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ReadCacheError as e:
+            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted[/]: what was written is durable; rerun the same command to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def setup_logging(verbose: bool = False) -> None:
+    handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "huggingface_hub", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+    setup_logging(verbose)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@app.command()
+@user_errors
+def build(
+    model: Annotated[str, typer.Option(help="Hub id (t5-base) or local model folder.")],
+    task: Annotated[str, typer.Option(help="GLUE task: cola sst2 mrpc qqp stsb mnli qnli rte wnli.")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="Local GLUE folder (original TSV layout or the hub's parquet); default: the hub.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Cache folder; default: $READ_CACHE_HOME/caches/<model>/<task>.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many examples per split (after the split recipe).")] = None,
+    max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens (truncations are counted).")] = 256,
+    dtype: Annotated[Optional[str], typer.Option(help="Compute dtype bf16|fp16|fp32; default: fast on this device.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu; default: CUDA when present.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass (grouped by length).")] = 64,
+    cross_attention: Annotated[str, typer.Option(help="mean (over heads, the paper's) or heads.")] = "mean",
+    store_dtype: Annotated[str, typer.Option(help="Stored floats: bfloat16 or float16.")] = "bfloat16",
+    revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model.")] = None,
+    chunk_mb: Annotated[float, typer.Option(help="Target raw MiB per chunk of token rows.")] = 4.0,
+    force: Annotated[bool, typer.Option(help="Build even if the size estimate exceeds free disk.")] = False,
+    no_progress: NoProgress = False,
+) -> None:
+    """Stage one: run the frozen backbone once over every split and cache its states."""
+    from read_cache.build import BuildConfig, build_cache
+
+    cfg = BuildConfig(
+        model=model, task=task, data_dir=data_dir, out=out, limit=limit, max_length=max_length, dtype=dtype,
+        device=device, batch_size=batch_size, cross_attention=cross_attention, float_dtype=store_dtype,
+        revision=revision, chunk_mb=chunk_mb, force=force, progress=not no_progress,
+    )
+    report = build_cache(cfg)
+    table = Table(title=f"cache {report.path}")
+    for col in ("split", "examples", "tokens", "truncated", "units written", "seconds", "examples/s", "MB written"):
+        table.add_column(col, justify="right" if col != "split" else "left")
+    for s in report.splits:
+        rate = (s.examples if s.units_written else 0) / s.seconds if s.seconds else 0
+        table.add_row(s.split, f"{s.examples:,}", f"{s.tokens:,}", f"{s.truncated:,}", str(s.units_written), f"{s.seconds:.1f}", f"{rate:,.0f}", f"{s.bytes_written / 1e6:,.1f}")
+    out_console.print(table)
+    out_console.print(f"wall {report.wall_seconds:.1f} s (backbone {report.forward_seconds:.1f} s); train from it with: read-cache train --cache {report.path}")
+
+
+@app.command()
+@user_errors
+def inspect(
+    cache: Annotated[Optional[Path], typer.Argument(help="Cache folder; default: the last one built.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Show what a cache holds: splits, sizes, shapes, types, completeness."""
+    from read_cache.describe import describe
+    from read_cache.store import open_cache
+
+    info = describe(open_cache(resolve_cache(cache)))
+    if as_json:
+        out_console.print_json(json.dumps(info))
+        return
+    out_console.print(
+        f"[bold]{info['path']}[/]\nmodel {info['model']} ({info['backbone']}), task {info['task']}, "
+        f"{info['float_dtype']} ({info['compute_dtype']} compute), cross-attention {info['cross_attention']}, "
+        f"codec {info['codec']['compressor']}-{info['codec']['cname']}-{info['codec']['clevel']}+{info['codec']['checksum']}, "
+        f"max length {info['max_length']}\n{info['split_recipe']}"
+    )
+    table = Table()
+    for col in ("split", "examples", "tokens", "complete", "truncated", "raw MB", "disk MB", "ratio"):
+        table.add_column(col, justify="left" if col in ("split", "complete") else "right")
+    for name, s in info["splits"].items():
+        done = "yes" if s["complete"] else f"no ({s['examples_written']:,} written)"
+        ratio = f"{s['compression_ratio']:.2f}x" if s["compression_ratio"] else "-"
+        table.add_row(name, f"{s['examples']:,}", f"{s['tokens']:,}", done, f"{s['truncated']:,}", f"{s['raw_bytes'] / 1e6:,.1f}", f"{s['disk_bytes'] / 1e6:,.1f}", ratio)
+    out_console.print(table)
+    for name, s in info["splits"].items():
+        shapes = ", ".join(f"{k} {tuple(v)}" for k, v in s["shapes"].items() if k != "units_done")
+        out_console.print(f"{name}: {shapes}", highlight=False)
+
+
+def resolve_cache(cache: Path | None) -> Path:
+    """The cache the user named, or the last one built (and say which)."""
+    from read_cache import paths
+
+    if cache is not None:
+        return cache
+    last = paths.last_cache()
+    if last is None:
+        raise ReadCacheError("no cache given and none built yet; pass --cache PATH or run `read-cache build` first")
+    logging.getLogger(__name__).info("using the last cache built: %s", last)
+    return last
+
+
+def main() -> None:
+    app(prog_name="read-cache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

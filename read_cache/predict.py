@@ -1,0 +1,158 @@
+"""Online use of a trained run: frozen backbone + side network on new text, as the cached path computes it.
+
+    from read_cache.predict import predict
+    out = predict("runs/sst2-gru256-lm-20250101-120000", ["a lovely film", "a dull plot"])
+    out.labels      # ['positive', 'negative'] (STS-B: scores)
+    out.logits      # [n, C] (STS-B: [n])
+
+The text goes through exactly what the build did: the same prompt (`build.model_inputs`), tokenizer
+and max length (`build.tokenize`), length-grouped batches of the build's batch size
+(`build.forward_batches`), and the states are rounded to the stored 16-bit type (`build.to_stored`)
+before the side network sees them, so online outputs equal the cached path's.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+
+from read_cache.backbone import Backbone, load_backbone
+from read_cache.build import _token_positions, forward_batches, model_inputs, to_stored, tokenize
+from read_cache.errors import ReadCacheError
+from read_cache.reader import decode
+from read_cache.side_network import SideNetwork
+from read_cache.tasks import TaskSpec, get_task
+from read_cache.train import load_run
+
+log = logging.getLogger(__name__)
+
+
+class Predictions(NamedTuple):
+    labels: list[str] | list[float]
+    """Label words for classification, scores for regression (STS-B)."""
+    label_ids: np.ndarray | None
+    """[n] class ids; None for regression."""
+    logits: np.ndarray
+    """[n, C] logits, or [n] scores for regression."""
+
+
+def predict(
+    run_dir: str | Path,
+    texts: Sequence[str] | Sequence[tuple[str, ...]],
+    model: str | None = None,
+    *,
+    batch_size: int | None = None,
+    device: str | None = None,
+) -> Predictions:
+    """Labels (or scores) and logits for `texts`: one string per example, or a tuple per sentence pair.
+
+    `model` defaults to the backbone the run's cache was built from; another model is refused unless
+    it has the same weights. `batch_size` defaults to the build's (same batches -> bit-equal states).
+    """
+    net, config = load_run(run_dir)
+    cache = config["cache"]
+    task = get_task(cache["task"])
+    examples = _as_tuples(task, texts)
+    backbone = load_checked_backbone(cache, model, device)
+    states = online_states(backbone, task, examples, cache, batch_size or cache.get("build_batch_size") or 64)
+    logits = side_network_logits(net, states)
+    if net.config.regression:
+        return Predictions([float(x) for x in logits], None, logits)
+    ids = logits.argmax(axis=-1)
+    words = cache.get("label_words") or list(task.label_words)
+    return Predictions([words[i] for i in ids], ids, logits)
+
+
+def _as_tuples(task: TaskSpec, texts: Sequence[str] | Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
+    if isinstance(texts, str):
+        raise ReadCacheError("texts must be a list of examples, not a single string; wrap it in a list")
+    out = [(t,) if isinstance(t, str) else tuple(t) for t in texts]
+    want = len(task.text_fields)
+    bad = [i for i, t in enumerate(out) if len(t) != want]
+    if bad:
+        raise ReadCacheError(
+            f"{task.name} examples have {want} text field(s) {task.text_fields}, but example {bad[0]} has {len(out[bad[0]])}; "
+            f"pass {'a string' if want == 1 else 'a tuple of ' + str(want) + ' strings'} per example"
+        )
+    if not out:
+        raise ReadCacheError("no texts to predict; pass at least one example")
+    return out
+
+
+def load_checked_backbone(cache: dict[str, Any], model: str | None, device: str | None) -> Backbone:
+    """The run's backbone; refuses one whose weights (fingerprint) or identity differ from the cache's."""
+    recorded = cache["model"]
+    backbone = load_backbone(model or recorded, dtype=cache.get("compute_dtype"), device=device)
+    fingerprint = backbone.info["fingerprint"]
+    if fingerprint != cache["fingerprint"]:
+        raise ReadCacheError(
+            f"model {model or recorded!r} has weights {fingerprint}, but the run was trained on a cache of {recorded!r} "
+            f"with weights {cache['fingerprint']}; pass --model with the backbone the cache was built from"
+        )
+    # A local folder that was moved or copied keeps its content hash; anything else must be the same id.
+    same_content = fingerprint.startswith("sha256:")
+    if backbone.info["model"] != recorded and not same_content:
+        raise ReadCacheError(f"model {model!r} is not {recorded!r}, the backbone the run's cache was built from; pass --model {recorded}")
+    tokenizer = cache.get("tokenizer") or {}
+    if tokenizer.get("vocab_size") not in (None, len(backbone.tokenizer)):
+        raise ReadCacheError(
+            f"model {model or recorded!r} has a tokenizer of {len(backbone.tokenizer)} tokens, the cache's had {tokenizer['vocab_size']}; "
+            "pass the model folder the cache was built from"
+        )
+    return backbone
+
+
+def online_states(backbone: Backbone, task: TaskSpec, texts: list[tuple[str, ...]], cache: dict[str, Any], batch_size: int) -> dict[str, torch.Tensor]:
+    """The cached quantities for `texts`, in example order, rounded through the store's 16-bit type."""
+    firsts, seconds = model_inputs(backbone.kind, task, texts)
+    tokenized = tokenize(backbone.tokenizer, firsts, seconds, int(cache["max_length"]))
+    if tokenized.truncated:
+        log.info("%d of %d inputs were longer than %d tokens and truncated, as the build did", tokenized.truncated, len(texts), cache["max_length"])
+    offsets = tokenized.offsets
+    float_dtype, cross_mode = cache["float_dtype"], cache["cross_attention"] or "mean"
+    enc = np.empty((int(offsets[-1]), backbone.n_encoder_layers, backbone.d_model), dtype=np.uint16 if float_dtype == "bfloat16" else np.float16)
+    cross = dec = None
+    for positions, states in forward_batches(backbone, tokenized.ids, batch_size, cross_mode):
+        dest = _token_positions(offsets, positions)
+        enc[dest] = to_stored(states.encoder_hidden, float_dtype)
+        if states.cross_attention is not None:
+            stored_cross, stored_dec = to_stored(states.cross_attention, float_dtype), to_stored(states.decoder_hidden, float_dtype)
+            if cross is None:
+                cross = np.empty((len(enc), *stored_cross.shape[1:]), dtype=enc.dtype)
+                dec = np.empty((len(texts), *stored_dec.shape[1:]), dtype=enc.dtype)
+            cross[dest], dec[positions] = stored_cross, stored_dec
+    lengths = torch.from_numpy(np.diff(offsets))
+    out = {
+        "enc": decode(enc, float_dtype),
+        "token_example": torch.repeat_interleave(torch.arange(len(texts)), lengths),
+        "rows": torch.arange(len(texts)),
+    }
+    if cross is not None:
+        out["cross"], out["dec"] = decode(cross, float_dtype), decode(dec, float_dtype)
+    return out
+
+
+@torch.no_grad()
+def side_network_logits(net: SideNetwork, states: dict[str, torch.Tensor], batch_size: int = 256) -> np.ndarray:
+    """The side network and head over `states` (all examples), in fp32 on the CPU, batch by batch."""
+    n = len(states["rows"])
+    offsets = np.concatenate([[0], np.cumsum(torch.bincount(states["token_example"], minlength=n).numpy())])
+    outs = []
+    for b0 in range(0, n, batch_size):
+        b1 = min(b0 + batch_size, n)
+        t0, t1 = int(offsets[b0]), int(offsets[b1])
+        outs.append(
+            net(
+                enc=states["enc"][t0:t1],
+                token_example=states["token_example"][t0:t1] - b0,
+                n_examples=b1 - b0,
+                cross=states["cross"][t0:t1] if "cross" in states else None,
+                dec=states["dec"][b0:b1] if "dec" in states else None,
+            ).float()
+        )
+    return torch.cat(outs).numpy()

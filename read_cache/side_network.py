@@ -1,0 +1,238 @@
+"""READ's side network (Algorithm 1 of arXiv 2305.15348, DESIGN.md section 1) and its task heads.
+
+    from read_cache.side_network import SideNetwork, SideNetworkConfig, count_trainable
+    net = SideNetwork(SideNetworkConfig(rnn="gru", dim=256, d_model=768, n_encoder_layers=12, n_decoder_layers=12))
+    count_trainable(net)                     # 1,971,456 = 1,969,920 (paper, Table 4) + 2 x 768 norm scales
+
+Torch only: the frozen backbone's states arrive as tensors (from the cache, or from `predict`).
+The RNNs run over the LAYER axis with tokens (encoder) or examples (decoder) as the batch, so one
+`nn.GRU(d, r)` call is N_E applications of one shared cell: parameters do not grow with depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from read_cache.errors import ReadCacheError
+
+
+class RNNKind(str, Enum):
+    GRU = "gru"
+    LSTM = "lstm"
+    RNN = "rnn"
+    NONE = "none"
+    """No side network: the head reads the frozen states (the linear-probe baseline)."""
+
+
+class HeadKind(str, Enum):
+    LM = "lm"
+    LINEAR = "linear"
+
+
+class Pooling(str, Enum):
+    MEAN = "mean"
+    FIRST = "first"
+
+
+_RNN_CLASSES = {RNNKind.GRU: nn.GRU, RNNKind.LSTM: nn.LSTM, RNNKind.RNN: nn.RNN}
+
+
+@dataclasses.dataclass
+class SideNetworkConfig:
+    """Everything needed to rebuild a side network and its head (saved as `config.json` of a run)."""
+
+    rnn: str = "gru"
+    """Recurrent cell shared across layers: 'gru', 'lstm', 'rnn' (Elman, tanh), or 'none' (probe baseline)."""
+    dim: int = 256
+    """Hidden size r of the RNNs (`--dim`)."""
+    d_model: int = 768
+    """Width d of the backbone's hidden states."""
+    n_encoder_layers: int = 12
+    """N_E: encoder layers the cache holds (the RNN takes this many steps)."""
+    n_decoder_layers: int = 12
+    """N_D: decoder layers the cache holds; 0 for encoder-only caches."""
+    encoder_only: bool = False
+    """True for BERT-family caches: no decoder, no cross-attention; the head reads pooled tokens."""
+    pooling: str = "mean"
+    """Encoder-only: pool the example's real tokens by 'mean' (sentence-transformers) or take the 'first' ([CLS])."""
+    head: str = "lm"
+    """'lm': the frozen LM head scores the label words (T5 classification); 'linear': a trainable Linear(d, classes)."""
+    num_labels: int = 2
+    """Classes (label words for 'lm'); 1 means regression (STS-B) with an MSE loss."""
+    output_scale: float = 1.0
+    """'lm' only: T5 scales the decoder output by d**-0.5 before its LM head (the cache records it)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        _choice("--rnn", self.rnn, RNNKind)
+        _choice("--head", self.head, HeadKind)
+        _choice("--pooling", self.pooling, Pooling)
+        if self.dim <= 0:
+            raise ReadCacheError(f"--dim {self.dim} must be a positive RNN hidden size (the paper uses 128 or 256)")
+        if self.num_labels < 1:
+            raise ReadCacheError(f"num_labels {self.num_labels} must be at least 1 (1 = regression)")
+        if self.head == HeadKind.LM and self.encoder_only:
+            raise ReadCacheError("--head lm needs a T5 cache's LM head, and this cache is encoder-only; use --head linear")
+        if self.head == HeadKind.LM and self.regression:
+            raise ReadCacheError("--head lm cannot score a regression task (STS-B has no label words); use --head linear")
+
+    @property
+    def regression(self) -> bool:
+        return self.num_labels == 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> SideNetworkConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+
+def _choice(flag: str, value: str, kind: type[Enum]) -> None:
+    allowed = [k.value for k in kind]
+    if value not in allowed:
+        raise ReadCacheError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+
+
+def make_rnn(kind: str, d_model: int, dim: int) -> nn.RNNBase:
+    """One single-layer RNN over the layer axis: input [batch, layers, d] -> output [batch, layers, r]."""
+    return _RNN_CLASSES[RNNKind(kind)](d_model, dim, batch_first=True)
+
+
+def joiner(d_model: int) -> nn.RMSNorm:
+    # T5's residual stream grows layer by layer; an RMSNorm with a learnable scale evens it out.
+    return nn.RMSNorm(d_model, eps=1e-6)
+
+
+class SideNetwork(nn.Module):
+    """READ's side network plus a task head; `forward` maps cached states to logits.
+
+    Submodules (absent with rnn='none'): `encoder_norm`, `encoder_rnn`, `up`, and for T5 caches
+    `psi`, `decoder_norm`, `decoder_rnn`. Head: `lm_rows` (a frozen buffer) or `classifier`.
+    """
+
+    def __init__(self, config: SideNetworkConfig, lm_rows: torch.Tensor | None = None):
+        super().__init__()
+        self.config = config
+        c = config
+        if c.rnn != RNNKind.NONE:
+            self.encoder_norm = joiner(c.d_model)
+            self.encoder_rnn = make_rnn(c.rnn, c.d_model, c.dim)
+            if not c.encoder_only:
+                self.psi = nn.Linear(c.dim, c.d_model, bias=False)
+                self.decoder_norm = joiner(c.d_model)
+                self.decoder_rnn = make_rnn(c.rnn, c.d_model, c.dim)
+            self.up = nn.Linear(c.dim, c.d_model)
+            # Zero correction at the start: training begins from the frozen model's own output.
+            nn.init.zeros_(self.up.weight)
+            nn.init.zeros_(self.up.bias)
+        if c.head == HeadKind.LM:
+            rows = torch.zeros(c.num_labels, c.d_model) if lm_rows is None else torch.as_tensor(lm_rows, dtype=torch.float32)
+            if tuple(rows.shape) != (c.num_labels, c.d_model):
+                raise ReadCacheError(f"the cache's LM-head rows have shape {tuple(rows.shape)}, expected ({c.num_labels}, {c.d_model}); rebuild the cache")
+            self.register_buffer("lm_rows", rows.clone())  # [C, d], frozen
+        else:
+            self.classifier = nn.Linear(c.d_model, c.num_labels)
+
+    # --- Algorithm 1 -------------------------------------------------------------------------------
+    def encoder_corrections(self, enc: torch.Tensor) -> torch.Tensor:
+        """h_E[N_E] per token: [T, N_E, d] -> [T, r]; h_E[0] = 0 is the RNN's default initial state."""
+        out, _ = self.encoder_rnn(self.encoder_norm(enc))  # [T, N_E, r]
+        return out[:, -1]
+
+    def decoder_output(self, h_enc: torch.Tensor, cross: torch.Tensor, token_example: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
+        """phi_D' = phi_D[N_D] + Up(h_D[N_D]) per example: [B, d]."""
+        if cross.dim() == 3:  # [T, N_D, H]: per-head maps, averaged (the paper's single head)
+            cross = cross.mean(dim=-1)
+        # psi[b, j] = sum_beta sigma[beta, j] Psi(h[beta]) = Psi(sum_beta sigma[beta, j] h[beta]): Psi is linear.
+        weighted = cross.unsqueeze(-1).to(h_enc.dtype) * h_enc.unsqueeze(1)  # [T, N_D, r]
+        summed = weighted.new_zeros(dec.shape[0], *weighted.shape[1:]).index_add_(0, token_example, weighted)
+        x = self.decoder_norm(dec) + self.psi(summed)  # [B, N_D, d]
+        out, _ = self.decoder_rnn(x)  # [B, N_D, r]
+        return dec[:, -1] + self.up(out[:, -1])
+
+    def features(
+        self,
+        *,
+        enc: torch.Tensor,
+        token_example: torch.Tensor,
+        n_examples: int,
+        cross: torch.Tensor | None = None,
+        dec: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What the head reads, [B, d]: the adapted decoder output, or pooled adapted tokens (encoder-only).
+
+        enc [T, N_E, d]; token_example [T] (example row in the batch, ascending); cross [T, N_D(, H)];
+        dec [B, N_D, d].
+        """
+        c = self.config
+        if not c.encoder_only:
+            if cross is None or dec is None:
+                raise ValueError("a T5 side network needs cross-attention and decoder states")
+            if c.rnn == RNNKind.NONE:
+                return dec[:, -1]
+            return self.decoder_output(self.encoder_corrections(enc), cross, token_example, dec)
+        tokens = enc[:, -1]
+        if c.rnn != RNNKind.NONE:
+            tokens = tokens + self.up(self.encoder_corrections(enc))  # [T, d]
+        return pool(tokens, token_example, n_examples, c.pooling)
+
+    def forward(self, **states: Any) -> torch.Tensor:
+        """Logits [B, C] for classification, scores [B] for regression; arguments as `features`."""
+        x = self.features(**states)
+        if self.config.head == HeadKind.LM:
+            return self.config.output_scale * x.float() @ self.lm_rows.T
+        out = self.classifier(x).float()
+        return out.squeeze(-1) if self.config.regression else out
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.config.regression:
+            return F.mse_loss(logits, labels.float())
+        return F.cross_entropy(logits, labels.long())
+
+    def predictions(self, logits: torch.Tensor) -> torch.Tensor:
+        """Class ids [B] (or the scores themselves for regression)."""
+        return logits if self.config.regression else logits.argmax(dim=-1)
+
+
+def pool(tokens: torch.Tensor, token_example: torch.Tensor, n_examples: int, how: str) -> torch.Tensor:
+    """[T, d] per-token vectors -> [B, d]: the mean over each example's tokens, or its first token."""
+    counts = torch.bincount(token_example, minlength=n_examples)  # [B]
+    if how == Pooling.FIRST:
+        return tokens[torch.cumsum(counts, 0) - counts]
+    summed = tokens.new_zeros(n_examples, tokens.shape[-1]).index_add_(0, token_example, tokens)
+    return summed / counts.clamp(min=1).unsqueeze(-1).to(summed.dtype)
+
+
+def forward_batch(net: SideNetwork, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """`net(...)` on a reader batch (keys enc, token_example, rows, and cross/dec for T5 caches)."""
+    return net(
+        enc=batch["enc"],
+        token_example=batch["token_example"],
+        n_examples=len(batch["rows"]),
+        cross=batch.get("cross"),
+        dec=batch.get("dec"),
+    )
+
+
+def count_trainable(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def parameter_breakdown(module: nn.Module) -> dict[str, int]:
+    """Trainable parameters per top-level submodule, e.g. {'encoder_rnn': 787968, 'psi': 196608, ...}."""
+    counts: dict[str, int] = {}
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            part = name.split(".")[0]
+            counts[part] = counts.get(part, 0) + p.numel()
+    return counts

@@ -1,0 +1,437 @@
+"""Stage two: train READ's side network from the cache alone (never the backbone, never transformers).
+
+    read-cache train --cache caches/t5-base/sst2 --rnn gru --dim 256
+
+`train(TrainConfig(...))` is the library call behind that command: setup -> fit (AdamW, early stopping
+on the validation metric, best state restored) -> score validation and test with GLUE's metric ->
+write the run folder:
+
+    RUN/
+      config.json               side network + cache identity + this TrainConfig (written first)
+      metrics.jsonl             one JSON line per epoch
+      side_network.safetensors  the trained weights (with the head and its frozen LM rows)
+      summary.json              scores, sizes, speed, energy (written last: its presence means done)
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from read_cache import paths
+from read_cache.device import autocast_dtype, pick_device
+from read_cache.energy import Meter
+from read_cache.errors import ReadCacheError
+from read_cache.metrics import majority_baseline, score
+from read_cache.reader import SplitReader, batch_to, choose_modes
+from read_cache.side_network import (
+    HeadKind,
+    RNNKind,
+    SideNetwork,
+    SideNetworkConfig,
+    count_trainable,
+    forward_batch,
+    parameter_breakdown,
+)
+from read_cache.store import Cache, open_cache
+from read_cache.tasks import TaskSpec, get_task
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "side_network.safetensors"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+ARTIFACTS = (WEIGHTS, CONFIG, METRICS, SUMMARY)
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything `read-cache train` takes."""
+
+    cache: Path | None = None
+    """Cache folder; None means the last cache `read-cache build` finished."""
+    rnn: str = "gru"
+    """'gru', 'lstm', 'rnn' (Elman), or 'none' (no side network: a probe on the frozen states)."""
+    dim: int = 256
+    """Hidden size r of the side network's RNNs."""
+    head: str | None = None
+    """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 classification, else linear."""
+    pooling: str = "mean"
+    """Encoder-only caches: pool tokens by 'mean' or take the 'first' token."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 96
+    """Examples per step (the paper's 96)."""
+    epochs: int = 30
+    """Most epochs to run (the paper's 30)."""
+    patience: int = 5
+    """Stop after this many epochs without a better validation score."""
+    seed: int = 0
+    """Seeds the initialisation and the shuffling: the same seed repeats a CPU run exactly."""
+    out: Path | None = None
+    """Run folder; None means ./runs/<task>-<rnn><dim>-<head>-<time>."""
+    overwrite: bool = False
+    """Replace the run files in an existing --out."""
+    memory_budget_gb: float = 2.0
+    """RAM the decoded splits may take; splits beyond it are streamed from disk."""
+    reader: str = "auto"
+    """'auto' (RAM where it fits the budget, else stream), 'ram', or 'stream'."""
+    block_tokens: int | None = None
+    """Tokens per streamed read; None: a few chunks (~8 MB)."""
+    shuffle_blocks: int | None = None
+    """Blocks whose examples are shuffled together; None: as many as fill ~256 MB."""
+    device: str | None = None
+    """'cpu', 'cuda', 'cuda:1'...; None picks CUDA when present."""
+    dtype: str | None = None
+    """'bf16' or 'fp32' autocast; None: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32."""
+    progress: bool = True
+    """Show a progress bar per epoch."""
+
+    def validate(self) -> None:
+        if self.dim <= 0:
+            raise ReadCacheError(f"--dim {self.dim} must be a positive RNN hidden size (the paper uses 128 or 256)")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ReadCacheError(f"--lr {self.lr} must be a positive learning rate (e.g. --lr 1e-3)")
+        if self.epochs <= 0:
+            raise ReadCacheError(f"--epochs {self.epochs} must be at least 1")
+        if self.patience <= 0:
+            raise ReadCacheError(f"--patience {self.patience} must be at least 1 epoch")
+        if self.batch_size <= 0:
+            raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
+        if self.weight_decay < 0:
+            raise ReadCacheError(f"--weight-decay {self.weight_decay} must not be negative")
+        if not self.memory_budget_gb > 0:
+            raise ReadCacheError(f"--memory-budget {self.memory_budget_gb} must be a positive number of GB")
+        for flag, value in (("--block-tokens", self.block_tokens), ("--shuffle-blocks", self.shuffle_blocks)):
+            if value is not None and value <= 0:
+                raise ReadCacheError(f"{flag} {value} must be positive (or left out)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+class Evaluation(NamedTuple):
+    """The side network's outputs on one split, in split order."""
+
+    logits: np.ndarray
+    """[n, C] logits, or [n] scores for regression."""
+    predictions: np.ndarray
+    """[n] class ids, or scores."""
+    labels: np.ndarray
+    """[n] the cached labels."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What setup hands to fit and evaluate."""
+
+    cfg: TrainConfig
+    cache: Cache
+    task: TaskSpec
+    net: SideNetwork
+    readers: dict[str, SplitReader]
+    device: torch.device
+    amp: torch.dtype | None
+    out: Path
+
+
+# --------------------------------------------------------------------------------------------------
+# The verb
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train a side network from a cache, score it, write the run folder; returns the summary."""
+    started = time.perf_counter()
+    run = setup(cfg)
+    with Meter() as meter:
+        fitted = fit(run)
+    validation = evaluate(run, "validation")
+    test = evaluate(run, "test")
+    summary = {
+        "task": run.task.name,
+        "cache": str(run.cache.path),
+        "model": run.cache.model,
+        "rnn": cfg.rnn,
+        "dim": cfg.dim,
+        "head": run.net.config.head,
+        "lr": cfg.lr,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "trainable_parameters": count_trainable(run.net),
+        "parameter_breakdown": parameter_breakdown(run.net),
+        "epochs_run": fitted.epochs_run,
+        "best_epoch": fitted.best_epoch,
+        "validation": score(run.task, validation.predictions, validation.labels),
+        "test": score(run.task, test.predictions, test.labels),
+        "test_majority_baseline": majority_baseline(run.task, run.cache["train"].labels, test.labels),
+        "examples_per_second": fitted.examples_per_second,
+        "wall_seconds": time.perf_counter() - started,
+        "reader": {s: r.mode for s, r in run.readers.items()},
+        "device": str(run.device),
+        "autocast": str(run.amp).removeprefix("torch.") if run.amp else "fp32",
+        "meter": meter.reading.to_dict(),
+    }
+    save_file({k: v.detach().cpu().contiguous() for k, v in run.net.state_dict().items()}, str(run.out / WEIGHTS))
+    _write_json(run.out / SUMMARY, summary)
+    log.info(
+        "best epoch %d: validation %s %.4f, test %s %.4f; run saved to %s",
+        fitted.best_epoch, summary["validation"]["metric"], summary["validation"]["score"],
+        summary["test"]["metric"], summary["test"]["score"], run.out,
+    )
+    return summary
+
+
+# --------------------------------------------------------------------------------------------------
+# setup
+
+
+def setup(cfg: TrainConfig) -> Run:
+    """Validate everything, then open the cache, build the network and readers, and claim --out."""
+    cfg.validate()
+    cache = open_cache(_cache_path(cfg))
+    cache.require_complete()
+    task = get_task(cache.task)
+    device = pick_device(cfg.device)
+    amp = autocast_dtype(device, cfg.dtype)
+    net_cfg = side_network_config(cfg, cache, task)
+    torch.manual_seed(cfg.seed)
+    lm_rows = torch.from_numpy(cache.lm_head_rows()) if net_cfg.head == HeadKind.LM else None
+    net = SideNetwork(net_cfg, lm_rows).to(device)
+    modes = choose_modes(cache, ("train", "validation", "test"), cfg.reader, int(cfg.memory_budget_gb * 1e9))
+    readers = {
+        split: SplitReader(
+            cache[split],
+            batch_size=cfg.batch_size,
+            shuffle=split == "train",
+            seed=cfg.seed,
+            mode=mode,
+            block_tokens=cfg.block_tokens,
+            shuffle_blocks=cfg.shuffle_blocks,
+        )
+        for split, mode in modes.items()
+    }
+    out = claim_run_dir(cfg, task.name, net_cfg)
+    _write_json(out / CONFIG, {"side_network": net_cfg.to_dict(), "cache": cache_record(cache), "train": cfg.to_dict()})
+    log.info(
+        "training %s/%d with a %s head on %s (%s): %s trainable parameters; readers %s; %s",
+        cfg.rnn, cfg.dim, net_cfg.head, cache.path, task.name, f"{count_trainable(net):,}",
+        ", ".join(f"{s} {m}" for s, m in modes.items()), f"{device} {'bf16' if amp else 'fp32'}",
+    )
+    return Run(cfg, cache, task, net, readers, device, amp, out)
+
+
+def _cache_path(cfg: TrainConfig) -> Path:
+    if cfg.cache is not None:
+        return Path(cfg.cache)
+    last = paths.last_cache()
+    if last is None:
+        raise ReadCacheError("no --cache given and no cache built yet; pass --cache PATH or run `read-cache build` first")
+    return last
+
+
+def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideNetworkConfig:
+    """The side network this cache and these flags call for; refuses a head the task cannot use."""
+    g = cache.geometry
+    encoder_only = g.cross_attention is None
+    has_lm = cache.attrs.get("lm_head") is not None and cache.lm_head_rows() is not None
+    head = cfg.head or (HeadKind.LM.value if has_lm and not task.is_regression and not encoder_only else HeadKind.LINEAR.value)
+    if head == HeadKind.LM and not task.is_regression and not encoder_only and not has_lm:
+        raise ReadCacheError(f"--head lm needs the LM-head rows in the cache, and {cache.path} has none; use --head linear or rebuild the cache")
+    return SideNetworkConfig(
+        rnn=cfg.rnn,
+        dim=cfg.dim,
+        d_model=g.d_model,
+        n_encoder_layers=g.n_encoder_layers,
+        n_decoder_layers=g.n_decoder_layers,
+        encoder_only=encoder_only,
+        pooling=cfg.pooling,
+        head=head,
+        num_labels=task.num_labels,
+        output_scale=float(cache.attrs["lm_head"]["output_scale"]) if has_lm else 1.0,
+    )
+
+
+def claim_run_dir(cfg: TrainConfig, task: str, net_cfg: SideNetworkConfig) -> Path:
+    """Refuse a non-empty --out unless --overwrite (which replaces only the run's own files)."""
+    dim = 0 if cfg.rnn == RNNKind.NONE else cfg.dim
+    out = Path(cfg.out) if cfg.out is not None else paths.default_run_dir(task, cfg.rnn, dim, net_cfg.head)
+    if out.exists() and not out.is_dir():
+        raise ReadCacheError(f"--out {out} is a file; choose a folder for the run")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
+        for name in ARTIFACTS:
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def cache_record(cache: Cache) -> dict[str, Any]:
+    """What a run must know about its cache to be used online without it (see `read_cache.predict`)."""
+    backbone, build = cache.attrs["backbone"], cache.attrs.get("build", {})
+    return {
+        "path": str(cache.path.resolve()),
+        "model": backbone["model"],
+        "fingerprint": backbone["fingerprint"],
+        "backbone_kind": backbone["kind"],
+        "task": cache.task,
+        "format_version": cache.attrs["format_version"],
+        "max_length": build.get("max_length"),
+        "build_batch_size": build.get("batch_size"),
+        "cross_attention": cache.geometry.cross_attention,
+        "float_dtype": cache.geometry.float_dtype,
+        "compute_dtype": cache.attrs.get("compute_dtype"),
+        "tokenizer": cache.attrs.get("tokenizer"),
+        "label_words": cache.attrs["task"].get("label_words"),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# fit
+
+
+class Fitted(NamedTuple):
+    epochs_run: int
+    best_epoch: int
+    examples_per_second: float
+
+
+def fit(run: Run) -> Fitted:
+    """Train up to --epochs, stop after --patience epochs without a better validation score, restore the best."""
+    cfg, net = run.cfg, run.net
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not params:
+        log.info("nothing to train (--rnn none --head lm is T5's own zero-shot verbalizer); scoring only")
+        return Fitted(0, 0, 0.0)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(net.state_dict())
+    seen, seconds, epoch, last = 0, 0.0, 0, None
+    with (run.out / METRICS).open("w") as metrics_file:
+        for epoch in range(1, cfg.epochs + 1):
+            loss, n, secs = train_epoch(run, optimizer, epoch, last)
+            seen, seconds = seen + n, seconds + secs
+            validation = evaluate(run, "validation")
+            last = score(run.task, validation.predictions, validation.labels)
+            log.info("epoch %d: loss %.3f, validation %s %.3f, %s ex/s", epoch, loss, last["metric"], last["score"], f"{n / secs:,.0f}")
+            record = {"epoch": epoch, "loss": loss, "validation": last, "examples_per_second": n / secs, "seconds": secs}
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            current = last["score"] if math.isfinite(last["score"]) else -math.inf
+            if current > best_score or best_epoch == 0:
+                best_score, best_epoch, best_state = current, epoch, copy.deepcopy(net.state_dict())
+            elif epoch - best_epoch >= cfg.patience:
+                log.info("no better validation score for %d epochs: stopping early", cfg.patience)
+                break
+    net.load_state_dict(best_state)
+    return Fitted(epoch, best_epoch, seen / max(seconds, 1e-9))
+
+
+def train_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, last: dict | None) -> tuple[float, int, float]:
+    """One pass over train; returns (mean loss, examples, seconds)."""
+    net, reader = run.net, run.readers["train"]
+    net.train()
+    total_loss, n = 0.0, 0
+    started = time.perf_counter()
+    with _EpochBar(run.cfg.progress, epoch, run.cfg.epochs, reader.n_examples, last) as advance:
+        for batch in reader.epoch(epoch - 1):
+            batch = batch_to(batch, run.device)
+            with torch.autocast(device_type=run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+                logits = forward_batch(net, batch)
+            loss = net.loss(logits.float(), batch["label"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            b = len(batch["rows"])
+            total_loss, n = total_loss + loss.item() * b, n + b
+            advance(b, total_loss / n, n / (time.perf_counter() - started))
+    return total_loss / max(n, 1), n, time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluate
+
+
+def evaluate(run: Run, split: str) -> Evaluation:
+    return evaluate_split(run.net, run.readers[split], device=run.device, amp=run.amp)
+
+
+@torch.no_grad()
+def evaluate_split(net: SideNetwork, reader: SplitReader, *, device: torch.device | str = "cpu", amp: torch.dtype | None = None) -> Evaluation:
+    """The network's outputs on a whole split, read in order without shuffling."""
+    device = torch.device(device)
+    net.eval()
+    logits, labels = [], []
+    for batch in reader.epoch(0):
+        batch = batch_to(batch, device)
+        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            logits.append(forward_batch(net, batch).float().cpu())
+        labels.append(batch["label"].cpu())
+    out = torch.cat(logits)
+    return Evaluation(out.numpy(), net.predictions(out).numpy(), torch.cat(labels).numpy())
+
+
+# --------------------------------------------------------------------------------------------------
+# runs on disk
+
+
+def load_run(run_dir: str | Path) -> tuple[SideNetwork, dict[str, Any]]:
+    """A trained run's side network (eval mode, on the CPU) and its config.json."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CONFIG).is_file() or not (run_dir / WEIGHTS).is_file():
+        raise ReadCacheError(f"{run_dir} holds no finished run ({CONFIG} and {WEIGHTS} missing); pass a folder `read-cache train` wrote")
+    config = json.loads((run_dir / CONFIG).read_text())
+    net = SideNetwork(SideNetworkConfig.from_dict(config["side_network"]))
+    net.load_state_dict(load_file(str(run_dir / WEIGHTS)))
+    return net.eval(), config
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    tmp.replace(path)
+
+
+class _EpochBar:
+    """A rich progress bar for one epoch with loss, last validation score and examples/s (or nothing)."""
+
+    def __init__(self, enabled: bool, epoch: int, epochs: int, total: int, last: dict | None):
+        self.enabled, self.epoch, self.epochs, self.total = enabled, epoch, epochs, total
+        self.metric = f"{last['metric']} {last['score']:.3f}" if last else "-"
+
+    def __enter__(self):
+        if not self.enabled:
+            return lambda n, loss, rate: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(
+            TextColumn(f"[bold]epoch {self.epoch}/{self.epochs}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}, validation {task.fields[metric]}, {task.fields[rate]} ex/s"),
+            TimeElapsedColumn(),
+            transient=True,
+        )
+        self._bar.start()
+        task = self._bar.add_task("train", total=self.total, loss="-", metric=self.metric, rate="-")
+
+        def advance(n: int, loss: float, rate: float) -> None:
+            self._bar.update(task, advance=n, loss=f"{loss:.3f}", rate=f"{rate:,.0f}")
+
+        return advance
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            self._bar.stop()

@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny random T5 with a tokenizer made here, and GLUE-format rows made here.
+
+Nothing is downloaded. Tests that need the real files in ../shared skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network: without this, a hub lookup retries for ~25 s before failing.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+needs_shared = pytest.mark.skipif(not (SHARED / "glue").is_dir(), reason="../shared is not present (only in the project's workspace)")
+
+WORDS = (
+    "the a film movie story actor plot music scene ending cast script was is very quite not really "
+    "good great fine superb lovely bad awful dull boring weak and but with of to it this that"
+).split()
+LABEL_WORDS = ["negative", "positive", "unacceptable", "acceptable", "not_equivalent", "equivalent"]
+PREFIX_WORDS = ["sst2", "sentence:", "sentence1:", "sentence2:", "stsb", "mrpc", "cola"]
+POSITIVE = {"good", "great", "fine", "superb", "lovely"}
+
+
+def make_tokenizer(folder: Path):
+    """A word-level tokenizer with T5's special tokens (pad 0, </s> 1, <unk> 2), saved to `folder`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "</s>", "<unk>", *PREFIX_WORDS, *LABEL_WORDS, *WORDS])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    core.post_processor = processors.TemplateProcessing(
+        single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(folder)
+    return tok
+
+
+def make_tiny_t5(folder: Path, seed: int = 0) -> Path:
+    import torch
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = make_tokenizer(folder)
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=len(tok), d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2, num_heads=4,
+        decoder_start_token_id=0, pad_token_id=0, eos_token_id=1, dropout_rate=0.0,
+    )
+    T5ForConditionalGeneration(config).eval().save_pretrained(folder)
+    return folder
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_glue(root: Path, n_train: int = 120, n_dev: int = 40, seed: int = 0) -> Path:
+    """SST-2, CoLA and STS-B folders in the original GLUE TSV layout, with learnable labels."""
+    rng = random.Random(seed)
+
+    def sst2_rows(n: int) -> list[str]:
+        rows = []
+        for _ in range(n):
+            text = sentence(rng, rng.randint(3, 12))
+            rows.append(f"{text}\t{int(bool(POSITIVE & set(text.split())))}")
+        return rows
+
+    (root / "SST-2").mkdir(parents=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        (root / "SST-2" / name).write_text("sentence\tlabel\n" + "\n".join(sst2_rows(n)) + "\n")
+    (root / "CoLA").mkdir()
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = [f"src\t{rng.randint(0, 1)}\t\t{sentence(rng, rng.randint(2, 9))}" for _ in range(n)]
+        (root / "CoLA" / name).write_text("\n".join(rows) + "\n")
+    (root / "STS-B").mkdir()
+    header = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\tscore"
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = [
+            f"{i}\tg\tf\ty\t{i}\ts\ts\t{sentence(rng, rng.randint(2, 8))}\t{sentence(rng, rng.randint(2, 8))}\t{rng.uniform(0, 5):.3f}"
+            for i in range(n)
+        ]
+        (root / "STS-B" / name).write_text(header + "\n" + "\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="session")
+def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_glue(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the 'last cache built' pointer and default paths inside each test's tmp folder."""
+    monkeypatch.setenv("READ_CACHE_HOME", str(tmp_path / "read-cache-home"))
