@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from read_cache.device import cpu_has_fast_bf16
 from read_cache.errors import ReadCacheError
 
 log = logging.getLogger(__name__)
@@ -35,15 +36,6 @@ class BackboneStates(NamedTuple):
     """[tokens, N_D] (head mean) or [tokens, N_D, H]: sigma_D of decoder position 0; None for encoders."""
     decoder_hidden: torch.Tensor | None
     """[batch, N_D, d]: phi_D[1..N_D] at decoder position 0; None for encoders."""
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True where bf16 matmuls beat fp32 on this CPU (AMX or AVX512-BF16); elsewhere bf16 is emulated and slow."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def default_dtype(device: str) -> str:
@@ -100,17 +92,20 @@ class Backbone:
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
                 enc = torch.stack(out.hidden_states[1:], dim=2)  # [B, L, N_E, d]
                 return BackboneStates(enc[real], None, None)
+            # Encoder and decoder separately: the LM head's vocabulary-wide logits are never needed.
+            encoded = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
             start = torch.full((len(input_ids), 1), self.config.decoder_start_token_id, device=self.device)
-            out = self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                decoder_input_ids=start,
+            decoded = self.model.decoder(
+                input_ids=start,
+                encoder_hidden_states=encoded.last_hidden_state,
+                encoder_attention_mask=attention_mask,
                 output_hidden_states=True,
                 output_attentions=True,
+                use_cache=False,
             )
-        enc = torch.stack(out.encoder_hidden_states[1:], dim=2)  # [B, L, N_E, d]
-        dec = torch.stack(out.decoder_hidden_states[1:], dim=1)[:, :, 0]  # [B, N_D, d]
-        cross = torch.stack(out.cross_attentions, dim=1)[:, :, :, 0, :]  # [B, N_D, H, L]
+        enc = torch.stack(encoded.hidden_states[1:], dim=2)  # [B, L, N_E, d]
+        dec = torch.stack(decoded.hidden_states[1:], dim=1)[:, :, 0]  # [B, N_D, d]
+        cross = torch.stack(decoded.cross_attentions, dim=1)[:, :, :, 0, :]  # [B, N_D, H, L]
         cross = cross.permute(0, 3, 1, 2)  # [B, L, N_D, H]
         if cross_attention == "mean":
             cross = cross.float().mean(dim=-1)

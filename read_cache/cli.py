@@ -140,6 +140,35 @@ def inspect(
         out_console.print(f"{name}: {shapes}", highlight=False)
 
 
+@app.command()
+@user_errors
+def bench(
+    model: Annotated[str, typer.Option(help="Hub id or local model folder.")],
+    task: Annotated[str, typer.Option(help="GLUE task.")],
+    out: Annotated[Path, typer.Option(help="Folder for bench.json, bench.md, bench.png, the cache and runs.")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="Local GLUE folder; default: the hub.")] = None,
+    limit: Annotated[int, typer.Option(help="Examples per split.")] = 2000,
+    epochs: Annotated[int, typer.Option(help="E: epochs of every training method.")] = 10,
+    slow_epochs: Annotated[Optional[int], typer.Option(help="Epochs actually run for online READ and full fine-tuning, scaled to E.")] = None,
+    rnn: Annotated[str, typer.Option(help="Side network RNN.")] = "gru",
+    dim: Annotated[int, typer.Option(help="Side network size r.")] = 256,
+    lr: Annotated[float, typer.Option(help="Side network learning rate.")] = 1e-3,
+    full_lr: Annotated[float, typer.Option(help="Full fine-tuning learning rate.")] = 1e-4,
+    device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: CUDA when present.")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated subset of forward,build,cached_store,cached_ram,online,full.")] = ",".join(("forward", "build", "cached_store", "cached_ram", "online", "full")),
+) -> None:
+    """Cached READ against online READ and full fine-tuning: time, energy, memory, and the ratios."""
+    from read_cache.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(
+        model=model, task=task, out=out, data_dir=data_dir, limit=limit, epochs=epochs, slow_epochs=slow_epochs,
+        rnn=rnn, dim=dim, lr=lr, full_lr=full_lr, device=device, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+    )
+    report = run_bench(cfg)
+    out_console.print((out / "bench.md").read_text(), markup=False, highlight=False)
+    out_console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+
+
 def resolve_cache(cache: Path | None) -> Path:
     """The cache the user named, or the last one built (and say which)."""
     from read_cache import paths

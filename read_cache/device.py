@@ -42,6 +42,11 @@ def autocast_dtype(device: torch.device, dtype: str | None = None) -> torch.dtyp
     """bf16 for autocast where it pays (or where `dtype` says 'bf16'), None for plain fp32."""
     if dtype not in (None, "bf16", "fp32"):
         raise ReadCacheError(f"--dtype {dtype} is not supported for training; choose bf16 or fp32")
+    if dtype == "bf16" and device.type == "cpu" and not cpu_has_fast_bf16():
+        raise ReadCacheError(
+            "--dtype bf16 on this CPU (no AMX or AVX512-BF16) is emulated, ~30x slower than fp32, and oneDNN's LSTM "
+            "refuses it; leave --dtype out (fp32 here)"
+        )
     if dtype is not None:
         return torch.bfloat16 if dtype == "bf16" else None
     if device.type == "cuda":

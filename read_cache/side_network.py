@@ -190,7 +190,9 @@ class SideNetwork(nn.Module):
         """Logits [B, C] for classification, scores [B] for regression; arguments as `features`."""
         x = self.features(**states)
         if self.config.head == HeadKind.LM:
-            return self.config.output_scale * x.float() @ self.lm_rows.T
+            # [B, d] x [d, C] is cheap: keep the logits in fp32 even under bf16 autocast.
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                return self.config.output_scale * x.float() @ self.lm_rows.T
         out = self.classifier(x).float()
         return out.squeeze(-1) if self.config.regression else out
 

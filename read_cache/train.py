@@ -15,12 +15,14 @@ write the run folder:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
 import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -97,6 +99,9 @@ class TrainConfig:
     """'cpu', 'cuda', 'cuda:1'...; None picks CUDA when present."""
     dtype: str | None = None
     """'bf16' or 'fp32' autocast; None: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32."""
+    threads: int | None = None
+    """CPU threads for torch; None keeps torch's default (one per core). Where other processes share
+    the cores, 1 avoids OpenMP stalls that make small steps many times slower."""
     progress: bool = True
     """Show a progress bar per epoch."""
 
@@ -111,6 +116,8 @@ class TrainConfig:
             raise ReadCacheError(f"--patience {self.patience} must be at least 1 epoch")
         if self.batch_size <= 0:
             raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
+        if self.threads is not None and self.threads <= 0:
+            raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
         if self.weight_decay < 0:
             raise ReadCacheError(f"--weight-decay {self.weight_decay} must not be negative")
         if not self.memory_budget_gb > 0:
@@ -155,14 +162,15 @@ class Run:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a side network from a cache, score it, write the run folder; returns the summary."""
     started = time.perf_counter()
-    run = setup(cfg)
-    with Meter() as meter:
-        fitted = fit(run)
-    validation = evaluate(run, "validation")
-    test = evaluate(run, "test")
+    with _torch_threads(cfg.threads):
+        run = setup(cfg)
+        with Meter() as meter:
+            fitted = fit(run)
+        validation = evaluate(run, "validation")
+        test = evaluate(run, "test")
     summary = {
         "task": run.task.name,
-        "cache": str(run.cache.path),
+        "cache": str(run.cache.path.resolve()),
         "model": run.cache.model,
         "rnn": cfg.rnn,
         "dim": cfg.dim,
@@ -313,13 +321,13 @@ def fit(run: Run) -> Fitted:
     """Train up to --epochs, stop after --patience epochs without a better validation score, restore the best."""
     cfg, net = run.cfg, run.net
     params = [p for p in net.parameters() if p.requires_grad]
-    if not params:
-        log.info("nothing to train (--rnn none --head lm is T5's own zero-shot verbalizer); scoring only")
-        return Fitted(0, 0, 0.0)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(net.state_dict())
     seen, seconds, epoch, last = 0, 0.0, 0, None
     with (run.out / METRICS).open("w") as metrics_file:
+        if not params:
+            log.info("nothing to train (--rnn none --head lm is T5's own zero-shot verbalizer); scoring only")
+            return Fitted(0, 0, 0.0)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         for epoch in range(1, cfg.epochs + 1):
             loss, n, secs = train_epoch(run, optimizer, epoch, last)
             seen, seconds = seen + n, seconds + secs
@@ -396,6 +404,18 @@ def load_run(run_dir: str | Path) -> tuple[SideNetwork, dict[str, Any]]:
     net = SideNetwork(SideNetworkConfig.from_dict(config["side_network"]))
     net.load_state_dict(load_file(str(run_dir / WEIGHTS)))
     return net.eval(), config
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """Use `threads` CPU threads inside the block, and give the caller its own setting back after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

@@ -213,3 +213,18 @@ def test_every_parameter_gets_a_gradient() -> None:
     net.loss(net(**states), torch.tensor([0, 1])).backward()
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("encoder_only", [False, True])
+def test_bf16_autocast_stays_close_to_fp32(encoder_only: bool) -> None:
+    """The bf16 path (CUDA, AMX CPUs) mixes dtypes in index_add_ and the joins; check it on the CPU."""
+    changes = {"encoder_only": True, "n_decoder_layers": 0, "head": "linear"} if encoder_only else {}
+    cfg = SideNetworkConfig(**{**dict(rnn="gru", dim=16, d_model=32, n_encoder_layers=3, n_decoder_layers=2), **changes})
+    net = SideNetwork(cfg)
+    randomise(net, seed=5)
+    states = random_inputs(cfg, [4, 2, 7], None, seed=6)
+    want = net(**states)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = net(**states)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.05)

@@ -1,0 +1,216 @@
+"""The benchmark: cached READ against the paper's online READ and full fine-tuning, on the same examples.
+
+    read-cache bench --model ./t5-small-random --task sst2 --data-dir ../shared/glue --limit 2000 --epochs 10 --out bench/
+
+Each method runs in a fresh subprocess (`python -m read_cache.bench METHOD SPEC`), so its peak memory
+is its own and not the leftovers of the method before it. Every method is metered the same way
+(`read_cache.energy.Meter`): wall and CPU seconds, energy where a counter exists, peak RSS and CUDA
+memory. Online READ and full fine-tuning repeat identical epochs, so `--slow-epochs K` times K of
+them and scales to `--epochs` (flagged in bench.json) when E full epochs would take too long.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from read_cache.energy import Meter
+from read_cache.errors import ReadCacheError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("forward", "build", "cached_store", "cached_ram", "online", "full")
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """What `read-cache bench` takes."""
+
+    model: str
+    """Hub id or local folder of the backbone."""
+    task: str
+    """GLUE task."""
+    out: Path
+    """Folder for bench.json, bench.md, bench.png, the cache and the runs."""
+    data_dir: Path | None = None
+    """Local GLUE folder; None reads the hub."""
+    limit: int = 2000
+    """Examples per split."""
+    epochs: int = 10
+    """E: epochs of every training method."""
+    slow_epochs: int | None = None
+    """Epochs actually run for online READ and full fine-tuning (scaled to E); None runs all E."""
+    rnn: str = "gru"
+    dim: int = 256
+    lr: float = 1e-3
+    """Side network learning rate (full fine-tuning uses `full_lr`)."""
+    full_lr: float = 1e-4
+    batch_size: int = 96
+    device: str | None = None
+    methods: tuple[str, ...] = METHODS
+
+    def validate(self) -> None:
+        if self.epochs <= 0 or (self.slow_epochs is not None and not 0 < self.slow_epochs <= self.epochs):
+            raise ReadCacheError(f"--epochs {self.epochs} must be positive and --slow-epochs between 1 and --epochs")
+        if self.limit <= 0:
+            raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise ReadCacheError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The driver (parent process)
+
+
+def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
+    """Run every method in its own process (or in this one, for tests), then write bench.json, bench.md and bench.png."""
+    cfg.validate()
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    spec = cfg.out / "spec.json"
+    spec.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}))
+    results: dict[str, Any] = {}
+    for method in METHODS:
+        if method not in cfg.methods:
+            continue
+        log.info("bench: %s", method)
+        if isolate:
+            proc = subprocess.run([sys.executable, "-m", "read_cache.bench", method, str(spec)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+                raise ReadCacheError(f"bench method {method} failed: {tail[0]}")
+        else:
+            main(method, str(spec))
+        results[method] = json.loads((cfg.out / f"{method}.json").read_text())
+        log.info("bench: %s done in %.1f s", method, results[method]["meter"]["wall_seconds"])
+    report = {"config": json.loads(spec.read_text()), "methods": results, "ratios": ratios(results, cfg.epochs)}
+    report["gpu_prediction"] = gpu_prediction(results, cfg.epochs)
+    (cfg.out / "bench.json").write_text(json.dumps(report, indent=2))
+    (cfg.out / "bench.md").write_text(markdown(report))
+    chart(report, cfg.out / "bench.png")
+    return report
+
+
+def ratios(results: dict[str, Any], epochs: int) -> dict[str, float | None]:
+    def wall(method: str) -> float | None:
+        return results[method]["total_seconds"] if method in results else None
+
+    out: dict[str, float | None] = {}
+    if "build" in results and "forward" in results:
+        out["build_over_forward"] = wall("build") / wall("forward")
+    if "cached_store" in results and "cached_ram" in results:
+        out["store_epoch_over_ram_epoch"] = results["cached_store"]["epoch_seconds"] / results["cached_ram"]["epoch_seconds"]
+    if {"build", "cached_store", "online"} <= results.keys():
+        out["online_over_cached_total"] = wall("online") / (wall("build") + wall("cached_store"))
+    if "cached_store" in results and "full" in results:
+        out["cached_over_full_peak_memory"] = results["cached_store"]["meter"]["peak_rss_bytes"] / results["full"]["meter"]["peak_rss_bytes"]
+    if "build" in results:
+        out["bytes_per_value"] = results["build"]["disk_bytes"] / results["build"]["cached_values"]
+        out["compression_ratio"] = results["build"]["raw_bytes"] / results["build"]["disk_bytes"]
+    return out
+
+
+def gpu_prediction(results: dict[str, Any], epochs: int) -> dict[str, Any] | None:
+    """What the same measurement predicts where compute, not the host, sets the pace (a GPU).
+
+    Assumptions, stated in the output: the backbone's forward and the side network's steps speed up by
+    the same factor on the GPU (so their measured ratio carries over), the store is read at least as
+    fast as the GPU consumes it (the prefetching reader hides it), and online READ pays one backbone
+    forward per example per epoch on top of the same side-network step.
+    """
+    if not {"forward", "cached_ram", "online"} <= results.keys():
+        return None
+    forward = results["forward"]["compute_seconds"]  # one backbone pass over every split
+    side = results["cached_ram"]["epoch_seconds"]  # one cached epoch, compute-bound (RAM)
+    online_epoch = forward + side
+    ratio = (epochs * online_epoch) / (forward + epochs * side)
+    return {
+        "online_over_cached_total": ratio,
+        "assumptions": [
+            "backbone forward and side-network steps speed up by the same factor on the GPU",
+            "reading the store keeps up with the GPU (prefetch hides it), so a cached epoch costs its compute",
+            "online READ runs one backbone forward per example per epoch plus the same side-network step",
+        ],
+        "inputs": {"forward_seconds": forward, "cached_epoch_seconds": side, "epochs": epochs},
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The methods (each in its own process)
+
+
+def main(method: str, spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    cfg = BenchConfig(**{**spec, "out": Path(spec["out"]), "data_dir": Path(spec["data_dir"]) if spec["data_dir"] else None, "methods": tuple(spec["methods"])})
+    from read_cache import bench_methods
+
+    result = getattr(bench_methods, method)(cfg)
+    (cfg.out / f"{method}.json").write_text(json.dumps(result, indent=2))
+
+
+def metered(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
+    with Meter() as meter:
+        value = fn(*args, **kwargs)
+    return value, meter.reading.to_dict()
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = ["| method | wall s | epochs run | s / epoch | energy | peak RSS MB | CUDA peak MB | trainable params |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in report["methods"].items():
+        m = r["meter"]
+        energy = f"{m['energy_joules']:.0f} J" if m.get("energy_joules") is not None else "unavailable"
+        cuda = f"{m['cuda_max_allocated_bytes'] / 2**20:,.0f}" if m.get("cuda_max_allocated_bytes") else "-"
+        per_epoch = f"{r['epoch_seconds']:.2f}" if r.get("epoch_seconds") else "-"
+        rows.append(
+            f"| {name} | {r['total_seconds']:.1f}{' (scaled)' if r.get('scaled_from_epochs') else ''} | {r.get('epochs_run', '-')} | "
+            f"{per_epoch} | {energy} | {m['peak_rss_bytes'] / 2**20:,.0f} | {cuda} | {r.get('trainable_parameters', '-'):,} |"
+            if isinstance(r.get("trainable_parameters"), int)
+            else f"| {name} | {r['total_seconds']:.1f} | - | - | {energy} | {m['peak_rss_bytes'] / 2**20:,.0f} | {cuda} | - |"
+        )
+    ratio_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in report["ratios"].items() if v is not None)
+    gpu = report.get("gpu_prediction")
+    gpu_text = f"\nPredicted online/cached total on a GPU: {gpu['online_over_cached_total']:.2f}x ({'; '.join(gpu['assumptions'])}).\n" if gpu else ""
+    return "\n".join(rows) + "\n\n| ratio | value |\n|---|---|\n" + ratio_rows + "\n" + gpu_text
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["methods"])
+    walls = [report["methods"][n]["total_seconds"] for n in names]
+    peaks = [report["methods"][n]["meter"]["peak_rss_bytes"] / 2**20 for n in names]
+    energy = [report["methods"][n]["meter"].get("energy_joules") for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    axes[0].bar(names, walls, color="tab:blue")
+    axes[0].set_title("wall time (s)")
+    axes[1].bar(names, peaks, color="tab:orange")
+    axes[1].set_title("peak RSS (MiB)")
+    if any(e is not None for e in energy):
+        axes[2].bar(names, [e or 0 for e in energy], color="tab:green")
+        axes[2].set_title("energy (J)")
+    else:
+        axes[2].text(0.5, 0.5, "energy: no counter readable\non this machine", ha="center", va="center")
+        axes[2].set_axis_off()
+    for ax in axes[:2]:
+        ax.tick_params(axis="x", rotation=30)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,262 @@
+"""The six methods `read-cache bench` compares, each run in its own process by `read_cache.bench`.
+
+forward       the bare backbone forward pass over every split (what the build cannot avoid)
+build         `build_cache` over the same examples
+cached_store  E epochs of READ from the store, streamed (nothing held in RAM)
+cached_ram    E epochs of READ from the same data held in RAM
+online        E epochs of READ the paper's way: a backbone forward for every batch of every epoch
+full          E epochs of full fine-tuning: backpropagation through the whole backbone, same head
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+
+from read_cache.bench import BenchConfig, metered
+
+
+def _cache_dir(cfg: BenchConfig) -> Path:
+    return cfg.out / "cache"
+
+
+def _result(meter: dict[str, Any], baseline_rss: int, **extra: Any) -> dict[str, Any]:
+    return {"meter": meter, "baseline_rss_bytes": baseline_rss, "total_seconds": meter["wall_seconds"], **extra}
+
+
+def _rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage one and its baseline
+
+
+def forward(cfg: BenchConfig) -> dict[str, Any]:
+    from read_cache.build import forward_batches
+
+    baseline = _rss()
+
+    def work() -> tuple[float, int]:
+        backbone, tokenized = _backbone_and_tokens(cfg)
+        started = time.perf_counter()
+        for tok in tokenized.values():
+            for _ in forward_batches(backbone, tok.ids, 64, "mean"):
+                pass
+        return time.perf_counter() - started, sum(len(t.ids) for t in tokenized.values())
+
+    (compute, examples), meter = metered(work)
+    return _result(meter, baseline, compute_seconds=compute, examples=examples)
+
+
+def build(cfg: BenchConfig) -> dict[str, Any]:
+    from read_cache.build import BuildConfig, build_cache
+    from read_cache.store import open_cache
+
+    shutil.rmtree(_cache_dir(cfg), ignore_errors=True)
+    baseline = _rss()
+    build_cfg = BuildConfig(model=cfg.model, task=cfg.task, data_dir=cfg.data_dir, out=_cache_dir(cfg), limit=cfg.limit, device=cfg.device, progress=False)
+    report, meter = metered(build_cache, build_cfg)
+    cache = open_cache(_cache_dir(cfg))
+    raw = disk = values = 0
+    for split in cache.splits:
+        for name in ("encoder_hidden", "cross_attention", "decoder_hidden"):
+            if name in cache[split].array_names():
+                arr = cache[split].array(name)
+                raw, values = raw + arr.nbytes, values + arr.size
+                disk += sum(p.stat().st_size for p in (cache.path / split / name).rglob("*") if p.is_file())
+    return _result(meter, baseline, compute_seconds=report.forward_seconds, raw_bytes=raw, disk_bytes=disk, cached_values=values)
+
+
+def _backbone_and_tokens(cfg: BenchConfig) -> tuple[Any, dict[str, Any]]:
+    from read_cache.backbone import load_backbone
+    from read_cache.build import model_inputs, tokenize
+    from read_cache.data import load_glue
+    from read_cache.tasks import get_task
+
+    task = get_task(cfg.task)
+    data = load_glue(task, cfg.data_dir, cfg.limit)
+    backbone = load_backbone(cfg.model, device=cfg.device)
+    return backbone, {s: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, d.texts), 256) for s, d in data.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Cached READ
+
+
+def cached_store(cfg: BenchConfig) -> dict[str, Any]:
+    return _cached(cfg, "stream")
+
+
+def cached_ram(cfg: BenchConfig) -> dict[str, Any]:
+    return _cached(cfg, "ram")
+
+
+def _cached(cfg: BenchConfig, reader: str) -> dict[str, Any]:
+    from read_cache.train import TrainConfig, train
+
+    out = cfg.out / "runs" / f"cached-{reader}"
+    baseline = _rss()
+    train_cfg = TrainConfig(
+        cache=_cache_dir(cfg), rnn=cfg.rnn, dim=cfg.dim, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
+        patience=cfg.epochs, out=out, overwrite=True, reader=reader, memory_budget_gb=64, device=cfg.device, progress=False,
+    )
+    summary, meter = metered(train, train_cfg)
+    epochs = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return _result(
+        meter, baseline, epochs_run=len(epochs), epoch_seconds=statistics.median(epochs), epoch_seconds_all=epochs,
+        trainable_parameters=summary["trainable_parameters"], validation=summary["validation"], test=summary["test"],
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Online READ and full fine-tuning: the backbone runs at every step
+
+
+def online(cfg: BenchConfig) -> dict[str, Any]:
+    return _slow_method(cfg, OnlineReadTrainer)
+
+
+def full(cfg: BenchConfig) -> dict[str, Any]:
+    return _slow_method(cfg, FullFineTuneTrainer)
+
+
+def _slow_method(cfg: BenchConfig, make_trainer: Any) -> dict[str, Any]:
+    """Run `--slow-epochs` epochs (default all), time each, and scale the total to `--epochs`."""
+    baseline = _rss()
+    run_epochs = cfg.slow_epochs or cfg.epochs
+
+    def work() -> dict[str, Any]:
+        setup_started = time.perf_counter()
+        trainer = make_trainer(cfg)
+        setup = time.perf_counter() - setup_started
+        epochs, scores = [], []
+        for epoch in range(run_epochs):
+            started = time.perf_counter()
+            trainer.epoch(epoch)
+            scores.append(trainer.validate())
+            epochs.append(time.perf_counter() - started)
+        return {"setup_seconds": setup, "epoch_seconds_all": epochs, "validation_scores": scores, "trainable_parameters": trainer.trainable}
+
+    out, meter = metered(work)
+    per_epoch = statistics.median(out["epoch_seconds_all"])
+    total = meter["wall_seconds"] + per_epoch * (cfg.epochs - run_epochs)
+    return _result(
+        meter, baseline, epochs_run=run_epochs, epoch_seconds=per_epoch, total_seconds=total,
+        scaled_from_epochs=run_epochs if run_epochs < cfg.epochs else None, **out,
+    )
+
+
+class _Trainer:
+    """The loop online READ and full fine-tuning share: shuffled batches of token ids, AdamW."""
+
+    def __init__(self, cfg: BenchConfig):
+        from read_cache.tasks import get_task
+
+        self.cfg = cfg
+        self.task = get_task(cfg.task)
+        self.backbone, tokenized = _backbone_and_tokens(cfg)
+        self.train_ids, self.valid_ids = tokenized["train"].ids, tokenized["validation"].ids
+        from read_cache.data import load_glue
+
+        data = load_glue(self.task, cfg.data_dir, cfg.limit)
+        self.train_labels = torch.as_tensor(np.asarray(data["train"].labels))
+        self.valid_labels = np.asarray(data["validation"].labels)
+        self.pad_id = self.backbone.tokenizer.pad_token_id or 0
+
+    def batches(self, ids: list[list[int]], order: np.ndarray) -> Any:
+        from read_cache.build import pad
+
+        for i in range(0, len(order), self.cfg.batch_size):
+            rows = order[i : i + self.cfg.batch_size]
+            yield rows, *pad([ids[r] for r in rows], self.pad_id)
+
+    def epoch(self, epoch: int) -> None:
+        order = np.random.default_rng([0, epoch]).permutation(len(self.train_ids))
+        self.module.train()
+        for rows, input_ids, mask in self.batches(self.train_ids, order):
+            loss = self.loss(self.logits(input_ids, mask), self.train_labels[torch.from_numpy(rows)])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, Any]:
+        from read_cache.metrics import score
+
+        self.module.eval()
+        outputs = [self.logits(ids, mask) for _, ids, mask in self.batches(self.valid_ids, np.arange(len(self.valid_ids)))]
+        logits = torch.cat(outputs)
+        predictions = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
+        return score(self.task, predictions.numpy(), self.valid_labels)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.is_regression:
+            return torch.nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+        return torch.nn.functional.cross_entropy(logits, labels.long())
+
+
+class OnlineReadTrainer(_Trainer):
+    """READ as the paper trains it: the frozen backbone's forward at every step, then the side network."""
+
+    def __init__(self, cfg: BenchConfig):
+        super().__init__(cfg)
+        from read_cache.side_network import SideNetwork, SideNetworkConfig, count_trainable
+
+        bb = self.backbone
+        lm = bb.lm_head(self.task.label_words) if bb.kind == "t5" and self.task.label_words else None
+        net_cfg = SideNetworkConfig(
+            rnn=cfg.rnn, dim=cfg.dim, d_model=bb.d_model, n_encoder_layers=bb.n_encoder_layers, n_decoder_layers=bb.n_decoder_layers,
+            encoder_only=bb.kind == "encoder", head="lm" if lm else "linear", num_labels=self.task.num_labels,
+            output_scale=lm["output_scale"] if lm else 1.0,
+        )
+        torch.manual_seed(0)
+        self.module = SideNetwork(net_cfg, torch.from_numpy(lm["rows"]) if lm else None)
+        self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=cfg.lr)
+        self.trainable = count_trainable(self.module)
+
+    def logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        states = self.backbone.forward(input_ids, mask)
+        lengths = mask.sum(1)
+        clone = lambda t: None if t is None else t.clone().float()  # noqa: E731 - leave inference mode
+        return self.module(
+            enc=clone(states.encoder_hidden), token_example=torch.repeat_interleave(torch.arange(len(lengths)), lengths),
+            n_examples=len(lengths), cross=clone(states.cross_attention), dec=clone(states.decoder_hidden),
+        )
+
+
+class FullFineTuneTrainer(_Trainer):
+    """Full fine-tuning: every backbone weight trains, behind the same head (T5: its LM head on the label words)."""
+
+    def __init__(self, cfg: BenchConfig):
+        super().__init__(cfg)
+        bb = self.backbone
+        self.module = bb.model.train().requires_grad_(True)
+        if bb.kind == "t5" and self.task.label_words:
+            self.label_ids = torch.tensor([bb.first_token(w) for w in self.task.label_words])
+            self.head = None
+        else:
+            self.head = torch.nn.Linear(bb.d_model, self.task.num_labels)
+        params = list(self.module.parameters()) + (list(self.head.parameters()) if self.head else [])
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.full_lr)
+        self.trainable = sum(p.numel() for p in params)
+
+    def logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        bb = self.backbone
+        if bb.kind == "encoder":
+            hidden = self.module(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
+            return self.head(pooled)
+        start = torch.full((len(input_ids), 1), bb.config.decoder_start_token_id)
+        out = self.module(input_ids=input_ids, attention_mask=mask, decoder_input_ids=start, output_hidden_states=self.head is not None)
+        if self.head is None:
+            return out.logits[:, 0, self.label_ids]
+        return self.head(out.decoder_hidden_states[-1][:, 0])

@@ -1,0 +1,53 @@
+"""The benchmark reports every figure it promises, and an unreadable energy counter says so."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from read_cache import energy
+from read_cache.bench import METHODS, BenchConfig, run_bench
+from read_cache.errors import ReadCacheError
+
+RATIOS = ("build_over_forward", "store_epoch_over_ram_epoch", "online_over_cached_total", "cached_over_full_peak_memory", "bytes_per_value")
+
+
+def test_bench_reports_every_figure(tiny_t5: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # No counter readable: no NVML library and no powercap tree.
+    monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path / "no-powercap")
+    out = tmp_path / "bench"
+    cfg = BenchConfig(model=str(tiny_t5), task="sst2", out=out, data_dir=glue_dir, limit=30, epochs=3, slow_epochs=1, dim=16)
+    report = run_bench(cfg, isolate=False)
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk["ratios"] == pytest.approx(report["ratios"])
+    for name in RATIOS:
+        assert on_disk["ratios"][name] > 0, name
+    assert set(on_disk["methods"]) == set(METHODS)
+    for name, result in on_disk["methods"].items():
+        meter = result["meter"]
+        assert meter["wall_seconds"] > 0 and meter["cpu_seconds"] > 0 and meter["peak_rss_bytes"] > 0, name
+        if not energy_counters_readable():
+            assert meter["energy_joules"] is None and meter["kwh"] is None
+            assert meter["energy_source"].startswith("unavailable"), name
+    for name in ("cached_store", "cached_ram", "online", "full"):
+        assert on_disk["methods"][name]["trainable_parameters"] > 0
+    # Online READ and full fine-tuning ran one epoch each and were scaled to three, and say so.
+    assert on_disk["methods"]["online"]["scaled_from_epochs"] == 1 and on_disk["methods"]["online"]["epochs_run"] == 1
+    assert on_disk["methods"]["cached_store"]["epochs_run"] == 3
+    assert on_disk["gpu_prediction"]["assumptions"]
+    assert (out / "bench.png").stat().st_size > 0 and "build_over_forward" in (out / "bench.md").read_text()
+
+
+def energy_counters_readable() -> bool:
+    with energy.Meter() as meter:
+        pass
+    return meter.reading.energy_joules is not None
+
+
+def test_bench_refuses_bad_options(tmp_path: Path) -> None:
+    with pytest.raises(ReadCacheError, match="--slow-epochs"):
+        BenchConfig(model="m", task="sst2", out=tmp_path, epochs=2, slow_epochs=3).validate()
+    with pytest.raises(ReadCacheError, match="unknown method"):
+        BenchConfig(model="m", task="sst2", out=tmp_path, methods=("warp",)).validate()
