@@ -371,7 +371,7 @@ def root_attributes(cfg: BuildConfig, task: TaskSpec, backbone: Backbone, lm: di
         "tokenizer": {"name_or_path": tok.name_or_path, "class": type(tok).__name__, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id},
         "task": {
             "name": task.name,
-            "metric": str(task.metric),
+            "metric": task.metric.value,
             "label_words": list(task.label_words),
             "num_labels": task.num_labels,
             "regression": task.is_regression,

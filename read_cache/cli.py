@@ -109,6 +109,82 @@ def build(
 
 @app.command()
 @user_errors
+def train(
+    cache: CacheArg = None,
+    rnn: Annotated[str, typer.Option(help="Side network RNN: gru, lstm, rnn (Elman), or none (a probe on the frozen states).")] = "gru",
+    dim: Annotated[int, typer.Option(help="RNN hidden size r (the paper: 128 or 256).")] = 256,
+    head: Annotated[Optional[str], typer.Option(help="lm (frozen LM head over the label words) or linear; default: lm for T5 classification, else linear.")] = None,
+    pooling: Annotated[str, typer.Option(help="Encoder-only caches: mean or first token.")] = "mean",
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Examples per step (the paper: 96).")] = 96,
+    epochs: Annotated[int, typer.Option(help="Most epochs (the paper: 30).")] = 30,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation score.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling (a CPU run repeats exactly).")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder; default: ./runs/<task>-<rnn><dim>-<head>-<time>.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run files in an existing --out.")] = False,
+    reader: Annotated[str, typer.Option(help="auto (RAM where it fits --memory-budget), ram, or stream.")] = "auto",
+    memory_budget: Annotated[float, typer.Option(help="GB of RAM the decoded splits may take.")] = 2.0,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: CUDA when present.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16 or fp32 autocast; default: bf16 where it pays.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch; default: all cores but one (one feeds the reader).")] = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Stage two: train READ's side network and a head from a cache; the backbone is never loaded."""
+    from read_cache.train import TrainConfig
+    from read_cache.train import train as train_side_network
+
+    cfg = TrainConfig(
+        cache=resolve_cache(cache), rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay,
+        batch_size=batch_size, epochs=epochs, patience=patience, seed=seed, out=out, overwrite=overwrite, reader=reader,
+        memory_budget_gb=memory_budget, device=device, dtype=dtype, threads=threads, progress=not no_progress,
+    )
+    summary = train_side_network(cfg)
+    table = Table(title=f"{summary['task']}: {summary['rnn']}/{summary['dim']} {summary['head']} head, {summary['trainable_parameters']:,} trainable parameters")
+    for col in ("split", "metric", "score", "components"):
+        table.add_column(col)
+    for split in ("validation", "test"):
+        s = summary[split]
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in s.items() if k not in ("metric", "score") and isinstance(v, float))
+        table.add_row(split, s["metric"], f"{s['score']:.4f}", parts)
+    base = summary["test_majority_baseline"]
+    table.add_row("test baseline", base["metric"], f"{base['score']:.4f}", f"always {base.get('label', base.get('prediction'))}")
+    out_console.print(table)
+    out_console.print(
+        f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['examples_per_second']:,.0f} examples/s, "
+        f"{summary['wall_seconds']:.1f} s; run saved to {summary['run_dir']}",
+        highlight=False,
+    )
+
+
+@app.command()
+@user_errors
+def predict(
+    texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to label; a sentence pair as 'first ||| second'.")] = None,
+    run: Annotated[Path, typer.Option(help="A run folder written by `read-cache train`.")] = ...,
+    model: Annotated[Optional[str], typer.Option(help="The backbone; default: the one the run's cache was built from.")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="A file with one text (or 'first ||| second' pair) per line.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda; default: CUDA when present.")] = None,
+) -> None:
+    """Run the backbone and a trained side network together on new text and print labels (or scores)."""
+    from read_cache.predict import predict as predict_texts
+
+    lines = list(texts or [])
+    if file is not None:
+        if not file.is_file():
+            raise ReadCacheError(f"--file {file} does not exist; pass a text file with one example per line")
+        lines += [line for line in file.read_text().splitlines() if line.strip()]
+    if not lines:
+        raise ReadCacheError("nothing to predict; pass texts as arguments or --file F")
+    examples = [tuple(part.strip() for part in line.split("|||")) if "|||" in line else line for line in lines]
+    result = predict_texts(run, examples, model, device=device)
+    for line, label in zip(lines, result.labels):
+        shown = f"{label:.3f}" if isinstance(label, float) else label
+        typer.echo(f"{shown}\t{line}")  # plain tab-separated lines, for pipes
+
+
+@app.command()
+@user_errors
 def inspect(
     cache: Annotated[Optional[Path], typer.Argument(help="Cache folder; default: the last one built.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,

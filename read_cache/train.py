@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from read_cache import paths
-from read_cache.device import autocast_dtype, pick_device
+from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
 from read_cache.errors import ReadCacheError
 from read_cache.metrics import majority_baseline, score
@@ -100,8 +100,7 @@ class TrainConfig:
     dtype: str | None = None
     """'bf16' or 'fp32' autocast; None: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32."""
     threads: int | None = None
-    """CPU threads for torch; None keeps torch's default (one per core). Where other processes share
-    the cores, 1 avoids OpenMP stalls that make small steps many times slower."""
+    """CPU threads for torch; None: every core but one (the reader thread's), see `device.training_threads`."""
     progress: bool = True
     """Show a progress bar per epoch."""
 
@@ -171,6 +170,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     summary = {
         "task": run.task.name,
         "cache": str(run.cache.path.resolve()),
+        "run_dir": str(run.out),
         "model": run.cache.model,
         "rnn": cfg.rnn,
         "dim": cfg.dim,
@@ -189,6 +189,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - started,
         "reader": {s: r.mode for s, r in run.readers.items()},
         "device": str(run.device),
+        "threads": cfg.threads or training_threads(),
         "autocast": str(run.amp).removeprefix("torch.") if run.amp else "fp32",
         "meter": meter.reading.to_dict(),
     }
@@ -410,8 +411,7 @@ def load_run(run_dir: str | Path) -> tuple[SideNetwork, dict[str, Any]]:
 def _torch_threads(threads: int | None) -> Iterator[None]:
     """Use `threads` CPU threads inside the block, and give the caller its own setting back after."""
     before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(threads or training_threads())
     try:
         yield
     finally:
