@@ -1,7 +1,7 @@
 """The frozen backbone: load a T5-family or encoder-only checkpoint and extract what READ needs.
 
     backbone = load_backbone("t5-small")        # hub id or local folder
-    states = backbone.forward(input_ids, attention_mask)
+    states = backbone.forward(input_ids, attention_mask)              # + token_type_ids for BERT pairs
 
 Only stage one (`build`), `predict` and `bench` import this module; training never does.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
@@ -25,6 +26,8 @@ log = logging.getLogger(__name__)
 T5_FAMILY = ("t5", "mt5", "umt5")
 ENCODER_FAMILY = ("bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert", "mpnet", "camembert")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+POOLINGS = ("mean", "first")
+SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "1_Pooling/config.json")
 
 
 class BackboneStates(NamedTuple):
@@ -81,15 +84,32 @@ class Backbone:
     def n_heads(self) -> int:
         return self.config.num_attention_heads if self.kind == "encoder" else self.config.num_heads
 
+    @property
+    def uses_token_types(self) -> bool:
+        """True where the model reads segment ids (BERT: the second text of a pair is segment 1)."""
+        return self.kind == "encoder" and "token_type_ids" in getattr(self.tokenizer, "model_input_names", ())
+
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, cross_attention: str = "mean") -> BackboneStates:
-        """Run the frozen model on a padded batch and return the flattened per-token states."""
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cross_attention: str = "mean",
+        *,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> BackboneStates:
+        """Run the frozen model on a padded batch and return the flattened per-token states.
+
+        `token_type_ids` [B, L] are the tokenizer's segment ids; encoders that use them (BERT) must get
+        them for sentence pairs, or the second sentence is read as if it were the first.
+        """
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         real = attention_mask.bool()
         with torch.autocast(device_type=self.device.split(":")[0], dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32"):
             if self.kind == "encoder":
-                out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+                extra = {"token_type_ids": token_type_ids.to(self.device)} if token_type_ids is not None and self.uses_token_types else {}
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
                 enc = torch.stack(out.hidden_states[1:], dim=2)  # [B, L, N_E, d]
                 return BackboneStates(enc[real], None, None)
             # Encoder and decoder separately: the LM head's vocabulary-wide logits are never needed.
@@ -155,6 +175,9 @@ def load_backbone(model: str, *, dtype: str | None = None, device: str | None = 
         "fingerprint": model_fingerprint(model, config),
         "config": config.to_diff_dict(),
     }
+    if kind == "encoder":
+        # What `read-cache train` pools by when no --pooling is given (the family's own way).
+        info["pooling"] = suggested_pooling(model, revision)
     log.info("loaded %s (%s) on %s with %s compute", model, kind, device, dtype)
     return Backbone(net, tokenizer, kind, device, dtype, info)
 
@@ -176,15 +199,52 @@ def model_reference(model: str) -> str:
 
 
 def backbone_kind(config: Any, model: str) -> str:
-    """'t5' or 'encoder'; anything else is refused with the families we support."""
+    """'t5' or 'encoder'; anything else (decoder-only LMs, other encoder-decoders) is refused with the families we support."""
     if config.model_type in T5_FAMILY:
         return "t5"
     if config.model_type in ENCODER_FAMILY and not getattr(config, "is_decoder", False):
         return "encoder"
+    what = "a decoder-only" if getattr(config, "is_decoder", False) or _causal(config) else "an unsupported"
     raise ReadCacheError(
-        f"--model {model} is a {config.model_type!r} model; read-cache supports T5-family encoder-decoders "
-        f"({', '.join(T5_FAMILY)}) and encoder-only models ({', '.join(ENCODER_FAMILY)})"
+        f"--model {model} is {what} {config.model_type!r} model; read-cache supports T5-family encoder-decoders "
+        f"({', '.join(T5_FAMILY)}) and encoder-only models of the BERT family ({', '.join(ENCODER_FAMILY)})"
     )
+
+
+def _causal(config: Any) -> bool:
+    """A decoder-only family: transformers knows a causal LM for it and no sequence-to-sequence model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+
+
+def suggested_pooling(model: str, revision: str | None = None) -> str:
+    """How the encoder's family pools its tokens: 'mean' for sentence-transformers models, else 'first' ([CLS]).
+
+    A sentence-transformers checkpoint says so with modules.json / 1_Pooling/config.json; the latter
+    names the mode (mean or CLS token). A plain BERT-style checkpoint is a classifier: its first token.
+    """
+    found = {name: _model_file(model, name, revision) for name in SENTENCE_TRANSFORMERS_FILES}
+    pooling_config = found["1_Pooling/config.json"]
+    if pooling_config is not None:
+        modes = json.loads(Path(pooling_config).read_text())
+        return "first" if modes.get("pooling_mode_cls_token") and not modes.get("pooling_mode_mean_tokens") else "mean"
+    return "mean" if any(found.values()) else "first"
+
+
+def _model_file(model: str, name: str, revision: str | None) -> str | None:
+    """A file of a local model folder, or of a hub repository (None when absent or unreachable)."""
+    path = Path(model)
+    if path.is_dir():
+        return str(path / name) if (path / name).is_file() else None
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(
+            model, name, revision=revision, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
+        )
+    except (OSError, ValueError):
+        return None
 
 
 def model_fingerprint(model: str, config: Any) -> str:

@@ -49,7 +49,7 @@ def forward(cfg: BenchConfig) -> dict[str, Any]:
         backbone, tokenized = _backbone_and_tokens(cfg)
         started = time.perf_counter()
         for tok in tokenized.values():
-            for _ in forward_batches(backbone, tok.ids, 64, "mean"):
+            for _ in forward_batches(backbone, tok.ids, 64, "mean", tok.type_ids):
                 pass
         return time.perf_counter() - started, sum(len(t.ids) for t in tokenized.values())
 
@@ -144,7 +144,11 @@ def _slow_method(cfg: BenchConfig, make_trainer: Any) -> dict[str, Any]:
             trainer.epoch(epoch)
             scores.append(trainer.validate())
             epochs.append(time.perf_counter() - started)
-        return {"setup_seconds": setup, "epoch_seconds_all": epochs, "validation_scores": scores, "trainable_parameters": trainer.trainable}
+        return {
+            "setup_seconds": setup, "epoch_seconds_all": epochs, "validation_scores": scores,
+            "test": trainer.validate("test"),  # after the last epoch run
+            "trainable_parameters": trainer.trainable,
+        }
 
     out, meter = metered(work)
     per_epoch = statistics.median(out["epoch_seconds_all"])
@@ -164,39 +168,47 @@ class _Trainer:
         self.cfg = cfg
         self.task = get_task(cfg.task)
         self.backbone, tokenized = _backbone_and_tokens(cfg)
-        self.train_ids, self.valid_ids = tokenized["train"].ids, tokenized["validation"].ids
+        self.ids = {split: tok.ids for split, tok in tokenized.items()}
+        # Segment ids for encoders that read them (BERT pairs); None elsewhere.
+        self.types = {split: tok.type_ids if self.backbone.uses_token_types else None for split, tok in tokenized.items()}
+        # Encoders pool the way their family does (the cached READ run defaults to the same).
+        self.pooling = self.backbone.info.get("pooling", "mean")
         from read_cache.data import load_glue
 
         data = load_glue(self.task, cfg.data_dir, cfg.limit)
-        self.train_labels = torch.as_tensor(np.asarray(data["train"].labels))
-        self.valid_labels = np.asarray(data["validation"].labels)
+        self.labels = {split: np.asarray(d.labels) for split, d in data.items()}
         self.pad_id = self.backbone.tokenizer.pad_token_id or 0
 
-    def batches(self, ids: list[list[int]], order: np.ndarray) -> Any:
+    def batches(self, ids: list[list[int]], types: list[list[int]] | None, order: np.ndarray) -> Any:
+        """(rows, input_ids [B, L], mask [B, L], token_type_ids [B, L] or None) per batch of `order`."""
         from read_cache.build import pad
 
         for i in range(0, len(order), self.cfg.batch_size):
             rows = order[i : i + self.cfg.batch_size]
-            yield rows, *pad([ids[r] for r in rows], self.pad_id)
+            type_ids = pad([types[r] for r in rows], 0)[0] if types is not None else None
+            yield rows, *pad([ids[r] for r in rows], self.pad_id), type_ids
 
     def epoch(self, epoch: int) -> None:
-        order = np.random.default_rng([0, epoch]).permutation(len(self.train_ids))
+        order = np.random.default_rng([0, epoch]).permutation(len(self.ids["train"]))
+        labels = torch.as_tensor(self.labels["train"])
         self.module.train()
-        for rows, input_ids, mask in self.batches(self.train_ids, order):
-            loss = self.loss(self.logits(input_ids, mask), self.train_labels[torch.from_numpy(rows)])
+        for rows, input_ids, mask, types in self.batches(self.ids["train"], self.types["train"], order):
+            loss = self.loss(self.logits(input_ids, mask, types), labels[torch.from_numpy(rows)])
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
 
     @torch.no_grad()
-    def validate(self) -> dict[str, Any]:
+    def validate(self, split: str = "validation") -> dict[str, Any]:
+        """GLUE's metric on `split` (validation, or test once training is over)."""
         from read_cache.metrics import score
 
         self.module.eval()
-        outputs = [self.logits(ids, mask) for _, ids, mask in self.batches(self.valid_ids, np.arange(len(self.valid_ids)))]
+        order = np.arange(len(self.ids[split]))
+        outputs = [self.logits(ids, mask, types) for _, ids, mask, types in self.batches(self.ids[split], self.types[split], order)]
         logits = torch.cat(outputs)
         predictions = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
-        return score(self.task, predictions.numpy(), self.valid_labels)
+        return score(self.task, predictions.numpy(), self.labels[split])
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.task.is_regression:
@@ -215,7 +227,7 @@ class OnlineReadTrainer(_Trainer):
         lm = bb.lm_head(self.task.label_words) if bb.kind == "t5" and self.task.label_words else None
         net_cfg = SideNetworkConfig(
             rnn=cfg.rnn, dim=cfg.dim, d_model=bb.d_model, n_encoder_layers=bb.n_encoder_layers, n_decoder_layers=bb.n_decoder_layers,
-            encoder_only=bb.kind == "encoder", head="lm" if lm else "linear", num_labels=self.task.num_labels,
+            encoder_only=bb.kind == "encoder", pooling=self.pooling, head="lm" if lm else "linear", num_labels=self.task.num_labels,
             output_scale=lm["output_scale"] if lm else 1.0,
         )
         torch.manual_seed(0)
@@ -223,8 +235,8 @@ class OnlineReadTrainer(_Trainer):
         self.optimizer = torch.optim.AdamW([p for p in self.module.parameters() if p.requires_grad], lr=cfg.lr)
         self.trainable = count_trainable(self.module)
 
-    def logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        states = self.backbone.forward(input_ids, mask)
+    def logits(self, input_ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
+        states = self.backbone.forward(input_ids, mask, token_type_ids=types)
         lengths = mask.sum(1)
         clone = lambda t: None if t is None else t.clone().float()  # noqa: E731 - leave inference mode
         return self.module(
@@ -234,7 +246,8 @@ class OnlineReadTrainer(_Trainer):
 
 
 class FullFineTuneTrainer(_Trainer):
-    """Full fine-tuning: every backbone weight trains, behind the same head (T5: its LM head on the label words)."""
+    """Full fine-tuning: every backbone weight trains, behind the same head (T5: its LM head on the label words;
+    encoders: a linear head on the tokens pooled the way READ pools them)."""
 
     def __init__(self, cfg: BenchConfig):
         super().__init__(cfg)
@@ -249,10 +262,13 @@ class FullFineTuneTrainer(_Trainer):
         self.optimizer = torch.optim.AdamW(params, lr=cfg.full_lr)
         self.trainable = sum(p.numel() for p in params)
 
-    def logits(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def logits(self, input_ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None) -> torch.Tensor:
         bb = self.backbone
         if bb.kind == "encoder":
-            hidden = self.module(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            extra = {"token_type_ids": types} if types is not None else {}
+            hidden = self.module(input_ids=input_ids, attention_mask=mask, **extra).last_hidden_state  # [B, L, d]
+            if self.pooling == "first":
+                return self.head(hidden[:, 0])
             pooled = (hidden * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
             return self.head(pooled)
         start = torch.full((len(input_ids), 1), bb.config.decoder_start_token_id)

@@ -39,6 +39,7 @@ from read_cache.store import (
     prepare_cache_dir,
     read_root_attrs,
     remove_partial_files,
+    token_rows,
 )
 from read_cache.tasks import TaskSpec, get_task
 
@@ -122,6 +123,10 @@ class BuildReport:
 class Tokenized:
     ids: list[list[int]]
     truncated: int
+    type_ids: list[list[int]] | None = None
+    """Segment ids per token where the tokenizer makes them (BERT pairs: 0 for the first text, 1 for the second).
+    Not stored: they follow from input_ids (segment 1 starts after the first separator), and rebuilding
+    them here keeps the cache's arrays the same for every backbone."""
 
     @property
     def offsets(self) -> np.ndarray:
@@ -138,8 +143,10 @@ def model_inputs(backbone_kind: str, task: TaskSpec, texts: Sequence[tuple[str, 
 
 
 def tokenize(tokenizer: Any, firsts: list[str], seconds: list[str] | None, max_length: int) -> Tokenized:
-    """Token ids of every example, truncated to max_length, and how many needed truncation."""
-    full = tokenizer(firsts, seconds, truncation=False, verbose=False)["input_ids"]
+    """Token ids (and segment ids, where the tokenizer makes them) of every example, truncated to max_length."""
+    with_types = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
+    encoded = tokenizer(firsts, seconds, truncation=False, verbose=False, return_token_type_ids=with_types)
+    full, types = encoded["input_ids"], encoded["token_type_ids"] if with_types else None
     too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
     if too_long:
         cut = tokenizer(
@@ -147,10 +154,17 @@ def tokenize(tokenizer: Any, firsts: list[str], seconds: list[str] | None, max_l
             [seconds[i] for i in too_long] if seconds else None,
             truncation=True,
             max_length=max_length,
-        )["input_ids"]
-        for i, ids in zip(too_long, cut):
-            full[i] = ids
-    return Tokenized([list(map(int, ids)) for ids in full], len(too_long))
+            return_token_type_ids=with_types,
+        )
+        for n, i in enumerate(too_long):
+            full[i] = cut["input_ids"][n]
+            if types is not None:
+                types[i] = cut["token_type_ids"][n]
+    return Tokenized(
+        [list(map(int, ids)) for ids in full],
+        len(too_long),
+        [list(map(int, t)) for t in types] if types is not None else None,
+    )
 
 
 def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -176,12 +190,18 @@ def to_stored(t: torch.Tensor, float_dtype: str) -> np.ndarray:
     return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
 
 
-def forward_batches(backbone: Backbone, ids: list[list[int]], batch_size: int, cross: str) -> Iterator[tuple[np.ndarray, BackboneStates]]:
-    """(positions, states) for length-grouped batches of `ids`; the bare forward pass is this alone."""
+def forward_batches(
+    backbone: Backbone, ids: list[list[int]], batch_size: int, cross: str, type_ids: list[list[int]] | None = None
+) -> Iterator[tuple[np.ndarray, BackboneStates]]:
+    """(positions, states) for length-grouped batches of `ids`; the bare forward pass is this alone.
+
+    `type_ids` (from `Tokenized.type_ids`) go to encoders that read segment ids, so BERT sees a pair as a pair.
+    """
     pad_id = backbone.tokenizer.pad_token_id or 0
     for batch in length_batches(np.array([len(x) for x in ids]), batch_size):
         input_ids, mask = pad([ids[i] for i in batch], pad_id)
-        yield batch, backbone.forward(input_ids, mask, cross)
+        types = pad([type_ids[i] for i in batch], 0)[0] if type_ids is not None and backbone.uses_token_types else None
+        yield batch, backbone.forward(input_ids, mask, cross, token_type_ids=types)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,9 +217,10 @@ def compute_unit(backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: 
     cross = np.empty((n_tok, *geometry.cross_shape()), dtype=enc.dtype) if geometry.cross_attention else None
     e0, e1 = unit.examples
     dec = np.empty((e1 - e0, geometry.n_decoder_layers, geometry.d_model), dtype=enc.dtype) if geometry.cross_attention else None
-    for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention):
+    types = tokenized.type_ids[c0:c1] if tokenized.type_ids is not None else None
+    for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention, types):
         examples = positions + c0
-        dest = _token_positions(offsets, examples) - base
+        dest = token_rows(offsets, examples) - base
         enc[dest] = to_stored(states.encoder_hidden, cfg.float_dtype)
         if cross is not None:
             cross[dest] = to_stored(states.cross_attention, cfg.float_dtype)
@@ -212,14 +233,6 @@ def compute_unit(backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: 
         tokens["cross_attention"] = cross[t0:t1]
         examples_out["decoder_hidden"] = dec
     return tokens, examples_out
-
-
-def _token_positions(offsets: np.ndarray, examples: np.ndarray) -> np.ndarray:
-    """Concatenated token positions of `examples`, in the order the backbone flattened them."""
-    starts, stops = offsets[examples], offsets[examples + 1]
-    lengths = stops - starts
-    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-    return np.arange(lengths.sum()) + shift
 
 
 def _np16(float_dtype: str) -> Any:
@@ -367,6 +380,7 @@ def root_attributes(cfg: BuildConfig, task: TaskSpec, backbone: Backbone, lm: di
             "n_decoder_layers": backbone.n_decoder_layers,
             "d_model": backbone.d_model,
             "n_heads": backbone.n_heads,
+            "token_type_ids": backbone.uses_token_types,
         },
         "tokenizer": {"name_or_path": tok.name_or_path, "class": type(tok).__name__, "vocab_size": len(tok), "pad_token_id": tok.pad_token_id},
         "task": {

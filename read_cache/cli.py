@@ -114,7 +114,7 @@ def train(
     rnn: Annotated[str, typer.Option(help="Side network RNN: gru, lstm, rnn (Elman), or none (a probe on the frozen states).")] = "gru",
     dim: Annotated[int, typer.Option(help="RNN hidden size r (the paper: 128 or 256).")] = 256,
     head: Annotated[Optional[str], typer.Option(help="lm (frozen LM head over the label words) or linear; default: lm for T5 classification, else linear.")] = None,
-    pooling: Annotated[str, typer.Option(help="Encoder-only caches: mean or first token.")] = "mean",
+    pooling: Annotated[Optional[str], typer.Option(help="Encoder-only caches: mean or first token; default: the model family's way, as the cache records it.")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     batch_size: Annotated[int, typer.Option(help="Examples per step (the paper: 96).")] = 96,
@@ -243,6 +243,67 @@ def bench(
     report = run_bench(cfg)
     out_console.print((out / "bench.md").read_text(), markup=False, highlight=False)
     out_console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+
+
+@app.command()
+@user_errors
+def sweep(
+    out: Annotated[Path, typer.Option(help="Sweep folder: sweep.json, sweep.png, and a run folder per configuration under runs/.")],
+    cache: CacheArg = None,
+    rnn: Annotated[str, typer.Option(help="Comma-separated RNNs (gru, lstm, rnn, none), crossed with --dim; 'gru/256' brings its own size.")] = "gru",
+    dim: Annotated[Optional[str], typer.Option(help="Comma-separated RNN sizes crossed with the plain --rnn entries; default 256.")] = None,
+    lr: Annotated[Optional[str], typer.Option(help="Comma-separated learning rates; default 1e-3 (leave out with --trials).")] = None,
+    head: Annotated[Optional[str], typer.Option(help="Comma-separated heads (lm, linear); default: lm for T5 classification, else linear.")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="Draw this many learning rates log-uniformly over --lr-range, architectures taken in turn.")] = None,
+    lr_range: Annotated[str, typer.Option(help="LOW:HIGH for --trials (the paper: 1e-6:3e-3).")] = "1e-6:3e-3",
+    search: Annotated[str, typer.Option(help="grid (each to --epochs or its early stop) or halving (after epochs 1, eta, eta^2... keep the best 1/eta).")] = "grid",
+    eta: Annotated[int, typer.Option(help="Successive halving's reduction factor.")] = 3,
+    pooling: Annotated[str, typer.Option(help="Encoder-only caches: mean or first token.")] = "mean",
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="Examples per step (the paper: 96).")] = 96,
+    epochs: Annotated[int, typer.Option(help="Most epochs per configuration (the paper: 30).")] = 30,
+    patience: Annotated[int, typer.Option(help="A configuration stops after this many epochs without a better validation score.")] = 5,
+    seed: Annotated[int, typer.Option(help="Seed for every configuration's initialisation, the shuffling and the --trials draws.")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="Replace the sweep's files in an existing --out.")] = False,
+    reader: Annotated[str, typer.Option(help="auto (RAM where it fits --memory-budget), ram, or stream.")] = "auto",
+    memory_budget: Annotated[float, typer.Option(help="GB of RAM the decoded splits may take.")] = 2.0,
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: CUDA when present.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="bf16 or fp32 autocast; default: bf16 where it pays.")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch; default: all cores but one (one feeds the reader).")] = None,
+    no_progress: NoProgress = False,
+) -> None:
+    """Train many side networks from one read of the cache; select by validation, report that run's test score."""
+    from read_cache.sweep import SweepConfig, parse_list, parse_range, ranked
+    from read_cache.sweep import sweep as run_sweep
+    from read_cache.train import TrainConfig
+
+    shared = TrainConfig(
+        cache=resolve_cache(cache), pooling=pooling, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
+        patience=patience, seed=seed, reader=reader, memory_budget_gb=memory_budget, device=device, dtype=dtype,
+        threads=threads, progress=not no_progress,
+    )
+    cfg = SweepConfig(
+        out=out, rnn=parse_list("--rnn", rnn, str), dim=None if dim is None else parse_list("--dim", dim, int),
+        lr=None if lr is None else parse_list("--lr", lr, float), head=(None,) if head is None else parse_list("--head", head, str),
+        trials=trials, lr_range=parse_range("--lr-range", lr_range), search=search, eta=eta, overwrite=overwrite, shared=shared,
+    )
+    report = run_sweep(cfg)
+    best = report["best"]
+    table = Table(title=f"{report['task']}: {report['configurations']} configurations ({report['search']}), ranked by validation {best['validation']['metric']}")
+    for col in ("#", "configuration", "parameters", "epochs", "ended", "validation", "test"):
+        table.add_column(col, justify="left" if col in ("configuration", "ended") else "right", no_wrap=col == "configuration")
+    for rank, entry in enumerate(ranked(report), 1):
+        table.add_row(
+            str(rank), entry["name"] + (" *" if entry["name"] == best["name"] else ""), f"{entry['trainable_parameters']:,}",
+            str(entry["epochs_run"]), entry["ended"], f"{entry['validation']['score']:.4f}", f"{entry['test']['score']:.4f}",
+        )
+    out_console.print(table)
+    out_console.print(
+        f"selected {best['name']} by validation {best['validation']['score']:.4f}: test {best['test']['metric']} {best['test']['score']:.4f}; "
+        f"{report['epochs_trained']} epochs in {report['wall_seconds']:.1f} s; wrote {out / 'sweep.json'}, {out / 'sweep.png'}; "
+        f"predict with: read-cache predict --run {best['run_dir']}",
+        highlight=False,
+    )
 
 
 def resolve_cache(cache: Path | None) -> Path:

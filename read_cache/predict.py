@@ -22,10 +22,11 @@ import numpy as np
 import torch
 
 from read_cache.backbone import Backbone, load_backbone
-from read_cache.build import _token_positions, forward_batches, model_inputs, to_stored, tokenize
+from read_cache.build import forward_batches, model_inputs, to_stored, tokenize
 from read_cache.errors import ReadCacheError
 from read_cache.reader import decode
 from read_cache.side_network import SideNetwork
+from read_cache.store import token_rows
 from read_cache.tasks import TaskSpec, get_task
 from read_cache.train import load_run
 
@@ -117,8 +118,8 @@ def online_states(backbone: Backbone, task: TaskSpec, texts: list[tuple[str, ...
     float_dtype, cross_mode = cache["float_dtype"], cache["cross_attention"] or "mean"
     enc = np.empty((int(offsets[-1]), backbone.n_encoder_layers, backbone.d_model), dtype=np.uint16 if float_dtype == "bfloat16" else np.float16)
     cross = dec = None
-    for positions, states in forward_batches(backbone, tokenized.ids, batch_size, cross_mode):
-        dest = _token_positions(offsets, positions)
+    for positions, states in forward_batches(backbone, tokenized.ids, batch_size, cross_mode, tokenized.type_ids):
+        dest = token_rows(offsets, positions)
         enc[dest] = to_stored(states.encoder_hidden, float_dtype)
         if states.cross_attention is not None:
             stored_cross, stored_dec = to_stored(states.cross_attention, float_dtype), to_stored(states.decoder_hidden, float_dtype)

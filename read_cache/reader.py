@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from read_cache.errors import ReadCacheError
-from read_cache.store import Block, Cache, Split, decode_floats
+from read_cache.store import Block, Cache, Split, decode_floats, token_rows
 
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -82,10 +82,8 @@ class Pool:
 
     def take(self, positions: np.ndarray) -> Pool:
         """The examples at `positions` (in this pool), in that order, copied contiguously."""
-        starts, stops = self.offsets[positions], self.offsets[positions + 1]
-        lengths = stops - starts
-        shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
-        tokens = np.arange(int(lengths.sum())) + shift
+        tokens = token_rows(self.offsets, positions)
+        lengths = np.diff(self.offsets)[positions]
         return Pool(
             offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             enc=self.enc[tokens],

@@ -99,6 +99,14 @@ def _compressors(typesize: int) -> list[Any]:
     return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=typesize), Crc32cCodec()]
 
 
+def token_rows(offsets: np.ndarray, examples: np.ndarray) -> np.ndarray:
+    """The token rows of `examples` (ragged, delimited by `offsets`), concatenated in that order."""
+    starts, stops = offsets[examples], offsets[examples + 1]
+    lengths = stops - starts
+    shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    return np.arange(int(lengths.sum())) + shift
+
+
 # --------------------------------------------------------------------------------------------------
 # Geometry: what the arrays of one cache look like
 

@@ -35,7 +35,7 @@ from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
 from read_cache.errors import ReadCacheError
 from read_cache.metrics import majority_baseline, score
-from read_cache.reader import SplitReader, batch_to, choose_modes
+from read_cache.reader import Batch, SplitReader, batch_to, choose_modes
 from read_cache.side_network import (
     HeadKind,
     RNNKind,
@@ -69,8 +69,9 @@ class TrainConfig:
     """Hidden size r of the side network's RNNs."""
     head: str | None = None
     """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 classification, else linear."""
-    pooling: str = "mean"
-    """Encoder-only caches: pool tokens by 'mean' or take the 'first' token."""
+    pooling: str | None = None
+    """Encoder-only caches: pool tokens by 'mean' or take the 'first' token; None: the way the backbone's
+    family pools, as the build recorded it (mean for sentence-transformers models, first for BERT classifiers)."""
     lr: float = 1e-3
     """AdamW learning rate."""
     weight_decay: float = 0.0
@@ -161,13 +162,21 @@ class Run:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a side network from a cache, score it, write the run folder; returns the summary."""
     started = time.perf_counter()
-    with _torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         run = setup(cfg)
         with Meter() as meter:
             fitted = fit(run)
-        validation = evaluate(run, "validation")
+        validation = fitted.validation if fitted.validation is not None else evaluate(run, "validation")
         test = evaluate(run, "test")
-    summary = {
+    summary = summarize(run, fitted, validation, test, wall_seconds=time.perf_counter() - started, meter=meter.reading.to_dict())
+    save_run(run, summary)
+    return summary
+
+
+def summarize(run: Run, fitted: Fitted, validation: Evaluation, test: Evaluation, *, wall_seconds: float, meter: dict[str, Any]) -> dict[str, Any]:
+    """summary.json of a finished run: scores with GLUE's metric, sizes, speed, where it ran."""
+    cfg = run.cfg
+    return {
         "task": run.task.name,
         "cache": str(run.cache.path.resolve()),
         "run_dir": str(run.out),
@@ -175,6 +184,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "rnn": cfg.rnn,
         "dim": cfg.dim,
         "head": run.net.config.head,
+        "pooling": run.net.config.pooling if run.net.config.encoder_only else None,
         "lr": cfg.lr,
         "batch_size": cfg.batch_size,
         "seed": cfg.seed,
@@ -186,21 +196,24 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "test": score(run.task, test.predictions, test.labels),
         "test_majority_baseline": majority_baseline(run.task, run.cache["train"].labels, test.labels),
         "examples_per_second": fitted.examples_per_second,
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": wall_seconds,
         "reader": {s: r.mode for s, r in run.readers.items()},
         "device": str(run.device),
         "threads": cfg.threads or training_threads(),
         "autocast": str(run.amp).removeprefix("torch.") if run.amp else "fp32",
-        "meter": meter.reading.to_dict(),
+        "meter": meter,
     }
+
+
+def save_run(run: Run, summary: dict[str, Any]) -> None:
+    """Write the weights, then summary.json (last: its presence means the run is done)."""
     save_file({k: v.detach().cpu().contiguous() for k, v in run.net.state_dict().items()}, str(run.out / WEIGHTS))
-    _write_json(run.out / SUMMARY, summary)
+    write_json(run.out / SUMMARY, summary)
     log.info(
         "best epoch %d: validation %s %.4f, test %s %.4f; run saved to %s",
-        fitted.best_epoch, summary["validation"]["metric"], summary["validation"]["score"],
+        summary["best_epoch"], summary["validation"]["metric"], summary["validation"]["score"],
         summary["test"]["metric"], summary["test"]["score"], run.out,
     )
-    return summary
 
 
 # --------------------------------------------------------------------------------------------------
@@ -210,17 +223,40 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 def setup(cfg: TrainConfig) -> Run:
     """Validate everything, then open the cache, build the network and readers, and claim --out."""
     cfg.validate()
-    cache = open_cache(_cache_path(cfg))
-    cache.require_complete()
-    task = get_task(cache.task)
+    cache, task = open_task_cache(cfg)
     device = pick_device(cfg.device)
     amp = autocast_dtype(device, cfg.dtype)
     net_cfg = side_network_config(cfg, cache, task)
+    net = build_network(cfg, net_cfg, cache, device)
+    readers = make_readers(cfg, cache)
+    out = claim_run_dir(cfg, task.name, net_cfg)
+    write_run_config(out, cfg, net_cfg, cache)
+    log.info(
+        "training %s/%d with a %s head on %s (%s): %s trainable parameters; readers %s; %s",
+        cfg.rnn, cfg.dim, net_cfg.head, cache.path, task.name, f"{count_trainable(net):,}",
+        ", ".join(f"{s} {r.mode}" for s, r in readers.items()), f"{device} {'bf16' if amp else 'fp32'}",
+    )
+    return Run(cfg, cache, task, net, readers, device, amp, out)
+
+
+def open_task_cache(cfg: TrainConfig) -> tuple[Cache, TaskSpec]:
+    """The --cache (or the last one built), refused unless every split is complete, and its task."""
+    cache = open_cache(_cache_path(cfg))
+    cache.require_complete()
+    return cache, get_task(cache.task)
+
+
+def build_network(cfg: TrainConfig, net_cfg: SideNetworkConfig, cache: Cache, device: torch.device) -> SideNetwork:
+    """The side network, seeded right before it is built: every network built from one seed starts alike."""
     torch.manual_seed(cfg.seed)
     lm_rows = torch.from_numpy(cache.lm_head_rows()) if net_cfg.head == HeadKind.LM else None
-    net = SideNetwork(net_cfg, lm_rows).to(device)
+    return SideNetwork(net_cfg, lm_rows).to(device)
+
+
+def make_readers(cfg: TrainConfig, cache: Cache) -> dict[str, SplitReader]:
+    """Train (shuffled by --seed), validation and test readers, in RAM where --memory-budget allows."""
     modes = choose_modes(cache, ("train", "validation", "test"), cfg.reader, int(cfg.memory_budget_gb * 1e9))
-    readers = {
+    return {
         split: SplitReader(
             cache[split],
             batch_size=cfg.batch_size,
@@ -232,14 +268,6 @@ def setup(cfg: TrainConfig) -> Run:
         )
         for split, mode in modes.items()
     }
-    out = claim_run_dir(cfg, task.name, net_cfg)
-    _write_json(out / CONFIG, {"side_network": net_cfg.to_dict(), "cache": cache_record(cache), "train": cfg.to_dict()})
-    log.info(
-        "training %s/%d with a %s head on %s (%s): %s trainable parameters; readers %s; %s",
-        cfg.rnn, cfg.dim, net_cfg.head, cache.path, task.name, f"{count_trainable(net):,}",
-        ", ".join(f"{s} {m}" for s, m in modes.items()), f"{device} {'bf16' if amp else 'fp32'}",
-    )
-    return Run(cfg, cache, task, net, readers, device, amp, out)
 
 
 def _cache_path(cfg: TrainConfig) -> Path:
@@ -266,7 +294,7 @@ def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideN
         n_encoder_layers=g.n_encoder_layers,
         n_decoder_layers=g.n_decoder_layers,
         encoder_only=encoder_only,
-        pooling=cfg.pooling,
+        pooling=cfg.pooling or cache.attrs["backbone"].get("pooling") or "mean",
         head=head,
         num_labels=task.num_labels,
         output_scale=float(cache.attrs["lm_head"]["output_scale"]) if has_lm else 1.0,
@@ -286,6 +314,11 @@ def claim_run_dir(cfg: TrainConfig, task: str, net_cfg: SideNetworkConfig) -> Pa
             (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def write_run_config(out: Path, cfg: TrainConfig, net_cfg: SideNetworkConfig, cache: Cache) -> None:
+    """config.json, written first: the side network, the cache's identity and the TrainConfig."""
+    write_json(out / CONFIG, {"side_network": net_cfg.to_dict(), "cache": cache_record(cache), "train": cfg.to_dict()})
 
 
 def cache_record(cache: Cache) -> dict[str, Any]:
@@ -316,57 +349,95 @@ class Fitted(NamedTuple):
     epochs_run: int
     best_epoch: int
     examples_per_second: float
+    validation: Evaluation | None
+    """The best epoch's validation outputs, which the restored state reproduces; None when nothing trained."""
 
 
 def fit(run: Run) -> Fitted:
     """Train up to --epochs, stop after --patience epochs without a better validation score, restore the best."""
-    cfg, net = run.cfg, run.net
-    params = [p for p in net.parameters() if p.requires_grad]
-    best_score, best_epoch, best_state = -math.inf, 0, copy.deepcopy(net.state_dict())
-    seen, seconds, epoch, last = 0, 0.0, 0, None
-    with (run.out / METRICS).open("w") as metrics_file:
-        if not params:
-            log.info("nothing to train (--rnn none --head lm is T5's own zero-shot verbalizer); scoring only")
-            return Fitted(0, 0, 0.0)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        for epoch in range(1, cfg.epochs + 1):
-            loss, n, secs = train_epoch(run, optimizer, epoch, last)
-            seen, seconds = seen + n, seconds + secs
-            validation = evaluate(run, "validation")
-            last = score(run.task, validation.predictions, validation.labels)
-            log.info("epoch %d: loss %.3f, validation %s %.3f, %s ex/s", epoch, loss, last["metric"], last["score"], f"{n / secs:,.0f}")
-            record = {"epoch": epoch, "loss": loss, "validation": last, "examples_per_second": n / secs, "seconds": secs}
+    stopping = EarlyStopping(run)
+    if not trainable(run.net):
+        log.info("nothing to train (--rnn none --head lm is T5's own zero-shot verbalizer); scoring only")
+        return stopping.finish()
+    optimizer = make_optimizer(run)
+    for epoch in range(1, run.cfg.epochs + 1):
+        loss, n, secs = train_epoch(run, optimizer, epoch, stopping.last)
+        if stopping.update(epoch, loss, n, secs, evaluate(run, "validation")):
+            break
+    return stopping.finish()
+
+
+class EarlyStopping:
+    """One network's epoch bookkeeping: a metrics.jsonl line per epoch, the best state, and when to stop.
+
+    `fit` keeps one; a sweep keeps one per configuration and feeds them the same batches.
+    """
+
+    def __init__(self, run: Run, name: str = ""):
+        self.run, self.prefix = run, f"{name}: " if name else ""
+        self.best_score, self.best_epoch, self.best_state = -math.inf, 0, copy.deepcopy(run.net.state_dict())
+        self.best_validation: Evaluation | None = None
+        self.epoch, self.seen, self.seconds, self.last = 0, 0, 0.0, None
+        self.history: list[dict[str, Any]] = []
+        (run.out / METRICS).write_text("")
+
+    def update(self, epoch: int, loss: float, n: int, secs: float, validation: Evaluation) -> bool:
+        """Record one epoch; True when --patience epochs have passed without a better validation score."""
+        self.epoch, self.seen, self.seconds = epoch, self.seen + n, self.seconds + secs
+        self.last = score(self.run.task, validation.predictions, validation.labels)
+        log.info("%sepoch %d: loss %.3f, validation %s %.3f, %s ex/s", self.prefix, epoch, loss, self.last["metric"], self.last["score"], f"{n / secs:,.0f}")
+        record = {"epoch": epoch, "loss": loss, "validation": self.last, "examples_per_second": n / secs, "seconds": secs}
+        self.history.append(record)
+        with (self.run.out / METRICS).open("a") as metrics_file:
             metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
-            current = last["score"] if math.isfinite(last["score"]) else -math.inf
-            if current > best_score or best_epoch == 0:
-                best_score, best_epoch, best_state = current, epoch, copy.deepcopy(net.state_dict())
-            elif epoch - best_epoch >= cfg.patience:
-                log.info("no better validation score for %d epochs: stopping early", cfg.patience)
-                break
-    net.load_state_dict(best_state)
-    return Fitted(epoch, best_epoch, seen / max(seconds, 1e-9))
+        current = self.last["score"] if math.isfinite(self.last["score"]) else -math.inf
+        if current > self.best_score or self.best_epoch == 0:
+            self.best_score, self.best_epoch = current, epoch
+            self.best_state, self.best_validation = copy.deepcopy(self.run.net.state_dict()), validation
+        elif epoch - self.best_epoch >= self.run.cfg.patience:
+            log.info("%sno better validation score for %d epochs: stopping early", self.prefix, self.run.cfg.patience)
+            return True
+        return False
+
+    def finish(self) -> Fitted:
+        """Restore the best state; what fit returns."""
+        self.run.net.load_state_dict(self.best_state)
+        return Fitted(self.epoch, self.best_epoch, self.seen / max(self.seconds, 1e-9), self.best_validation)
+
+
+def trainable(net: SideNetwork) -> list[torch.nn.Parameter]:
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def make_optimizer(run: Run) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(trainable(run.net), lr=run.cfg.lr, weight_decay=run.cfg.weight_decay)
 
 
 def train_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, last: dict | None) -> tuple[float, int, float]:
     """One pass over train; returns (mean loss, examples, seconds)."""
-    net, reader = run.net, run.readers["train"]
-    net.train()
+    reader = run.readers["train"]
+    run.net.train()
     total_loss, n = 0.0, 0
     started = time.perf_counter()
-    with _EpochBar(run.cfg.progress, epoch, run.cfg.epochs, reader.n_examples, last) as advance:
+    with EpochBar(run.cfg.progress, epoch, run.cfg.epochs, reader.n_examples, last) as advance:
         for batch in reader.epoch(epoch - 1):
-            batch = batch_to(batch, run.device)
-            with torch.autocast(device_type=run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
-                logits = forward_batch(net, batch)
-            loss = net.loss(logits.float(), batch["label"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            loss = train_step(run, optimizer, batch_to(batch, run.device))
             b = len(batch["rows"])
-            total_loss, n = total_loss + loss.item() * b, n + b
+            total_loss, n = total_loss + loss * b, n + b
             advance(b, total_loss / n, n / (time.perf_counter() - started))
     return total_loss / max(n, 1), n, time.perf_counter() - started
+
+
+def train_step(run: Run, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
+    """One optimizer step on one batch already on the device; returns the batch's mean loss."""
+    net = run.net
+    with torch.autocast(device_type=run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
+        logits = forward_batch(net, batch)
+    loss = net.loss(logits.float(), batch["label"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,19 +448,31 @@ def evaluate(run: Run, split: str) -> Evaluation:
     return evaluate_split(run.net, run.readers[split], device=run.device, amp=run.amp)
 
 
-@torch.no_grad()
 def evaluate_split(net: SideNetwork, reader: SplitReader, *, device: torch.device | str = "cpu", amp: torch.dtype | None = None) -> Evaluation:
     """The network's outputs on a whole split, read in order without shuffling."""
+    return evaluate_many([net], reader, device=device, amp=amp)[0]
+
+
+@torch.no_grad()
+def evaluate_many(nets: list[SideNetwork], reader: SplitReader, *, device: torch.device | str = "cpu", amp: torch.dtype | None = None) -> list[Evaluation]:
+    """Every network's outputs on a whole split, each batch read and decoded once for all of them."""
     device = torch.device(device)
-    net.eval()
-    logits, labels = [], []
+    for net in nets:
+        net.eval()
+    logits: list[list[torch.Tensor]] = [[] for _ in nets]
+    labels = []
     for batch in reader.epoch(0):
         batch = batch_to(batch, device)
-        with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            logits.append(forward_batch(net, batch).float().cpu())
+        for net, out in zip(nets, logits):
+            with torch.autocast(device_type=device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                out.append(forward_batch(net, batch).float().cpu())
         labels.append(batch["label"].cpu())
-    out = torch.cat(logits)
-    return Evaluation(out.numpy(), net.predictions(out).numpy(), torch.cat(labels).numpy())
+    label_array = torch.cat(labels).numpy()
+    evaluations = []
+    for net, out in zip(nets, logits):
+        joined = torch.cat(out)
+        evaluations.append(Evaluation(joined.numpy(), net.predictions(joined).numpy(), label_array))
+    return evaluations
 
 
 # --------------------------------------------------------------------------------------------------
@@ -408,7 +491,7 @@ def load_run(run_dir: str | Path) -> tuple[SideNetwork, dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
+def torch_threads(threads: int | None) -> Iterator[None]:
     """Use `threads` CPU threads inside the block, and give the caller its own setting back after."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads or training_threads())
@@ -418,13 +501,13 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _write_json(path: Path, value: dict[str, Any]) -> None:
+def write_json(path: Path, value: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(value, indent=2) + "\n")
     tmp.replace(path)
 
 
-class _EpochBar:
+class EpochBar:
     """A rich progress bar for one epoch with loss, last validation score and examples/s (or nothing)."""
 
     def __init__(self, enabled: bool, epoch: int, epochs: int, total: int, last: dict | None):

@@ -1,0 +1,480 @@
+"""Many side networks per pass: a grid of (RNN, size, learning rate, head) trained from one read of the cache.
+
+    read-cache sweep --cache caches/t5-small/sst2 --rnn gru/256,gru/128,lstm/128 --lr 3e-4,1e-3 --epochs 5 --out sweeps/sst2
+    read-cache sweep --rnn gru/256,gru/128,lstm/128 --trials 32 --lr-range 1e-6:3e-3 --search halving --out sweeps/search
+
+The paper chose READ's RNN, size and learning rate by a search, each trial paying for the backbone again.
+From a cache, trials share everything but the side network. `sweep(SweepConfig(...))` builds every
+configuration's network exactly as `read-cache train` does (seeded right before it is built), then reads
+and decodes each training batch once per epoch and steps every network still training on it, and reads
+validation once per epoch (and test once) for all of them. Each network keeps its own AdamW, early
+stopping and best state (`train.EarlyStopping`), so its scores equal those of a lone `read-cache train`
+with the same flags and seed; networks that stop leave the pass. The selection is the paper's: the best
+validation score wins, and its test score is the one to report.
+
+    DIR/
+      runs/NN-<rnn><dim>-<head>-lr<lr>/   one run folder per configuration, as `read-cache train` writes it
+      sweep.png                           validation curves
+      sweep.json                          every configuration's scores, sizes and epochs, and `best` (written last)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+import torch
+
+from read_cache.device import autocast_dtype, pick_device, training_threads
+from read_cache.energy import Meter
+from read_cache.errors import ReadCacheError
+from read_cache.reader import batch_to
+from read_cache.side_network import RNNKind
+from read_cache.train import (
+    EarlyStopping,
+    EpochBar,
+    Evaluation,
+    Fitted,
+    Run,
+    TrainConfig,
+    build_network,
+    claim_run_dir,
+    evaluate_many,
+    make_optimizer,
+    make_readers,
+    open_task_cache,
+    save_run,
+    side_network_config,
+    summarize,
+    torch_threads,
+    train_step,
+    trainable,
+    write_json,
+    write_run_config,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT = "sweep.json"
+CHART = "sweep.png"
+RUNS = "runs"
+DEFAULT_DIM = 256
+DEFAULT_LR = 1e-3
+EXAMPLES = {"--rnn": "gru,lstm", "--dim": "128,256", "--lr": "1e-4,3e-4,1e-3", "--head": "lm,linear"}
+T = TypeVar("T")
+
+
+class Search(str, Enum):
+    GRID = "grid"
+    """Every configuration trains to --epochs or to its own early stop."""
+    HALVING = "halving"
+    """Successive halving: after epochs 1, eta, eta^2, ... only the best 1/eta of those still training go on."""
+
+
+class Trial(NamedTuple):
+    """One configuration of the sweep."""
+
+    rnn: str
+    dim: int
+    lr: float
+    head: str | None
+    """None: the task's default head (lm for T5 classification, else linear)."""
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """Everything `read-cache sweep` takes."""
+
+    out: Path
+    """Sweep folder: sweep.json, sweep.png, and a run folder per configuration under runs/."""
+    rnn: tuple[str, ...] = ("gru",)
+    """RNN kinds: gru, lstm, rnn, none; an entry 'gru/256' brings its own size instead of crossing --dim."""
+    dim: tuple[int, ...] | None = None
+    """Sizes crossed with the plain --rnn entries; None: 256."""
+    lr: tuple[float, ...] | None = None
+    """Learning rates crossed with every architecture; None: 1e-3, or the --trials draws."""
+    head: tuple[str | None, ...] = (None,)
+    """Heads: lm, linear; None: the task's default."""
+    trials: int | None = None
+    """Draw this many learning rates log-uniformly over lr_range, one per trial, architectures taken in turn."""
+    lr_range: tuple[float, float] = (1e-6, 3e-3)
+    """(low, high) of the --trials draws; the paper's range by default."""
+    search: str = Search.GRID.value
+    """'grid' or 'halving' (see `Search`)."""
+    eta: int = 3
+    """Successive halving's reduction factor."""
+    overwrite: bool = False
+    """Replace the sweep's files in an existing --out (each run folder's own files only)."""
+    shared: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """What every configuration shares: cache, epochs, patience, batch size, seed, reader, device, threads...
+    Its rnn, dim, lr, head, out and overwrite are set per configuration."""
+
+    def validate(self) -> None:
+        for flag, values in (("--rnn", self.rnn), ("--dim", self.dim), ("--lr", self.lr), ("--head", self.head)):
+            if values is not None and len(values) == 0:
+                raise ReadCacheError(f"{flag} is empty, so the grid has no configuration; pass a comma-separated list, e.g. {flag} {EXAMPLES[flag]}")
+        if self.trials is not None:
+            if self.lr is not None:
+                raise ReadCacheError("pass either --lr (learning rates to try) or --trials (draws over --lr-range), not both")
+            if self.trials <= 0:
+                raise ReadCacheError(f"--trials {self.trials} must be at least 1")
+        low, high = self.lr_range
+        if not (0 < low < high and math.isfinite(high)):
+            raise ReadCacheError(f"--lr-range {low:g}:{high:g} must be LOW:HIGH with 0 < LOW < HIGH (the paper's is 1e-6:3e-3)")
+        if self.search not in [s.value for s in Search]:
+            raise ReadCacheError(f"--search {self.search!r} is not one of {', '.join(s.value for s in Search)}")
+        if self.eta < 2:
+            raise ReadCacheError(f"--eta {self.eta} must be at least 2 (successive halving keeps the best 1/eta)")
+        if self.dim is not None and all("/" in entry for entry in self.rnn):
+            raise ReadCacheError("--dim crosses the plain --rnn entries, and every entry here brings its own size (e.g. gru/256); drop --dim or the /size")
+
+    def architectures(self) -> list[tuple[str, int]]:
+        """(rnn, dim) pairs, in the order given: 'gru/256' as it is, plain entries crossed with --dim."""
+        dims = self.dim or (DEFAULT_DIM,)
+        pairs: list[tuple[str, int]] = []
+        for entry in self.rnn:
+            kind, paired, size = (part.strip() for part in entry.partition("/"))
+            if paired:
+                pairs.append((kind, _size(entry, size)))
+            elif kind == RNNKind.NONE:
+                pairs.append((kind, dims[0]))  # no RNN: its size means nothing, so one configuration
+            else:
+                pairs.extend((kind, d) for d in dims)
+        return list(dict.fromkeys(pairs))
+
+    def configurations(self) -> list[Trial]:
+        """The grid (architectures x heads x learning rates), or --trials draws with architectures taken in turn."""
+        combos = [(rnn, dim, head) for rnn, dim in self.architectures() for head in self.head]
+        if self.trials is None:
+            return [Trial(rnn, dim, lr, head) for rnn, dim, head in combos for lr in self.lr or (DEFAULT_LR,)]
+        trials = []
+        for i, lr in enumerate(self.draw_learning_rates()):
+            rnn, dim, head = combos[i % len(combos)]
+            trials.append(Trial(rnn, dim, lr, head))
+        return trials
+
+    def draw_learning_rates(self) -> list[float]:
+        """--trials learning rates, log-uniform over --lr-range, seeded by --seed (more trials extend the same draws)."""
+        low, high = self.lr_range
+        rng = np.random.default_rng(self.shared.seed)
+        return [float(x) for x in np.exp(rng.uniform(math.log(low), math.log(high), self.trials or 0))]
+
+    def train_config(self, trial: Trial) -> TrainConfig:
+        """The TrainConfig that, given to `read-cache train` alone, trains the same network."""
+        return dataclasses.replace(self.shared, rnn=trial.rnn, dim=trial.dim, lr=trial.lr, head=trial.head, out=None, overwrite=self.overwrite)
+
+
+def _size(entry: str, size: str) -> int:
+    try:
+        value = int(size)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ReadCacheError(f"--rnn entry {entry!r} needs a positive size after the '/', e.g. gru/256")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags -> values (the CLI's parsing, kept here so its errors name the flag)
+
+
+def parse_list(flag: str, text: str, kind: Callable[[str], T]) -> tuple[T, ...]:
+    """'128,256' -> (128, 256); an empty or malformed list is a one-line error naming the flag."""
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        return ()
+    if not all(items):
+        raise ReadCacheError(f"{flag} {text!r} has an empty entry; pass a comma-separated list, e.g. {flag} {EXAMPLES[flag]}")
+    try:
+        return tuple(kind(item) for item in items)
+    except ValueError:
+        what = {"int": "whole numbers", "float": "numbers"}.get(getattr(kind, "__name__", ""), "values")
+        raise ReadCacheError(f"{flag} {text!r} is not a comma-separated list of {what}, e.g. {flag} {EXAMPLES[flag]}") from None
+
+
+def parse_range(flag: str, text: str) -> tuple[float, float]:
+    """'1e-6:3e-3' -> (1e-6, 3e-3); anything else is a one-line error naming the flag."""
+    low, colon, high = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return float(low), float(high)
+    except ValueError:
+        raise ReadCacheError(f"{flag} {text!r} is not LOW:HIGH, e.g. {flag} 1e-6:3e-3") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# The verb
+
+
+@dataclasses.dataclass
+class Member:
+    """One configuration in the pass: a Run sharing the cache and readers, its optimizer and bookkeeping."""
+
+    name: str
+    run: Run
+    stopping: EarlyStopping
+    optimizer: torch.optim.Optimizer | None
+    ended: str | None = None
+    """Why it left the pass: 'early stop', 'halved', 'last epoch' or 'nothing to train'; None while training."""
+
+
+def sweep(cfg: SweepConfig) -> dict[str, Any]:
+    """Train every configuration from one read of the cache, write each run folder and sweep.json; returns the report."""
+    started = time.perf_counter()
+    with torch_threads(cfg.shared.threads):
+        members = setup(cfg)
+        with Meter() as meter:
+            timeline = fit_all(members, cfg)
+        fitted = [member.stopping.finish() for member in members]  # each network back at its best epoch
+        scoring = time.perf_counter()
+        validations, tests = score_all(members, fitted)
+        timeline.append({"epoch": None, "configurations": len(members), "test_seconds": time.perf_counter() - scoring})
+    wall, reading = time.perf_counter() - started, meter.reading.to_dict()
+    entries = []
+    for member, result, validation, test in zip(members, fitted, validations, tests):
+        summary = summarize(member.run, result, validation, test, wall_seconds=wall, meter=reading)
+        save_run(member.run, summary)
+        entries.append(_entry(member, summary))
+    report = _report(cfg, members, entries, wall, reading, timeline)
+    out = Path(cfg.out)
+    chart(report, out / CHART)
+    write_json(out / REPORT, report)
+    best = report["best"]
+    log.info(
+        "selected %s: validation %s %.4f, test %.4f; %d configurations, %d epochs in %.1f s; wrote %s",
+        best["name"], best["validation"]["metric"], best["validation"]["score"], best["test"]["score"],
+        len(entries), report["epochs_trained"], wall, out / REPORT,
+    )
+    return report
+
+
+def setup(cfg: SweepConfig) -> list[Member]:
+    """Validate every configuration first, then open the cache once, claim --out, and build every network."""
+    cfg.validate()
+    configs = [cfg.train_config(trial) for trial in cfg.configurations()]
+    for config in configs:
+        config.validate()
+    cache, task = open_task_cache(cfg.shared)
+    device = pick_device(cfg.shared.device)
+    amp = autocast_dtype(device, cfg.shared.dtype)
+    unique = {}
+    for config in configs:  # refuses a head the task cannot use, before anything is written
+        net_cfg = side_network_config(config, cache, task)
+        unique.setdefault((config.rnn, config.dim, config.lr, net_cfg.head), (config, net_cfg))
+    readers = make_readers(cfg.shared, cache)
+    out = claim_sweep_dir(cfg)
+    width = len(str(len(unique) - 1))
+    members = []
+    for i, (config, net_cfg) in enumerate(unique.values()):
+        size = "" if config.rnn == RNNKind.NONE else str(config.dim)
+        name = f"{i:0{width}d}-{config.rnn}{size}-{net_cfg.head}-lr{config.lr:.3g}"
+        config = dataclasses.replace(config, out=out / RUNS / name)
+        run_dir = claim_run_dir(config, task.name, net_cfg)
+        write_run_config(run_dir, config, net_cfg, cache)
+        run = Run(config, cache, task, build_network(config, net_cfg, cache, device), readers, device, amp, run_dir)
+        members.append(Member(name, run, EarlyStopping(run, name), make_optimizer(run) if trainable(run.net) else None))
+    log.info(
+        "sweep of %d configurations (%s) on %s (%s): readers %s; %s",
+        len(members), cfg.search, cache.path, task.name, ", ".join(f"{s} {r.mode}" for s, r in readers.items()),
+        f"{device} {'bf16' if amp else 'fp32'}",
+    )
+    return members
+
+
+def claim_sweep_dir(cfg: SweepConfig) -> Path:
+    """Refuse a non-empty --out unless --overwrite (which replaces only the sweep's own files)."""
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ReadCacheError(f"--out {out} is a file; choose a folder for the sweep")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
+        for name in (REPORT, CHART):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# The pass
+
+
+def fit_all(members: list[Member], cfg: SweepConfig) -> list[dict[str, Any]]:
+    """Epochs of the shared pass: train every active network, validate them together, retire the stopped.
+
+    Returns where each epoch's time went: the pass over train (and within it the networks' own steps) and validation.
+    """
+    shared, rungs, timeline = cfg.shared, halving_rungs(cfg), []
+    for member in members:
+        if member.optimizer is None:
+            member.ended = "nothing to train"
+    for epoch in range(1, shared.epochs + 1):
+        active = [m for m in members if m.ended is None]
+        if not active:
+            break
+        started = time.perf_counter()
+        results = train_epoch_many(active, epoch, shared)
+        trained = time.perf_counter()
+        first = active[0].run
+        validations = evaluate_many([m.run.net for m in active], first.readers["validation"], device=first.device, amp=first.amp)
+        timeline.append({
+            "epoch": epoch, "configurations": len(active), "train_seconds": trained - started,
+            "step_seconds": sum(secs for _, _, secs in results), "validation_seconds": time.perf_counter() - trained,
+        })
+        for member, (loss, n, secs), validation in zip(active, results, validations):
+            if member.stopping.update(epoch, loss, n, secs, validation):
+                member.ended = "early stop"
+            elif epoch == shared.epochs:
+                member.ended = "last epoch"
+        if epoch in rungs:
+            halve(members, epoch, cfg.eta)
+        left = sum(m.ended is None for m in members)
+        log.info(
+            "epoch %d: %d configurations trained in %.1f s (their steps %.1f s), validated in %.1f s; %d go on",
+            epoch, len(active), timeline[-1]["train_seconds"], timeline[-1]["step_seconds"], timeline[-1]["validation_seconds"], left,
+        )
+    return timeline
+
+
+def train_epoch_many(active: list[Member], epoch: int, shared: TrainConfig) -> list[tuple[float, int, float]]:
+    """One pass over train, each batch read and decoded once and stepped through every active network.
+
+    Returns, per network, what `train.train_epoch` returns for one: (mean loss, examples, seconds), the
+    seconds being its own steps'.
+    """
+    first = active[0].run
+    reader = first.readers["train"]
+    for member in active:
+        member.run.net.train()
+    losses, seconds, n = [0.0] * len(active), [0.0] * len(active), 0
+    started = time.perf_counter()
+    best = max((m.stopping.last for m in active if m.stopping.last), key=lambda s: s["score"], default=None)
+    with EpochBar(shared.progress, epoch, shared.epochs, reader.n_examples, best) as advance:
+        for batch in reader.epoch(epoch - 1):
+            batch = batch_to(batch, first.device)
+            b = len(batch["rows"])
+            for i, member in enumerate(active):
+                step_started = time.perf_counter()
+                losses[i] = losses[i] + train_step(member.run, member.optimizer, batch) * b
+                seconds[i] += time.perf_counter() - step_started
+            n += b
+            advance(b, sum(losses) / len(active) / n, n / (time.perf_counter() - started))
+    return [(loss / max(n, 1), n, secs) for loss, secs in zip(losses, seconds)]
+
+
+def halving_rungs(cfg: SweepConfig) -> set[int]:
+    """Epochs after which successive halving culls: 1, eta, eta^2, ... before the last epoch."""
+    if cfg.search != Search.HALVING:
+        return set()
+    rungs, epoch = set(), 1
+    while epoch < cfg.shared.epochs:
+        rungs.add(epoch)
+        epoch *= cfg.eta
+    return rungs
+
+
+def halve(members: list[Member], epoch: int, eta: int) -> None:
+    """Of the configurations still training, only the best 1/eta by validation so far go on."""
+    alive = [m for m in members if m.ended is None]
+    keep = math.ceil(len(alive) / eta)
+    ranked = sorted(alive, key=lambda m: -m.stopping.best_score)  # stable: ties keep the grid's order
+    for member in ranked[keep:]:
+        member.ended = "halved"
+    if alive:
+        log.info("epoch %d: successive halving keeps %d of %d: %s", epoch, keep, len(alive), ", ".join(m.name for m in ranked[:keep]))
+
+
+def score_all(members: list[Member], fitted: list[Fitted]) -> tuple[list[Evaluation], list[Evaluation]]:
+    """Validation outputs (kept from each best epoch) and test outputs of the restored networks, test read once."""
+    first = members[0].run
+    validations: list[Evaluation | None] = [f.validation for f in fitted]
+    missing = [i for i, v in enumerate(validations) if v is None]  # nothing trained: scored as it is
+    if missing:
+        extra = evaluate_many([members[i].run.net for i in missing], first.readers["validation"], device=first.device, amp=first.amp)
+        for i, evaluation in zip(missing, extra):
+            validations[i] = evaluation
+    tests = evaluate_many([m.run.net for m in members], first.readers["test"], device=first.device, amp=first.amp)
+    return validations, tests  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+def _entry(member: Member, summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("rnn", "dim", "lr", "head", "validation", "test", "trainable_parameters", "epochs_run", "best_epoch", "run_dir")
+    curve = [record["validation"]["score"] for record in member.stopping.history]
+    return {"name": member.name, **{k: summary[k] for k in keys}, "ended": member.ended, "validation_curve": curve}
+
+
+def select(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """The paper's selection: the highest validation score (NaN counts as the worst; ties go to the first)."""
+    return max(entries, key=lambda e: e["validation"]["score"] if math.isfinite(e["validation"]["score"]) else -math.inf)
+
+
+def ranked(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The configurations, best validation score first."""
+    return sorted(report["configs"], key=lambda e: -e["validation"]["score"] if math.isfinite(e["validation"]["score"]) else math.inf)
+
+
+def _report(
+    cfg: SweepConfig, members: list[Member], entries: list[dict[str, Any]], wall: float, meter: dict[str, Any], timeline: list[dict[str, Any]]
+) -> dict[str, Any]:
+    run, shared = members[0].run, cfg.shared
+    return {
+        "task": run.task.name,
+        "cache": str(run.cache.path.resolve()),
+        "model": run.cache.model,
+        "search": cfg.search,
+        "eta": cfg.eta if cfg.search == Search.HALVING else None,
+        "trials": cfg.trials,
+        "lr_range": list(cfg.lr_range) if cfg.trials else None,
+        "epochs": shared.epochs,
+        "patience": shared.patience,
+        "batch_size": shared.batch_size,
+        "seed": shared.seed,
+        "configurations": len(entries),
+        "epochs_trained": sum(e["epochs_run"] for e in entries),
+        "wall_seconds": wall,
+        "device": str(run.device),
+        "threads": shared.threads or training_threads(),
+        "reader": {s: r.mode for s, r in run.readers.items()},
+        "meter": meter,
+        "timeline": timeline,
+        "configs": entries,
+        "best": select(entries),
+    }
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    """sweep.png: every configuration's validation score per epoch, the selected one drawn thick."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    best = report["best"]["name"]
+    for entry in report["configs"]:
+        curve = entry["validation_curve"]
+        if not curve:
+            continue
+        chosen = entry["name"] == best
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", markersize=3, linewidth=2.5 if chosen else 1, alpha=1 if chosen else 0.7, label=entry["name"] + (" (selected)" if chosen else ""))
+    metric = report["best"]["validation"]["metric"]
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"validation {metric}")
+    ax.set_title(f"{report['task']}: {report['configurations']} configurations ({report['search']}), selected {best}")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize="small" if len(report["configs"]) <= 12 else "x-small", ncol=1 + len(report["configs"]) // 16, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
