@@ -125,8 +125,8 @@ class Tokenized:
     truncated: int
     type_ids: list[list[int]] | None = None
     """Segment ids per token where the tokenizer makes them (BERT pairs: 0 for the first text, 1 for the second).
-    Not stored: they follow from input_ids (segment 1 starts after the first separator), and rebuilding
-    them here keeps the cache's arrays the same for every backbone."""
+    The model must get them; the cache need not keep them: they follow from input_ids (segment 1 starts
+    after the first separator), and `predict` remakes them from the text with the same tokenizer."""
 
     @property
     def offsets(self) -> np.ndarray:

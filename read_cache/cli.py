@@ -31,6 +31,8 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 
+METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "online", "full")  # read_cache.bench.METHODS
+
 # Options shared by several commands.
 CacheArg = Annotated[Optional[Path], typer.Option("--cache", help="Cache folder; default: the last one built.")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars (logs stay).")]
@@ -231,7 +233,7 @@ def bench(
     lr: Annotated[float, typer.Option(help="Side network learning rate.")] = 1e-3,
     full_lr: Annotated[float, typer.Option(help="Full fine-tuning learning rate.")] = 1e-4,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: CUDA when present.")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated subset of forward,build,cached_store,cached_ram,online,full.")] = ",".join(("forward", "build", "cached_store", "cached_ram", "online", "full")),
+    methods: Annotated[str, typer.Option(help="Comma-separated subset of the methods (default all); others are kept from an earlier run in --out.")] = ",".join(METHODS),
 ) -> None:
     """Cached READ against online READ and full fine-tuning: time, energy, memory, and the ratios."""
     from read_cache.bench import BenchConfig, run_bench

@@ -25,7 +25,8 @@ def describe(cache: Cache) -> dict[str, Any]:
             "shapes": {key: list(split.array(key).shape) for key in sorted(split.array_names())},
             "raw_bytes": raw,
             "disk_bytes": disk,
-            "compression_ratio": raw / disk if disk else None,
+            # Only a finished split has all its chunks on disk to compare with the raw size.
+            "compression_ratio": raw / disk if disk and status.get("complete") else None,
         }
     return {
         "path": str(cache.path),

@@ -37,8 +37,10 @@ T = TypeVar("T")
 
 BLOCK_BYTES = 8 << 20
 """Target raw size of one read: a few chunks, so decoding a chunk twice at block edges costs little."""
-SHUFFLE_BYTES = 256 << 20
-"""Target raw size of the shuffle window (blocks whose examples are mixed together)."""
+SHUFFLE_BYTES = 64 << 20
+"""Target raw size of the shuffle window (blocks whose examples are mixed together). It bounds the
+streaming reader's memory (about twice this while a window is assembled) whatever the store's size;
+the block order is shuffled across the whole split as well, so examples still mix split-wide."""
 PREFETCH_BATCHES = 4
 READER_MODES = ("auto", "ram", "stream")
 
@@ -211,9 +213,12 @@ class SplitReader:
     # --- streaming: one window of blocks (plus < one batch carried over) in memory --------------------
     def _stream_batches(self, windows: list[Window]) -> Iterator[Batch]:
         carry: Pool | None = None
+        pool: Pool | None = None
         for window in windows:
+            pool = None  # let the last window go before the next is read: one window in memory at a time
             blocks = [Pool.from_block(self.split.read_block(*self.bounds[b])) for b in window.blocks]
             pool = Pool.concat(([carry] if carry is not None else []) + blocks)
+            del blocks  # the concatenated copy is all this window needs
             pending = np.concatenate([carry.rows, window.order]) if carry is not None else window.order
             positions = _positions(pool.rows, pending)
             full = len(positions) // self.batch_size * self.batch_size

@@ -25,6 +25,7 @@ def test_bench_reports_every_figure(tiny_t5: Path, glue_dir: Path, tmp_path: Pat
     for name in RATIOS:
         assert on_disk["ratios"][name] > 0, name
     assert set(on_disk["methods"]) == set(METHODS)
+    assert on_disk["methods"]["interleaved"]["epochs_each"] > 0
     for name, result in on_disk["methods"].items():
         meter = result["meter"]
         assert meter["wall_seconds"] > 0 and meter["cpu_seconds"] > 0 and meter["peak_rss_bytes"] > 0, name
@@ -51,3 +52,9 @@ def test_bench_refuses_bad_options(tmp_path: Path) -> None:
         BenchConfig(model="m", task="sst2", out=tmp_path, epochs=2, slow_epochs=3).validate()
     with pytest.raises(ReadCacheError, match="unknown method"):
         BenchConfig(model="m", task="sst2", out=tmp_path, methods=("warp",)).validate()
+
+
+def test_cli_lists_the_same_methods() -> None:
+    from read_cache import cli
+
+    assert cli.METHODS == METHODS

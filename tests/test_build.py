@@ -402,3 +402,13 @@ def test_bad_input_gives_one_line_error(case: str, expected: str, built: Path, t
     if case == "newer_format":
         code, output = cli("inspect", str(out))
         assert code == 2 and "newer" in output
+
+
+def test_long_inputs_are_truncated_and_counted(tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
+    report = build_cache(config(tiny_t5, glue_dir, tmp_path / "c", max_length=8, limit=20))
+    cache = read_cache.open_cache(tmp_path / "c")
+    for split in report.splits:
+        lengths = np.diff(cache[split.split].offsets)
+        assert lengths.max() <= 8
+        assert split.truncated == cache.split_status(split.split)["truncated"] > 0
+    assert cache["train"][0].input_ids[-1] == 1  # truncation keeps the closing </s>
