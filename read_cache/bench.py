@@ -23,6 +23,7 @@ from typing import Any
 
 from read_cache.energy import Meter
 from read_cache.errors import ReadCacheError
+from read_cache.store import read_root_attrs
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,9 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
         results[method] = json.loads((cfg.out / f"{method}.json").read_text())
         log.info("bench: %s done in %.1f s", method, results[method]["meter"]["wall_seconds"])
     report = {"config": json.loads(spec.read_text()), "methods": results, "ratios": ratios(results, cfg.epochs)}
-    report["gpu_prediction"] = gpu_prediction(results, cfg.epochs)
+    attrs = read_root_attrs(cfg.out / "cache") or {}
+    sizes = {split: status["n_examples"] for split, status in attrs.get("splits", {}).items()} or None
+    report["gpu_prediction"] = gpu_prediction(results, cfg.epochs, sizes)
     (cfg.out / "bench.json").write_text(json.dumps(report, indent=2))
     (cfg.out / "bench.md").write_text(markdown(report))
     chart(report, cfg.out / "bench.png")
@@ -125,7 +128,7 @@ def ratios(results: dict[str, Any], epochs: int) -> dict[str, float | None]:
     return out
 
 
-def gpu_prediction(results: dict[str, Any], epochs: int) -> dict[str, Any] | None:
+def gpu_prediction(results: dict[str, Any], epochs: int, split_sizes: dict[str, int] | None) -> dict[str, Any] | None:
     """What the same measurement predicts where compute, not the host, sets the pace (a GPU).
 
     Assumptions, stated in the output: the backbone's forward and the side network's steps speed up by
@@ -133,11 +136,13 @@ def gpu_prediction(results: dict[str, Any], epochs: int) -> dict[str, Any] | Non
     fast as the GPU consumes it (the prefetching reader hides it), and online READ pays one backbone
     forward per example per epoch on top of the same side-network step.
     """
-    if not {"forward", "cached_ram", "online"} <= results.keys():
+    if not {"forward", "cached_ram", "online"} <= results.keys() or split_sizes is None:
         return None
     forward = results["forward"]["compute_seconds"]  # one backbone pass over every split
     side = results["cached_ram"]["epoch_seconds"]  # one cached epoch, compute-bound (RAM)
-    online_epoch = forward + side
+    # Online READ runs the backbone over train (to train) and validation (to early-stop) every epoch.
+    online_forward = forward * (split_sizes["train"] + split_sizes["validation"]) / sum(split_sizes.values())
+    online_epoch = online_forward + side
     ratio = (epochs * online_epoch) / (forward + epochs * side)
     return {
         "online_over_cached_total": ratio,
@@ -146,7 +151,7 @@ def gpu_prediction(results: dict[str, Any], epochs: int) -> dict[str, Any] | Non
             "reading the store keeps up with the GPU (prefetch hides it), so a cached epoch costs its compute",
             "online READ runs one backbone forward per example per epoch plus the same side-network step",
         ],
-        "inputs": {"forward_seconds": forward, "cached_epoch_seconds": side, "epochs": epochs},
+        "inputs": {"forward_seconds": forward, "online_forward_seconds": online_forward, "cached_epoch_seconds": side, "epochs": epochs},
     }
 
 

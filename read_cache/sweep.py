@@ -338,7 +338,7 @@ def fit_all(members: list[Member], cfg: SweepConfig) -> list[dict[str, Any]]:
             halve(members, epoch, cfg.eta)
         left = sum(m.ended is None for m in members)
         log.info(
-            "epoch %d: %d configurations trained in %.1f s (their steps %.1f s), validated in %.1f s; %d go on",
+            "epoch %d: trained %d in %.1f s (their steps %.1f s), validated them in %.1f s; %d go on",
             epoch, len(active), timeline[-1]["train_seconds"], timeline[-1]["step_seconds"], timeline[-1]["validation_seconds"], left,
         )
     return timeline
