@@ -36,6 +36,13 @@ METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "onl
 # Options shared by several commands.
 CacheArg = Annotated[Optional[Path], typer.Option("--cache", help="Cache folder; default: the last one built.")]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars (logs stay).")]
+WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Examples per step (the paper: 96).")]
+Reader = Annotated[str, typer.Option("--reader", help="auto (RAM where it fits --memory-budget), ram, or stream.")]
+MemoryBudget = Annotated[float, typer.Option("--memory-budget", help="GB of RAM the decoded splits may take.")]
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N; default: CUDA when present.")]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="bf16 or fp32 autocast; default: bf16 where it pays.")]
+Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch; default: all cores but one (one feeds the reader).")]
 
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
@@ -118,18 +125,18 @@ def train(
     head: Annotated[Optional[str], typer.Option(help="lm (frozen LM head over the label words) or linear; default: lm for T5 classification, else linear.")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Encoder-only caches: mean or first token; default: the model family's way, as the cache records it.")] = None,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    batch_size: Annotated[int, typer.Option(help="Examples per step (the paper: 96).")] = 96,
+    weight_decay: WeightDecay = 0.0,
+    batch_size: BatchSize = 96,
     epochs: Annotated[int, typer.Option(help="Most epochs (the paper: 30).")] = 30,
     patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation score.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling (a CPU run repeats exactly).")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Run folder; default: ./runs/<task>-<rnn><dim>-<head>-<time>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the run files in an existing --out.")] = False,
-    reader: Annotated[str, typer.Option(help="auto (RAM where it fits --memory-budget), ram, or stream.")] = "auto",
-    memory_budget: Annotated[float, typer.Option(help="GB of RAM the decoded splits may take.")] = 2.0,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: CUDA when present.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16 or fp32 autocast; default: bf16 where it pays.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch; default: all cores but one (one feeds the reader).")] = None,
+    reader: Reader = "auto",
+    memory_budget: MemoryBudget = 2.0,
+    device: Device = None,
+    dtype: Dtype = None,
+    threads: Threads = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Stage two: train READ's side network and a head from a cache; the backbone is never loaded."""
@@ -261,17 +268,17 @@ def sweep(
     search: Annotated[str, typer.Option(help="grid (each to --epochs or its early stop) or halving (after epochs 1, eta, eta^2... keep the best 1/eta).")] = "grid",
     eta: Annotated[int, typer.Option(help="Successive halving's reduction factor.")] = 3,
     pooling: Annotated[str, typer.Option(help="Encoder-only caches: mean or first token.")] = "mean",
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    batch_size: Annotated[int, typer.Option(help="Examples per step (the paper: 96).")] = 96,
+    weight_decay: WeightDecay = 0.0,
+    batch_size: BatchSize = 96,
     epochs: Annotated[int, typer.Option(help="Most epochs per configuration (the paper: 30).")] = 30,
     patience: Annotated[int, typer.Option(help="A configuration stops after this many epochs without a better validation score.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed for every configuration's initialisation, the shuffling and the --trials draws.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace the sweep's files in an existing --out.")] = False,
-    reader: Annotated[str, typer.Option(help="auto (RAM where it fits --memory-budget), ram, or stream.")] = "auto",
-    memory_budget: Annotated[float, typer.Option(help="GB of RAM the decoded splits may take.")] = 2.0,
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:N; default: CUDA when present.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="bf16 or fp32 autocast; default: bf16 where it pays.")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="CPU threads for torch; default: all cores but one (one feeds the reader).")] = None,
+    reader: Reader = "auto",
+    memory_budget: MemoryBudget = 2.0,
+    device: Device = None,
+    dtype: Dtype = None,
+    threads: Threads = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Train many side networks from one read of the cache; select by validation, report that run's test score."""

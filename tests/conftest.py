@@ -57,6 +57,23 @@ def make_tiny_t5(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def run_cli(*args: object) -> tuple[int, str, str]:
+    """Run `read-cache ARGS` in-process: exit code, stdout, and everything the user sees."""
+    from typer.testing import CliRunner
+
+    from read_cache.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.output
+
+
+def one_error(output: str) -> str:
+    """The single `error:` line a bad input must produce."""
+    lines = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, output
+    return lines[0]
+
+
 def sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 

@@ -7,25 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from read_cache.build import BuildConfig, build_cache
-from read_cache.cli import app
 
-from conftest import make_tiny_t5
+from conftest import make_tiny_t5, one_error, run_cli
 
-runner = CliRunner()
-
-
-def run_cli(*args: str) -> tuple[int, str, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.output
-
-
-def one_error(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, output
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

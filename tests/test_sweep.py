@@ -10,16 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from read_cache import reader as reader_module
 from read_cache.build import BuildConfig, build_cache
-from read_cache.cli import app
 from read_cache.store import open_cache
 from read_cache.sweep import SweepConfig, Trial, parse_list, parse_range, sweep
 from read_cache.train import ARTIFACTS, TrainConfig, load_run, train
 
-runner = CliRunner()
+from conftest import one_error, run_cli
 
 
 def build(model: Path, task: str, data_dir: Path, out: Path, **options) -> Path:
@@ -167,17 +165,6 @@ def test_successive_halving_trains_fewer_epochs(sst2_cache: Path, tmp_path: Path
 
 # --------------------------------------------------------------------------------------------------
 # The command line
-
-
-def run_cli(*args: object) -> tuple[int, str, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.stdout, result.output
-
-
-def one_error(output: str) -> str:
-    lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, output
-    return lines[0]
 
 
 def test_the_command_prints_a_ranked_table(sst2_cache: Path, tmp_path: Path) -> None:
