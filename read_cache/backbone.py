@@ -224,12 +224,15 @@ def suggested_pooling(model: str, revision: str | None = None) -> str:
     A sentence-transformers checkpoint says so with modules.json / 1_Pooling/config.json; the latter
     names the mode (mean or CLS token). A plain BERT-style checkpoint is a classifier: its first token.
     """
-    found = {name: _model_file(model, name, revision) for name in SENTENCE_TRANSFORMERS_FILES}
-    pooling_config = found["1_Pooling/config.json"]
+    # modules.json first: for a hub id every lookup is a request, and a plain BERT needs only this one.
+    local_markers = any((Path(model) / name).exists() for name in (*SENTENCE_TRANSFORMERS_FILES, "1_Pooling"))
+    if _model_file(model, "modules.json", revision) is None and not local_markers:
+        return "first"
+    pooling_config = _model_file(model, "1_Pooling/config.json", revision)
     if pooling_config is not None:
         modes = json.loads(Path(pooling_config).read_text())
         return "first" if modes.get("pooling_mode_cls_token") and not modes.get("pooling_mode_mean_tokens") else "mean"
-    return "mean" if any(found.values()) else "first"
+    return "mean"
 
 
 def _model_file(model: str, name: str, revision: str | None) -> str | None:

@@ -267,7 +267,7 @@ def sweep(
     lr_range: Annotated[str, typer.Option(help="LOW:HIGH for --trials (the paper: 1e-6:3e-3).")] = "1e-6:3e-3",
     search: Annotated[str, typer.Option(help="grid (each to --epochs or its early stop) or halving (after epochs 1, eta, eta^2... keep the best 1/eta).")] = "grid",
     eta: Annotated[int, typer.Option(help="Successive halving's reduction factor.")] = 3,
-    pooling: Annotated[str, typer.Option(help="Encoder-only caches: mean or first token.")] = "mean",
+    pooling: Annotated[Optional[str], typer.Option(help="Encoder-only caches: mean or first token; default: the model family's way, as the cache records it.")] = None,
     weight_decay: WeightDecay = 0.0,
     batch_size: BatchSize = 96,
     epochs: Annotated[int, typer.Option(help="Most epochs per configuration (the paper: 30).")] = 30,
