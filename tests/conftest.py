@@ -57,6 +57,16 @@ def make_tiny_t5(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def build_quietly(model: Path, task: str, data_dir: Path, out: Path, **options) -> Path:
+    """build_cache into `out` without touching the real 'last cache' pointer; returns `out`."""
+    from read_cache.build import BuildConfig, build_cache
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("READ_CACHE_HOME", str(out.parent / "home"))
+        build_cache(BuildConfig(model=str(model), task=task, data_dir=data_dir, out=out, progress=False, **options))
+    return out
+
+
 def run_cli(*args: object) -> tuple[int, str, str]:
     """Run `read-cache ARGS` in-process: exit code, stdout, and everything the user sees."""
     from typer.testing import CliRunner
@@ -115,6 +125,11 @@ def tiny_t5(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def glue_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_glue(tmp_path_factory.mktemp("glue"))
+
+
+@pytest.fixture(scope="session")
+def stsb_cache(tiny_t5: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_quietly(tiny_t5, "stsb", glue_dir, tmp_path_factory.mktemp("stsb") / "cache", limit=60)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED, WORDS, needs_shared
+from conftest import build_quietly, SHARED, WORDS, needs_shared
 from read_cache.backbone import suggested_pooling
 from read_cache.bench import METHODS, BenchConfig, run_bench
 from read_cache.build import BuildConfig, build_cache
@@ -60,13 +60,6 @@ def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def build(model: Path, task: str, data_dir: Path, out: Path, **options) -> Path:
-    with pytest.MonkeyPatch.context() as mp:  # keep the 'last cache' pointer out of the real home
-        mp.setenv("READ_CACHE_HOME", str(out.parent / "home"))
-        build_cache(BuildConfig(model=str(model), task=task, data_dir=data_dir, out=out, progress=False, **options))
-    return out
-
-
 def quick(cache: Path, out: Path, **changes) -> TrainConfig:
     return TrainConfig(**{**dict(cache=cache, out=out, dim=8, epochs=2, batch_size=16, lr=1e-2, progress=False, threads=1), **changes})
 
@@ -84,13 +77,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sst2_bert(tiny_bert: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tiny_bert, "sst2", glue_dir, tmp_path_factory.mktemp("bert-sst2") / "cache", limit=60)
+    return build_quietly(tiny_bert, "sst2", glue_dir, tmp_path_factory.mktemp("bert-sst2") / "cache", limit=60)
 
 
 @pytest.fixture(scope="session")
 def stsb_bert(tiny_bert: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Sentence pairs with small batches: padding, several batches and both segments are all exercised.
-    return build(tiny_bert, "stsb", glue_dir, tmp_path_factory.mktemp("bert-stsb") / "cache", limit=40, batch_size=7)
+    return build_quietly(tiny_bert, "stsb", glue_dir, tmp_path_factory.mktemp("bert-stsb") / "cache", limit=40, batch_size=7)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,7 +249,7 @@ def test_real_minilm_builds_trains_and_predicts_the_same_online(tmp_path: Path) 
 
     folder = minilm_folder()
     glue = SHARED / "glue"
-    cache = build(folder, "mrpc", glue, tmp_path / "cache", limit=120)
+    cache = build_quietly(folder, "mrpc", glue, tmp_path / "cache", limit=120)
     attrs = open_cache(cache).attrs
     assert attrs["backbone"]["kind"] == "encoder" and attrs["backbone"]["pooling"] == "mean"  # a sentence-transformers model
     assert (attrs["backbone"]["n_encoder_layers"], attrs["backbone"]["d_model"]) == (6, 384)

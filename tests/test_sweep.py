@@ -12,29 +12,17 @@ import torch
 from safetensors.torch import load_file
 
 from read_cache import reader as reader_module
-from read_cache.build import BuildConfig, build_cache
+
 from read_cache.store import open_cache
 from read_cache.sweep import SweepConfig, Trial, parse_list, parse_range, sweep
 from read_cache.train import ARTIFACTS, TrainConfig, load_run, train
 
-from conftest import one_error, run_cli
-
-
-def build(model: Path, task: str, data_dir: Path, out: Path, **options) -> Path:
-    with pytest.MonkeyPatch.context() as mp:  # keep the 'last cache' pointer out of the real home
-        mp.setenv("READ_CACHE_HOME", str(out.parent / "home"))
-        build_cache(BuildConfig(model=str(model), task=task, data_dir=data_dir, out=out, progress=False, **options))
-    return out
+from conftest import build_quietly, one_error, run_cli
 
 
 @pytest.fixture(scope="module")
 def sst2_cache(tiny_t5: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tiny_t5, "sst2", glue_dir, tmp_path_factory.mktemp("sweep-sst2") / "cache")
-
-
-@pytest.fixture(scope="module")
-def stsb_cache(tiny_t5: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tiny_t5, "stsb", glue_dir, tmp_path_factory.mktemp("sweep-stsb") / "cache", limit=60)
+    return build_quietly(tiny_t5, "sst2", glue_dir, tmp_path_factory.mktemp("sweep-sst2") / "cache")
 
 
 def shared(cache: Path | None, **changes) -> TrainConfig:

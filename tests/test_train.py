@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import POSITIVE, WORDS, make_tiny_t5, make_tokenizer, write_glue
+from conftest import build_quietly, POSITIVE, WORDS, make_tiny_t5, make_tokenizer, write_glue
 from read_cache.build import BuildConfig, build_cache
 from read_cache.data import load_glue
 from read_cache.device import cpu_has_fast_bf16
@@ -34,13 +34,6 @@ SUMMARY_KEYS = {
 
 # --------------------------------------------------------------------------------------------------
 # Caches, built once per session
-
-
-def build(model: Path, task: str, data_dir: Path, out: Path, **options) -> Path:
-    with pytest.MonkeyPatch.context() as mp:  # keep the 'last cache' pointer out of the real home
-        mp.setenv("READ_CACHE_HOME", str(out.parent / "home"))
-        build_cache(BuildConfig(model=str(model), task=task, data_dir=data_dir, out=out, progress=False, **options))
-    return out
 
 
 def write_balanced_sst2(root: Path, n_train: int, n_dev: int, seed: int = 0) -> Path:
@@ -71,12 +64,7 @@ def balanced_glue(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sst2_cache(tiny_t5: Path, balanced_glue: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tiny_t5, "sst2", balanced_glue, tmp_path_factory.mktemp("sst2") / "cache")
-
-
-@pytest.fixture(scope="session")
-def stsb_cache(tiny_t5: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tiny_t5, "stsb", glue_dir, tmp_path_factory.mktemp("stsb") / "cache", limit=60)
+    return build_quietly(tiny_t5, "sst2", balanced_glue, tmp_path_factory.mktemp("sst2") / "cache")
 
 
 @pytest.fixture(scope="session")
@@ -91,7 +79,7 @@ def bert_cache(glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
         max_position_embeddings=64, pad_token_id=0,
     )
     BertModel(config).eval().save_pretrained(folder)
-    return build(folder, "sst2", glue_dir, tmp_path_factory.mktemp("bert") / "cache", limit=60)
+    return build_quietly(folder, "sst2", glue_dir, tmp_path_factory.mktemp("bert") / "cache", limit=60)
 
 
 def quick(cache: Path, out: Path, **changes) -> TrainConfig:
@@ -180,7 +168,7 @@ def test_training_never_imports_the_backbone(sst2_cache: Path, tmp_path: Path) -
 
 def test_a_run_survives_the_model_folder_being_deleted(tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
     model = shutil.copytree(tiny_t5, tmp_path / "model")
-    cache = build(model, "sst2", glue_dir, tmp_path / "cache", limit=40)
+    cache = build_quietly(model, "sst2", glue_dir, tmp_path / "cache", limit=40)
     shutil.rmtree(model)
     summary = train(quick(cache, tmp_path / "run"))
     assert summary["model"] == str(model)
@@ -288,7 +276,7 @@ def test_online_predictions_equal_the_cached_path(learned: tuple[Path, dict], ss
 
 @pytest.fixture(scope="session")
 def heads_cache(tiny_t5: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build(tiny_t5, "sst2", glue_dir, tmp_path_factory.mktemp("heads") / "cache", limit=40, cross_attention="heads")
+    return build_quietly(tiny_t5, "sst2", glue_dir, tmp_path_factory.mktemp("heads") / "cache", limit=40, cross_attention="heads")
 
 
 @pytest.mark.parametrize("which", ["bert_cache", "heads_cache"])
