@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from read_cache import reader as reader_module
-
 from read_cache.store import open_cache
 from read_cache.sweep import SweepConfig, Trial, parse_list, parse_range, sweep
 from read_cache.train import ARTIFACTS, TrainConfig, load_run, train
