@@ -14,57 +14,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from read_cache.config import METHODS, BenchConfig
 from read_cache.energy import Meter
 from read_cache.errors import ReadCacheError
 from read_cache.store import read_root_attrs
 
 log = logging.getLogger(__name__)
 
-METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "online", "full")
 
-
-@dataclasses.dataclass
-class BenchConfig:
-    """What `read-cache bench` takes."""
-
-    model: str
-    """Hub id or local folder of the backbone."""
-    task: str
-    """GLUE task."""
-    out: Path
-    """Folder for bench.json, bench.md, bench.png, the cache and the runs."""
-    data_dir: Path | None = None
-    """Local GLUE folder; None reads the hub."""
-    limit: int = 2000
-    """Examples per split."""
-    epochs: int = 10
-    """E: epochs of every training method."""
-    slow_epochs: int | None = None
-    """Epochs actually run for online READ and full fine-tuning (scaled to E); None runs all E."""
-    rnn: str = "gru"
-    dim: int = 256
-    lr: float = 1e-3
-    """Side network learning rate (full fine-tuning uses `full_lr`)."""
-    full_lr: float = 1e-4
-    batch_size: int = 96
-    device: str | None = None
-    methods: tuple[str, ...] = METHODS
-
-    def validate(self) -> None:
-        if self.epochs <= 0 or (self.slow_epochs is not None and not 0 < self.slow_epochs <= self.epochs):
-            raise ReadCacheError(f"--epochs {self.epochs} must be positive and --slow-epochs between 1 and --epochs")
-        if self.limit <= 0:
-            raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples")
-        unknown = set(self.methods) - set(METHODS)
-        if unknown:
-            raise ReadCacheError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
 
 
 # --------------------------------------------------------------------------------------------------

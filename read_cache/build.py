@@ -23,10 +23,10 @@ import torch
 
 from read_cache import paths
 from read_cache.backbone import Backbone, BackboneStates, load_backbone, model_reference, package_versions
+from read_cache.config import BuildConfig
 from read_cache.data import SplitData, load_glue, split_recipe
 from read_cache.errors import ReadCacheError
 from read_cache.store import (
-    CHUNK_BYTES,
     SPLITS,
     CacheWriter,
     Geometry,
@@ -44,55 +44,6 @@ from read_cache.store import (
 from read_cache.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass
-class BuildConfig:
-    """Everything `read-cache build` takes; the identity fields must match to resume a cache."""
-
-    model: str
-    """Hub id or local folder of a T5-family or encoder-only checkpoint."""
-    task: str
-    """GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)."""
-    data_dir: Path | None = None
-    """Local GLUE folder (TSV or parquet layout); None reads the hub."""
-    out: Path | None = None
-    """Cache folder; None means `$READ_CACHE_HOME/caches/<model>/<task>`."""
-    limit: int | None = None
-    """Cap on the examples of each split (after the split recipe)."""
-    max_length: int = 256
-    """Longer inputs are truncated to this many tokens (and counted)."""
-    dtype: str | None = None
-    """Compute dtype: bf16, fp16 or fp32; None picks what is fast on the device."""
-    device: str | None = None
-    """'cuda', 'cpu', ...; None picks CUDA when present."""
-    batch_size: int = 64
-    """Examples per forward pass (batches are grouped by length)."""
-    cross_attention: str = "mean"
-    """'mean' over heads (the paper's single head) or 'heads' to keep every head."""
-    float_dtype: str = "bfloat16"
-    """Stored float type: 'bfloat16' (T5's range) or 'float16'."""
-    revision: str | None = None
-    """Hub revision of the model."""
-    chunk_mb: float = CHUNK_BYTES / 2**20
-    """Target raw size of a token chunk in MiB (DESIGN: 1-8 MB)."""
-    force: bool = False
-    """Build even when the disk estimate says it will not fit."""
-    progress: bool = True
-
-    def validate(self) -> None:
-        if self.limit is not None and self.limit <= 0:
-            raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples per split (or left out)")
-        if self.max_length < 2:
-            raise ReadCacheError(f"--max-length {self.max_length} must be at least 2 tokens")
-        if self.batch_size <= 0:
-            raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
-        if self.cross_attention not in ("mean", "heads"):
-            raise ReadCacheError(f"--cross-attention {self.cross_attention} must be 'mean' or 'heads'")
-        if not 0 < self.chunk_mb <= 256:
-            raise ReadCacheError(f"--chunk-mb {self.chunk_mb} must be in (0, 256]")
-        if self.float_dtype not in ("bfloat16", "float16"):
-            raise ReadCacheError(f"--store-dtype {self.float_dtype} must be 'bfloat16' or 'float16'")
 
 
 @dataclasses.dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from read_cache.config import METHODS
 from read_cache.errors import ReadCacheError
 
 app = typer.Typer(
@@ -31,7 +33,7 @@ app = typer.Typer(
 console = Console(stderr=True)
 out_console = Console()
 
-METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "online", "full")  # read_cache.bench.METHODS
+
 
 # Options shared by several commands.
 CacheArg = Annotated[Optional[Path], typer.Option("--cache", help="Cache folder; default: the last one built.")]
@@ -72,10 +74,10 @@ def setup_logging(verbose: bool = False) -> None:
 @app.callback()
 def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
     setup_logging(verbose)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    # transformers and huggingface_hub read these when (and only if) a command imports them: importing
+    # transformers here to set them would cost every command, even a rejected flag, seconds.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @app.command()
@@ -98,13 +100,16 @@ def build(
     no_progress: NoProgress = False,
 ) -> None:
     """Stage one: run the frozen backbone once over every split and cache its states."""
-    from read_cache.build import BuildConfig, build_cache
+    from read_cache.config import BuildConfig
 
     cfg = BuildConfig(
         model=model, task=task, data_dir=data_dir, out=out, limit=limit, max_length=max_length, dtype=dtype,
         device=device, batch_size=batch_size, cross_attention=cross_attention, float_dtype=store_dtype,
         revision=revision, chunk_mb=chunk_mb, force=force, progress=not no_progress,
     )
+    cfg.validate()  # before the heavy imports below: a bad flag is rejected in well under a second
+    from read_cache.build import build_cache
+
     report = build_cache(cfg)
     table = Table(title=f"cache {report.path}")
     for col in ("split", "examples", "tokens", "truncated", "units written", "seconds", "examples/s", "MB written"):
@@ -140,14 +145,17 @@ def train(
     no_progress: NoProgress = False,
 ) -> None:
     """Stage two: train READ's side network and a head from a cache; the backbone is never loaded."""
-    from read_cache.train import TrainConfig
-    from read_cache.train import train as train_side_network
+    from read_cache.config import TrainConfig
 
     cfg = TrainConfig(
-        cache=resolve_cache(cache), rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay,
+        cache=cache, rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay,
         batch_size=batch_size, epochs=epochs, patience=patience, seed=seed, out=out, overwrite=overwrite, reader=reader,
         memory_budget_gb=memory_budget, device=device, dtype=dtype, threads=threads, progress=not no_progress,
     )
+    cfg.validate()
+    cfg.cache = resolve_cache(cache)
+    from read_cache.train import train as train_side_network
+
     summary = train_side_network(cfg)
     table = Table(title=f"{summary['task']}: {summary['rnn']}/{summary['dim']} {summary['head']} head, {summary['trainable_parameters']:,} trainable parameters")
     for col in ("split", "metric", "score", "components"):
@@ -243,13 +251,16 @@ def bench(
     methods: Annotated[str, typer.Option(help="Comma-separated subset of the methods (default all); others are kept from an earlier run in --out.")] = ",".join(METHODS),
 ) -> None:
     """Cached READ against online READ and full fine-tuning: time, energy, memory, and the ratios."""
-    from read_cache.bench import BenchConfig, run_bench
+    from read_cache.config import BenchConfig
 
     cfg = BenchConfig(
         model=model, task=task, out=out, data_dir=data_dir, limit=limit, epochs=epochs, slow_epochs=slow_epochs,
         rnn=rnn, dim=dim, lr=lr, full_lr=full_lr, device=device, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
     )
-    report = run_bench(cfg)
+    cfg.validate()
+    from read_cache.bench import run_bench
+
+    run_bench(cfg)
     out_console.print((out / "bench.md").read_text(), markup=False, highlight=False)
     out_console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
 
@@ -282,12 +293,10 @@ def sweep(
     no_progress: NoProgress = False,
 ) -> None:
     """Train many side networks from one read of the cache; select by validation, report that run's test score."""
-    from read_cache.sweep import SweepConfig, parse_list, parse_range, ranked
-    from read_cache.sweep import sweep as run_sweep
-    from read_cache.train import TrainConfig
+    from read_cache.config import SweepConfig, TrainConfig, parse_list, parse_range
 
     shared = TrainConfig(
-        cache=resolve_cache(cache), pooling=pooling, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
+        cache=cache, pooling=pooling, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
         patience=patience, seed=seed, reader=reader, memory_budget_gb=memory_budget, device=device, dtype=dtype,
         threads=threads, progress=not no_progress,
     )
@@ -296,6 +305,12 @@ def sweep(
         lr=None if lr is None else parse_list("--lr", lr, float), head=(None,) if head is None else parse_list("--head", head, str),
         trials=trials, lr_range=parse_range("--lr-range", lr_range), search=search, eta=eta, overwrite=overwrite, shared=shared,
     )
+    cfg.validate()
+    shared.validate()
+    shared.cache = resolve_cache(cache)
+    from read_cache.sweep import ranked
+    from read_cache.sweep import sweep as run_sweep
+
     report = run_sweep(cfg)
     best = report["best"]
     table = Table(title=f"{report['task']}: {report['configurations']} configurations ({report['search']}), ranked by validation {best['validation']['metric']}")

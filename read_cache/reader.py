@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from read_cache.config import READER_MODES
 from read_cache.errors import ReadCacheError
 from read_cache.store import Block, Cache, Split, decode_floats, token_rows
 
@@ -42,7 +43,6 @@ SHUFFLE_BYTES = 64 << 20
 streaming reader's memory (about twice this while a window is assembled) whatever the store's size;
 the block order is shuffled across the whole split as well, so examples still mix split-wide."""
 PREFETCH_BATCHES = 4
-READER_MODES = ("auto", "ram", "stream")
 
 
 # --------------------------------------------------------------------------------------------------

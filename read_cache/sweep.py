@@ -24,14 +24,12 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
-from enum import Enum
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
 
+from read_cache.config import Search, SweepConfig, TrainConfig, Trial
 from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
 from read_cache.errors import ReadCacheError
@@ -43,7 +41,6 @@ from read_cache.train import (
     Evaluation,
     Fitted,
     Run,
-    TrainConfig,
     build_network,
     claim_run_dir,
     evaluate_many,
@@ -65,149 +62,7 @@ log = logging.getLogger(__name__)
 REPORT = "sweep.json"
 CHART = "sweep.png"
 RUNS = "runs"
-DEFAULT_DIM = 256
-DEFAULT_LR = 1e-3
-EXAMPLES = {"--rnn": "gru,lstm", "--dim": "128,256", "--lr": "1e-4,3e-4,1e-3", "--head": "lm,linear"}
-T = TypeVar("T")
 
-
-class Search(str, Enum):
-    GRID = "grid"
-    """Every configuration trains to --epochs or to its own early stop."""
-    HALVING = "halving"
-    """Successive halving: after epochs 1, eta, eta^2, ... only the best 1/eta of those still training go on."""
-
-
-class Trial(NamedTuple):
-    """One configuration of the sweep."""
-
-    rnn: str
-    dim: int
-    lr: float
-    head: str | None
-    """None: the task's default head (lm for T5 classification, else linear)."""
-
-
-@dataclasses.dataclass
-class SweepConfig:
-    """Everything `read-cache sweep` takes."""
-
-    out: Path
-    """Sweep folder: sweep.json, sweep.png, and a run folder per configuration under runs/."""
-    rnn: tuple[str, ...] = ("gru",)
-    """RNN kinds: gru, lstm, rnn, none; an entry 'gru/256' brings its own size instead of crossing --dim."""
-    dim: tuple[int, ...] | None = None
-    """Sizes crossed with the plain --rnn entries; None: 256."""
-    lr: tuple[float, ...] | None = None
-    """Learning rates crossed with every architecture; None: 1e-3, or the --trials draws."""
-    head: tuple[str | None, ...] = (None,)
-    """Heads: lm, linear; None: the task's default."""
-    trials: int | None = None
-    """Draw this many learning rates log-uniformly over lr_range, one per trial, architectures taken in turn."""
-    lr_range: tuple[float, float] = (1e-6, 3e-3)
-    """(low, high) of the --trials draws; the paper's range by default."""
-    search: str = Search.GRID.value
-    """'grid' or 'halving' (see `Search`)."""
-    eta: int = 3
-    """Successive halving's reduction factor."""
-    overwrite: bool = False
-    """Replace the sweep's files in an existing --out (each run folder's own files only)."""
-    shared: TrainConfig = dataclasses.field(default_factory=TrainConfig)
-    """What every configuration shares: cache, epochs, patience, batch size, seed, reader, device, threads...
-    Its rnn, dim, lr, head, out and overwrite are set per configuration."""
-
-    def validate(self) -> None:
-        for flag, values in (("--rnn", self.rnn), ("--dim", self.dim), ("--lr", self.lr), ("--head", self.head)):
-            if values is not None and len(values) == 0:
-                raise ReadCacheError(f"{flag} is empty, so the grid has no configuration; pass a comma-separated list, e.g. {flag} {EXAMPLES[flag]}")
-        if self.trials is not None:
-            if self.lr is not None:
-                raise ReadCacheError("pass either --lr (learning rates to try) or --trials (draws over --lr-range), not both")
-            if self.trials <= 0:
-                raise ReadCacheError(f"--trials {self.trials} must be at least 1")
-        low, high = self.lr_range
-        if not (0 < low < high and math.isfinite(high)):
-            raise ReadCacheError(f"--lr-range {low:g}:{high:g} must be LOW:HIGH with 0 < LOW < HIGH (the paper's is 1e-6:3e-3)")
-        if self.search not in [s.value for s in Search]:
-            raise ReadCacheError(f"--search {self.search!r} is not one of {', '.join(s.value for s in Search)}")
-        if self.eta < 2:
-            raise ReadCacheError(f"--eta {self.eta} must be at least 2 (successive halving keeps the best 1/eta)")
-        if self.dim is not None and all("/" in entry for entry in self.rnn):
-            raise ReadCacheError("--dim crosses the plain --rnn entries, and every entry here brings its own size (e.g. gru/256); drop --dim or the /size")
-
-    def architectures(self) -> list[tuple[str, int]]:
-        """(rnn, dim) pairs, in the order given: 'gru/256' as it is, plain entries crossed with --dim."""
-        dims = self.dim or (DEFAULT_DIM,)
-        pairs: list[tuple[str, int]] = []
-        for entry in self.rnn:
-            kind, paired, size = (part.strip() for part in entry.partition("/"))
-            if paired:
-                pairs.append((kind, _size(entry, size)))
-            elif kind == RNNKind.NONE:
-                pairs.append((kind, dims[0]))  # no RNN: its size means nothing, so one configuration
-            else:
-                pairs.extend((kind, d) for d in dims)
-        return list(dict.fromkeys(pairs))
-
-    def configurations(self) -> list[Trial]:
-        """The grid (architectures x heads x learning rates), or --trials draws with architectures taken in turn."""
-        combos = [(rnn, dim, head) for rnn, dim in self.architectures() for head in self.head]
-        if self.trials is None:
-            return [Trial(rnn, dim, lr, head) for rnn, dim, head in combos for lr in self.lr or (DEFAULT_LR,)]
-        trials = []
-        for i, lr in enumerate(self.draw_learning_rates()):
-            rnn, dim, head = combos[i % len(combos)]
-            trials.append(Trial(rnn, dim, lr, head))
-        return trials
-
-    def draw_learning_rates(self) -> list[float]:
-        """--trials learning rates, log-uniform over --lr-range, seeded by --seed (more trials extend the same draws)."""
-        low, high = self.lr_range
-        rng = np.random.default_rng(self.shared.seed)
-        return [float(x) for x in np.exp(rng.uniform(math.log(low), math.log(high), self.trials or 0))]
-
-    def train_config(self, trial: Trial) -> TrainConfig:
-        """The TrainConfig that, given to `read-cache train` alone, trains the same network."""
-        return dataclasses.replace(self.shared, rnn=trial.rnn, dim=trial.dim, lr=trial.lr, head=trial.head, out=None, overwrite=self.overwrite)
-
-
-def _size(entry: str, size: str) -> int:
-    try:
-        value = int(size)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise ReadCacheError(f"--rnn entry {entry!r} needs a positive size after the '/', e.g. gru/256")
-    return value
-
-
-# --------------------------------------------------------------------------------------------------
-# Flags -> values (the CLI's parsing, kept here so its errors name the flag)
-
-
-def parse_list(flag: str, text: str, kind: Callable[[str], T]) -> tuple[T, ...]:
-    """'128,256' -> (128, 256); an empty or malformed list is a one-line error naming the flag."""
-    items = [item.strip() for item in text.split(",")]
-    if not any(items):
-        return ()
-    if not all(items):
-        raise ReadCacheError(f"{flag} {text!r} has an empty entry; pass a comma-separated list, e.g. {flag} {EXAMPLES[flag]}")
-    try:
-        return tuple(kind(item) for item in items)
-    except ValueError:
-        what = {"int": "whole numbers", "float": "numbers"}.get(getattr(kind, "__name__", ""), "values")
-        raise ReadCacheError(f"{flag} {text!r} is not a comma-separated list of {what}, e.g. {flag} {EXAMPLES[flag]}") from None
-
-
-def parse_range(flag: str, text: str) -> tuple[float, float]:
-    """'1e-6:3e-3' -> (1e-6, 3e-3); anything else is a one-line error naming the flag."""
-    low, colon, high = text.partition(":")
-    try:
-        if not colon:
-            raise ValueError
-        return float(low), float(high)
-    except ValueError:
-        raise ReadCacheError(f"{flag} {text!r} is not LOW:HIGH, e.g. {flag} 1e-6:3e-3") from None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from read_cache import paths
+from read_cache.config import TrainConfig
 from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
 from read_cache.errors import ReadCacheError
@@ -55,79 +56,6 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 ARTIFACTS = (WEIGHTS, CONFIG, METRICS, SUMMARY)
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything `read-cache train` takes."""
-
-    cache: Path | None = None
-    """Cache folder; None means the last cache `read-cache build` finished."""
-    rnn: str = "gru"
-    """'gru', 'lstm', 'rnn' (Elman), or 'none' (no side network: a probe on the frozen states)."""
-    dim: int = 256
-    """Hidden size r of the side network's RNNs."""
-    head: str | None = None
-    """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 classification, else linear."""
-    pooling: str | None = None
-    """Encoder-only caches: pool tokens by 'mean' or take the 'first' token; None: the way the backbone's
-    family pools, as the build recorded it (mean for sentence-transformers models, first for BERT classifiers)."""
-    lr: float = 1e-3
-    """AdamW learning rate."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    batch_size: int = 96
-    """Examples per step (the paper's 96)."""
-    epochs: int = 30
-    """Most epochs to run (the paper's 30)."""
-    patience: int = 5
-    """Stop after this many epochs without a better validation score."""
-    seed: int = 0
-    """Seeds the initialisation and the shuffling: the same seed repeats a CPU run exactly."""
-    out: Path | None = None
-    """Run folder; None means ./runs/<task>-<rnn><dim>-<head>-<time>."""
-    overwrite: bool = False
-    """Replace the run files in an existing --out."""
-    memory_budget_gb: float = 2.0
-    """RAM the decoded splits may take; splits beyond it are streamed from disk."""
-    reader: str = "auto"
-    """'auto' (RAM where it fits the budget, else stream), 'ram', or 'stream'."""
-    block_tokens: int | None = None
-    """Tokens per streamed read; None: a few chunks (~8 MB)."""
-    shuffle_blocks: int | None = None
-    """Blocks whose examples are shuffled together; None: as many as fill ~256 MB."""
-    device: str | None = None
-    """'cpu', 'cuda', 'cuda:1'...; None picks CUDA when present."""
-    dtype: str | None = None
-    """'bf16' or 'fp32' autocast; None: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32."""
-    threads: int | None = None
-    """CPU threads for torch; None: every core but one (the reader thread's), see `device.training_threads`."""
-    progress: bool = True
-    """Show a progress bar per epoch."""
-
-    def validate(self) -> None:
-        if self.dim <= 0:
-            raise ReadCacheError(f"--dim {self.dim} must be a positive RNN hidden size (the paper uses 128 or 256)")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ReadCacheError(f"--lr {self.lr} must be a positive learning rate (e.g. --lr 1e-3)")
-        if self.epochs <= 0:
-            raise ReadCacheError(f"--epochs {self.epochs} must be at least 1")
-        if self.patience <= 0:
-            raise ReadCacheError(f"--patience {self.patience} must be at least 1 epoch")
-        if self.batch_size <= 0:
-            raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
-        if self.threads is not None and self.threads <= 0:
-            raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
-        if self.weight_decay < 0:
-            raise ReadCacheError(f"--weight-decay {self.weight_decay} must not be negative")
-        if not self.memory_budget_gb > 0:
-            raise ReadCacheError(f"--memory-budget {self.memory_budget_gb} must be a positive number of GB")
-        for flag, value in (("--block-tokens", self.block_tokens), ("--shuffle-blocks", self.shuffle_blocks)):
-            if value is not None and value <= 0:
-                raise ReadCacheError(f"{flag} {value} must be positive (or left out)")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
 
 
 class Evaluation(NamedTuple):

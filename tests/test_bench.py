@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from read_cache import energy
-from read_cache.bench import METHODS, BenchConfig, run_bench
+from read_cache.bench import run_bench
+from read_cache.config import METHODS, BenchConfig
 from read_cache.errors import ReadCacheError
 
 RATIOS = ("build_over_forward", "store_epoch_over_ram_epoch", "online_over_cached_total", "cached_over_full_peak_memory", "bytes_per_value")

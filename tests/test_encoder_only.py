@@ -15,7 +15,8 @@ import torch
 
 from conftest import build_quietly, SHARED, WORDS, needs_shared
 from read_cache.backbone import suggested_pooling
-from read_cache.bench import METHODS, BenchConfig, run_bench
+from read_cache.bench import run_bench
+from read_cache.config import METHODS, BenchConfig
 from read_cache.build import BuildConfig, build_cache
 from read_cache.data import load_glue
 from read_cache.errors import ReadCacheError

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from read_cache import reader as reader_module
 from read_cache.store import open_cache
-from read_cache.sweep import SweepConfig, Trial, parse_list, parse_range, sweep
+from read_cache.config import SweepConfig, Trial, parse_list, parse_range
+from read_cache.sweep import sweep
 from read_cache.train import ARTIFACTS, TrainConfig, load_run, train
 
 from conftest import build_quietly, one_error, run_cli

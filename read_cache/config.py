@@ -1,0 +1,351 @@
+"""The configs behind every command, kept free of torch and transformers so that flags are checked at once.
+
+    from read_cache.config import TrainConfig
+    TrainConfig(dim=0).validate()   # ReadCacheError: --dim 0 must be a positive RNN hidden size ...
+
+The CLI builds one of these from its flags and calls `validate()` before it imports the heavy stages
+(`read_cache.build`, `read_cache.train`, ...), so a typo costs well under a second, not a model load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import numpy as np
+
+from read_cache.errors import ReadCacheError
+from read_cache.store import CHUNK_BYTES
+
+T = TypeVar("T")
+
+METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "online", "full")
+"""What `read-cache bench --methods` takes."""
+COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
+RNN_KINDS = ("gru", "lstm", "rnn", "none")
+HEADS = ("lm", "linear")
+READER_MODES = ("auto", "ram", "stream")
+DEFAULT_DIM = 256
+DEFAULT_LR = 1e-3
+EXAMPLES = {"--rnn": "gru,lstm", "--dim": "128,256", "--lr": "1e-4,3e-4,1e-3", "--head": "lm,linear"}
+
+@dataclasses.dataclass
+class BuildConfig:
+    """Everything `read-cache build` takes; the identity fields must match to resume a cache."""
+
+    model: str
+    """Hub id or local folder of a T5-family or encoder-only checkpoint."""
+    task: str
+    """GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)."""
+    data_dir: Path | None = None
+    """Local GLUE folder (TSV or parquet layout); None reads the hub."""
+    out: Path | None = None
+    """Cache folder; None means `$READ_CACHE_HOME/caches/<model>/<task>`."""
+    limit: int | None = None
+    """Cap on the examples of each split (after the split recipe)."""
+    max_length: int = 256
+    """Longer inputs are truncated to this many tokens (and counted)."""
+    dtype: str | None = None
+    """Compute dtype: bf16, fp16 or fp32; None picks what is fast on the device."""
+    device: str | None = None
+    """'cuda', 'cpu', ...; None picks CUDA when present."""
+    batch_size: int = 64
+    """Examples per forward pass (batches are grouped by length)."""
+    cross_attention: str = "mean"
+    """'mean' over heads (the paper's single head) or 'heads' to keep every head."""
+    float_dtype: str = "bfloat16"
+    """Stored float type: 'bfloat16' (T5's range) or 'float16'."""
+    revision: str | None = None
+    """Hub revision of the model."""
+    chunk_mb: float = CHUNK_BYTES / 2**20
+    """Target raw size of a token chunk in MiB (DESIGN: 1-8 MB)."""
+    force: bool = False
+    """Build even when the disk estimate says it will not fit."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit <= 0:
+            raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples per split (or left out)")
+        if self.max_length < 2:
+            raise ReadCacheError(f"--max-length {self.max_length} must be at least 2 tokens")
+        if self.batch_size <= 0:
+            raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
+        if self.cross_attention not in ("mean", "heads"):
+            raise ReadCacheError(f"--cross-attention {self.cross_attention} must be 'mean' or 'heads'")
+        if not 0 < self.chunk_mb <= 256:
+            raise ReadCacheError(f"--chunk-mb {self.chunk_mb} must be in (0, 256]")
+        if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
+            raise ReadCacheError(f"--dtype {self.dtype} is not one of {', '.join(COMPUTE_DTYPES)} (or leave it out to pick what is fast here)")
+        _check_task(self.task)
+        if self.float_dtype not in ("bfloat16", "float16"):
+            raise ReadCacheError(f"--store-dtype {self.float_dtype} must be 'bfloat16' or 'float16'")
+
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything `read-cache train` takes."""
+
+    cache: Path | None = None
+    """Cache folder; None means the last cache `read-cache build` finished."""
+    rnn: str = "gru"
+    """'gru', 'lstm', 'rnn' (Elman), or 'none' (no side network: a probe on the frozen states)."""
+    dim: int = 256
+    """Hidden size r of the side network's RNNs."""
+    head: str | None = None
+    """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 classification, else linear."""
+    pooling: str | None = None
+    """Encoder-only caches: pool tokens by 'mean' or take the 'first' token; None: the way the backbone's
+    family pools, as the build recorded it (mean for sentence-transformers models, first for BERT classifiers)."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    batch_size: int = 96
+    """Examples per step (the paper's 96)."""
+    epochs: int = 30
+    """Most epochs to run (the paper's 30)."""
+    patience: int = 5
+    """Stop after this many epochs without a better validation score."""
+    seed: int = 0
+    """Seeds the initialisation and the shuffling: the same seed repeats a CPU run exactly."""
+    out: Path | None = None
+    """Run folder; None means ./runs/<task>-<rnn><dim>-<head>-<time>."""
+    overwrite: bool = False
+    """Replace the run files in an existing --out."""
+    memory_budget_gb: float = 2.0
+    """RAM the decoded splits may take; splits beyond it are streamed from disk."""
+    reader: str = "auto"
+    """'auto' (RAM where it fits the budget, else stream), 'ram', or 'stream'."""
+    block_tokens: int | None = None
+    """Tokens per streamed read; None: a few chunks (~8 MB)."""
+    shuffle_blocks: int | None = None
+    """Blocks whose examples are shuffled together; None: as many as fill ~256 MB."""
+    device: str | None = None
+    """'cpu', 'cuda', 'cuda:1'...; None picks CUDA when present."""
+    dtype: str | None = None
+    """'bf16' or 'fp32' autocast; None: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32."""
+    threads: int | None = None
+    """CPU threads for torch; None: every core but one (the reader thread's), see `device.training_threads`."""
+    progress: bool = True
+    """Show a progress bar per epoch."""
+
+    def validate(self) -> None:
+        if self.rnn not in RNN_KINDS:
+            raise ReadCacheError(f"--rnn {self.rnn!r} is not one of {', '.join(RNN_KINDS)}")
+        if self.head is not None and self.head not in HEADS:
+            raise ReadCacheError(f"--head {self.head!r} is not one of {', '.join(HEADS)} (or leave it out for the task's default)")
+        if self.dtype is not None and self.dtype not in ("bf16", "fp32"):
+            raise ReadCacheError(f"--dtype {self.dtype} is not bf16 or fp32 (or leave it out to pick what is fast here)")
+        if self.reader not in READER_MODES:
+            raise ReadCacheError(f"--reader {self.reader!r} is not one of {', '.join(READER_MODES)}")
+        if self.dim <= 0:
+            raise ReadCacheError(f"--dim {self.dim} must be a positive RNN hidden size (the paper uses 128 or 256)")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ReadCacheError(f"--lr {self.lr} must be a positive learning rate (e.g. --lr 1e-3)")
+        if self.epochs <= 0:
+            raise ReadCacheError(f"--epochs {self.epochs} must be at least 1")
+        if self.patience <= 0:
+            raise ReadCacheError(f"--patience {self.patience} must be at least 1 epoch")
+        if self.batch_size <= 0:
+            raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
+        if self.threads is not None and self.threads <= 0:
+            raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
+        if self.weight_decay < 0:
+            raise ReadCacheError(f"--weight-decay {self.weight_decay} must not be negative")
+        if not self.memory_budget_gb > 0:
+            raise ReadCacheError(f"--memory-budget {self.memory_budget_gb} must be a positive number of GB")
+        for flag, value in (("--block-tokens", self.block_tokens), ("--shuffle-blocks", self.shuffle_blocks)):
+            if value is not None and value <= 0:
+                raise ReadCacheError(f"{flag} {value} must be positive (or left out)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+
+@dataclasses.dataclass
+class BenchConfig:
+    """What `read-cache bench` takes."""
+
+    model: str
+    """Hub id or local folder of the backbone."""
+    task: str
+    """GLUE task."""
+    out: Path
+    """Folder for bench.json, bench.md, bench.png, the cache and the runs."""
+    data_dir: Path | None = None
+    """Local GLUE folder; None reads the hub."""
+    limit: int = 2000
+    """Examples per split."""
+    epochs: int = 10
+    """E: epochs of every training method."""
+    slow_epochs: int | None = None
+    """Epochs actually run for online READ and full fine-tuning (scaled to E); None runs all E."""
+    rnn: str = "gru"
+    dim: int = 256
+    lr: float = 1e-3
+    """Side network learning rate (full fine-tuning uses `full_lr`)."""
+    full_lr: float = 1e-4
+    batch_size: int = 96
+    device: str | None = None
+    methods: tuple[str, ...] = METHODS
+
+    def validate(self) -> None:
+        if self.epochs <= 0 or (self.slow_epochs is not None and not 0 < self.slow_epochs <= self.epochs):
+            raise ReadCacheError(f"--epochs {self.epochs} must be positive and --slow-epochs between 1 and --epochs")
+        if self.limit <= 0:
+            raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise ReadCacheError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+
+
+
+class Search(str, Enum):
+    GRID = "grid"
+    """Every configuration trains to --epochs or to its own early stop."""
+    HALVING = "halving"
+    """Successive halving: after epochs 1, eta, eta^2, ... only the best 1/eta of those still training go on."""
+
+
+class Trial(NamedTuple):
+    """One configuration of the sweep."""
+
+    rnn: str
+    dim: int
+    lr: float
+    head: str | None
+    """None: the task's default head (lm for T5 classification, else linear)."""
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """Everything `read-cache sweep` takes."""
+
+    out: Path
+    """Sweep folder: sweep.json, sweep.png, and a run folder per configuration under runs/."""
+    rnn: tuple[str, ...] = ("gru",)
+    """RNN kinds: gru, lstm, rnn, none; an entry 'gru/256' brings its own size instead of crossing --dim."""
+    dim: tuple[int, ...] | None = None
+    """Sizes crossed with the plain --rnn entries; None: 256."""
+    lr: tuple[float, ...] | None = None
+    """Learning rates crossed with every architecture; None: 1e-3, or the --trials draws."""
+    head: tuple[str | None, ...] = (None,)
+    """Heads: lm, linear; None: the task's default."""
+    trials: int | None = None
+    """Draw this many learning rates log-uniformly over lr_range, one per trial, architectures taken in turn."""
+    lr_range: tuple[float, float] = (1e-6, 3e-3)
+    """(low, high) of the --trials draws; the paper's range by default."""
+    search: str = Search.GRID.value
+    """'grid' or 'halving' (see `Search`)."""
+    eta: int = 3
+    """Successive halving's reduction factor."""
+    overwrite: bool = False
+    """Replace the sweep's files in an existing --out (each run folder's own files only)."""
+    shared: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """What every configuration shares: cache, epochs, patience, batch size, seed, reader, device, threads...
+    Its rnn, dim, lr, head, out and overwrite are set per configuration."""
+
+    def validate(self) -> None:
+        for flag, values in (("--rnn", self.rnn), ("--dim", self.dim), ("--lr", self.lr), ("--head", self.head)):
+            if values is not None and len(values) == 0:
+                raise ReadCacheError(f"{flag} is empty, so the grid has no configuration; pass a comma-separated list, e.g. {flag} {EXAMPLES[flag]}")
+        if self.trials is not None:
+            if self.lr is not None:
+                raise ReadCacheError("pass either --lr (learning rates to try) or --trials (draws over --lr-range), not both")
+            if self.trials <= 0:
+                raise ReadCacheError(f"--trials {self.trials} must be at least 1")
+        low, high = self.lr_range
+        if not (0 < low < high and math.isfinite(high)):
+            raise ReadCacheError(f"--lr-range {low:g}:{high:g} must be LOW:HIGH with 0 < LOW < HIGH (the paper's is 1e-6:3e-3)")
+        if self.search not in [s.value for s in Search]:
+            raise ReadCacheError(f"--search {self.search!r} is not one of {', '.join(s.value for s in Search)}")
+        if self.eta < 2:
+            raise ReadCacheError(f"--eta {self.eta} must be at least 2 (successive halving keeps the best 1/eta)")
+        if self.dim is not None and all("/" in entry for entry in self.rnn):
+            raise ReadCacheError("--dim crosses the plain --rnn entries, and every entry here brings its own size (e.g. gru/256); drop --dim or the /size")
+
+    def architectures(self) -> list[tuple[str, int]]:
+        """(rnn, dim) pairs, in the order given: 'gru/256' as it is, plain entries crossed with --dim."""
+        dims = self.dim or (DEFAULT_DIM,)
+        pairs: list[tuple[str, int]] = []
+        for entry in self.rnn:
+            kind, paired, size = (part.strip() for part in entry.partition("/"))
+            if paired:
+                pairs.append((kind, _size(entry, size)))
+            elif kind == "none":
+                pairs.append((kind, dims[0]))  # no RNN: its size means nothing, so one configuration
+            else:
+                pairs.extend((kind, d) for d in dims)
+        return list(dict.fromkeys(pairs))
+
+    def configurations(self) -> list[Trial]:
+        """The grid (architectures x heads x learning rates), or --trials draws with architectures taken in turn."""
+        combos = [(rnn, dim, head) for rnn, dim in self.architectures() for head in self.head]
+        if self.trials is None:
+            return [Trial(rnn, dim, lr, head) for rnn, dim, head in combos for lr in self.lr or (DEFAULT_LR,)]
+        trials = []
+        for i, lr in enumerate(self.draw_learning_rates()):
+            rnn, dim, head = combos[i % len(combos)]
+            trials.append(Trial(rnn, dim, lr, head))
+        return trials
+
+    def draw_learning_rates(self) -> list[float]:
+        """--trials learning rates, log-uniform over --lr-range, seeded by --seed (more trials extend the same draws)."""
+        low, high = self.lr_range
+        rng = np.random.default_rng(self.shared.seed)
+        return [float(x) for x in np.exp(rng.uniform(math.log(low), math.log(high), self.trials or 0))]
+
+    def train_config(self, trial: Trial) -> TrainConfig:
+        """The TrainConfig that, given to `read-cache train` alone, trains the same network."""
+        return dataclasses.replace(self.shared, rnn=trial.rnn, dim=trial.dim, lr=trial.lr, head=trial.head, out=None, overwrite=self.overwrite)
+
+
+def _size(entry: str, size: str) -> int:
+    try:
+        value = int(size)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise ReadCacheError(f"--rnn entry {entry!r} needs a positive size after the '/', e.g. gru/256")
+    return value
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags -> values (the CLI's parsing, kept here so its errors name the flag)
+
+
+def parse_list(flag: str, text: str, kind: Callable[[str], T]) -> tuple[T, ...]:
+    """'128,256' -> (128, 256); an empty or malformed list is a one-line error naming the flag."""
+    items = [item.strip() for item in text.split(",")]
+    if not any(items):
+        return ()
+    if not all(items):
+        raise ReadCacheError(f"{flag} {text!r} has an empty entry; pass a comma-separated list, e.g. {flag} {EXAMPLES[flag]}")
+    try:
+        return tuple(kind(item) for item in items)
+    except ValueError:
+        what = {"int": "whole numbers", "float": "numbers"}.get(getattr(kind, "__name__", ""), "values")
+        raise ReadCacheError(f"{flag} {text!r} is not a comma-separated list of {what}, e.g. {flag} {EXAMPLES[flag]}") from None
+
+
+def parse_range(flag: str, text: str) -> tuple[float, float]:
+    """'1e-6:3e-3' -> (1e-6, 3e-3); anything else is a one-line error naming the flag."""
+    low, colon, high = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return float(low), float(high)
+    except ValueError:
+        raise ReadCacheError(f"{flag} {text!r} is not LOW:HIGH, e.g. {flag} 1e-6:3e-3") from None
+
+
+def _check_task(name: str) -> None:
+    from read_cache.tasks import get_task  # torch-free: task names and their label words
+
+    get_task(name)
