@@ -61,6 +61,9 @@ def build_quietly(model: Path, task: str, data_dir: Path, out: Path, **options) 
     """build_cache into `out` without touching the real 'last cache' pointer; returns `out`."""
     from read_cache.build import BuildConfig, build_cache
 
+    # fp32 unless a test asks otherwise: on CPUs with AVX512-BF16 or AMX the default compute is bf16, and the
+    # tests that compare the cache with a fresh fp32 forward pass (or online with cached) need the same math.
+    options.setdefault("dtype", "fp32")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("READ_CACHE_HOME", str(out.parent / "home"))
         build_cache(BuildConfig(model=str(model), task=task, data_dir=data_dir, out=out, progress=False, **options))

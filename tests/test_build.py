@@ -30,6 +30,7 @@ SMALL_CHUNKS = 0.003  # MiB: 16-token chunks, so a few hundred examples make man
 
 
 def config(model: Path, glue: Path, out: Path, **kw) -> BuildConfig:
+    kw.setdefault("dtype", "fp32")  # the same math as the fp32 reference forward passes, whatever this CPU's default
     return BuildConfig(model=str(model), task=kw.pop("task", "sst2"), data_dir=glue, out=out, progress=False, **kw)
 
 
@@ -200,7 +201,7 @@ def write_unit(self, split, unit, tokens, examples):
 
 store.CacheWriter.write_unit = write_unit
 build_cache(BuildConfig(model=sys.argv[3], task="sst2", data_dir=Path(sys.argv[4]), out=Path(sys.argv[5]),
-                        chunk_mb=float(sys.argv[6]), batch_size=8, progress=False))
+                        chunk_mb=float(sys.argv[6]), batch_size=8, dtype="fp32", progress=False))
 """
 
 
@@ -227,7 +228,7 @@ def test_kill_9_from_outside_at_a_random_moment(crash_setup, tmp_path: Path) -> 
     model, glue, reference = crash_setup
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "read_cache", "build", "--model", str(model), "--task", "sst2", "--data-dir", str(glue),
-           "--out", str(out), "--chunk-mb", str(SMALL_CHUNKS), "--batch-size", "8", "--no-progress"]
+           "--out", str(out), "--chunk-mb", str(SMALL_CHUNKS), "--batch-size", "8", "--dtype", "fp32", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not list((out / "train" / "units_done" / "c").glob("*")) if (out / "train").exists() else time.time() < deadline:
@@ -267,6 +268,44 @@ def test_second_build_refused_while_one_runs(built: Path, tiny_t5: Path, glue_di
         with pytest.raises(ReadCacheError, match="another build is writing"):
             build_cache(config(tiny_t5, glue_dir, built, batch_size=8))
     assert tree_digest(built) == before
+
+
+def test_two_builds_of_a_new_cache_cannot_both_write(tiny_t5: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The race a new user hit: the first build creates the cache while holding the lock; the second must be refused."""
+    import threading
+
+    from read_cache import build as build_module
+
+    out = tmp_path / "fresh"
+    created, release = threading.Event(), threading.Event()
+    original = build_module.build_split
+
+    def paused_build_split(*args, **kwargs):
+        created.set()  # the cache exists now; hold the first build here until the second has tried
+        release.wait(30)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "build_split", paused_build_split)
+    errors: list[BaseException] = []
+    first = threading.Thread(target=lambda: _capture(errors, lambda: build_cache(config(tiny_t5, glue_dir, out, batch_size=8))))
+    first.start()
+    try:
+        assert created.wait(60), "the first build never reached its splits"
+        monkeypatch.setattr(build_module, "build_split", original)
+        with pytest.raises(ReadCacheError, match="another build is writing"):
+            build_cache(config(tiny_t5, glue_dir, out, batch_size=8))
+    finally:
+        release.set()
+        first.join()
+    assert not errors, errors
+    assert read_cache.open_cache(out)["train"].complete
+
+
+def _capture(errors: list[BaseException], fn) -> None:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - reported by the test
+        errors.append(e)
 
 
 def test_rebuilding_a_complete_cache_changes_nothing(built: Path, tiny_t5: Path, glue_dir: Path) -> None:

@@ -289,7 +289,9 @@ class CacheWriter:
     @classmethod
     def create(cls, path: Path, geometry: Geometry, attrs: dict[str, Any], lm_head_rows: np.ndarray | None) -> CacheWriter:
         attrs = {**attrs, "format_version": FORMAT_VERSION, "geometry": geometry.to_dict(), "splits": {}}
-        group = zarr.open_group(str(path), mode="w", zarr_format=3, attributes=attrs)
+        # Never mode="w": that deletes and recreates the folder, and the build's flock (held on the
+        # folder itself) would stay on the deleted one, letting a second build in.
+        group = zarr.create_group(str(path), zarr_format=3, attributes=attrs, overwrite=False)
         if lm_head_rows is not None:
             group.create_array("lm_head_rows", data=lm_head_rows.astype(np.float32))
         return cls(path, geometry)
