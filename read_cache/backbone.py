@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from read_cache.device import cpu_has_fast_bf16
+from read_cache.device import cpu_has_fast_bf16, pick_device
 from read_cache.errors import ReadCacheError
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,6 @@ def default_dtype(device: str) -> str:
     if device.startswith("cuda"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @dataclasses.dataclass
@@ -153,7 +149,7 @@ def load_backbone(model: str, *, dtype: str | None = None, device: str | None = 
     """Load a frozen, eval-mode backbone from a hub id or a local folder."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, T5ForConditionalGeneration
 
-    device = device or default_device()
+    device = str(pick_device(device))  # checked before any weights load: no CUDA here is one line, not a traceback
     dtype = dtype or default_dtype(device)
     if dtype not in DTYPES:
         raise ReadCacheError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")

@@ -25,7 +25,9 @@ from read_cache import paths
 from read_cache.backbone import Backbone, BackboneStates, load_backbone, model_reference, package_versions
 from read_cache.config import BuildConfig
 from read_cache.data import SplitData, load_glue, split_recipe
+from read_cache.device import pick_device
 from read_cache.errors import ReadCacheError
+from read_cache.hub import require_hub_for
 from read_cache.store import (
     SPLITS,
     CacheWriter,
@@ -33,6 +35,7 @@ from read_cache.store import (
     Unit,
     BuildLock,
     check_format_version,
+    clear_cache_dir,
     codec_description,
     free_bytes,
     plan_units,
@@ -159,8 +162,14 @@ def forward_batches(
 # One unit
 
 
-def compute_unit(backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: np.ndarray, cfg: BuildConfig, geometry: Geometry) -> tuple[dict, dict]:
-    """Run the backbone over a unit's examples and lay the results out as the store wants them."""
+def compute_unit(
+    backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: np.ndarray, cfg: BuildConfig, geometry: Geometry,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> tuple[dict, dict]:
+    """Run the backbone over a unit's examples and lay the results out as the store wants them.
+
+    `on_batch(n)` is told after each forward batch how many of the unit's own examples it computed, so
+    progress moves per batch rather than per unit (a unit of a big model is minutes of work)."""
     c0, c1 = unit.compute
     base = int(offsets[c0])
     n_tok = int(offsets[c1]) - base
@@ -173,10 +182,11 @@ def compute_unit(backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: 
         examples = positions + c0
         dest = token_rows(offsets, examples) - base
         enc[dest] = to_stored(states.encoder_hidden, cfg.float_dtype)
+        own = (examples >= e0) & (examples < e1)
         if cross is not None:
             cross[dest] = to_stored(states.cross_attention, cfg.float_dtype)
-            own = (examples >= e0) & (examples < e1)
             dec[examples[own] - e0] = to_stored(states.decoder_hidden[torch.from_numpy(own)], cfg.float_dtype)
+        on_batch(int(own.sum()))
     t0, t1 = unit.tokens[0] - base, unit.tokens[1] - base
     tokens = {"encoder_hidden": enc[t0:t1]}
     examples_out = {}
@@ -249,11 +259,13 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
     """Run stage one; resumes a cache that an earlier run of the same command left incomplete."""
     started = time.perf_counter()
     cfg.validate()
+    pick_device(cfg.device)
+    require_hub_for(cfg.model, data_dir=cfg.data_dir, revision=cfg.revision)
     task = get_task(cfg.task)
     out = Path(cfg.out) if cfg.out else paths.default_cache_path(cfg.model, task.name)
     prepare_cache_dir(out)
     existing = read_root_attrs(out)
-    if existing is not None:
+    if existing is not None and not cfg.overwrite:
         check_format_version(existing, out)
         check_same_build(existing, cfg, out, fingerprint=None)
     data = load_glue(task, cfg.data_dir, cfg.limit)
@@ -264,6 +276,10 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
     tokenized = {split: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, data[split].texts), cfg.max_length) for split in SPLITS}
     with BuildLock(out):
         existing = read_root_attrs(out)  # re-read under the lock
+        if existing is not None and cfg.overwrite:
+            log.info("--overwrite: deleting the cache at %s", out)
+            clear_cache_dir(out)
+            existing = None
         if existing is not None:
             check_same_build(existing, cfg, out, fingerprint=backbone.info["fingerprint"])
             removed = remove_partial_files(out)
@@ -390,19 +406,19 @@ def build_split(writer: CacheWriter, backbone: Backbone, split: str, data: Split
     started = time.perf_counter()
     written = [0, sum(u.examples[1] - u.examples[0] for u in units if skeleton["units_done"][u.index])]
     writer.update_split_status(split, {**status, "examples_written": written[1], "complete": not pending})
-    with _progress(cfg.progress, split, len(offsets) - 1, written[1]) as advance:
+    with BuildProgress(cfg.progress, split, len(offsets) - 1, written[1]) as progress:
 
         def on_written(unit: Unit, nbytes: int) -> None:
             written[0] += nbytes
             written[1] += unit.examples[1] - unit.examples[0]
-            advance(unit.examples[1] - unit.examples[0], written[0] / max(time.perf_counter() - started, 1e-9))
+            progress.written(nbytes)
             writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False})
 
         unit_writer = UnitWriter(writer, split, on_written)
         try:
             for unit in pending:
                 t = time.perf_counter()
-                tokens, examples = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry)
+                tokens, examples = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
                 forward_seconds[0] += time.perf_counter() - t
                 unit_writer.put(unit, tokens, examples)
         finally:
@@ -411,36 +427,46 @@ def build_split(writer: CacheWriter, backbone: Backbone, split: str, data: Split
     return SplitReport(split, len(offsets) - 1, int(offsets[-1]), tokenized.truncated, len(pending), time.perf_counter() - started, written[0], resumed)
 
 
-class _progress:
-    """A rich progress bar with examples/s and MB/s written (or nothing when disabled)."""
+class BuildProgress:
+    """Examples computed (per forward batch) and MB written, as a rich bar on a terminal, else a log line every ~10 s.
+
+    Without a terminal (CI, nohup, a pipe) a bar would print nothing useful, and a big model would look hung."""
+
+    LOG_EVERY_SECONDS = 10.0
 
     def __init__(self, enabled: bool, split: str, total: int, done: int):
-        self.enabled, self.split, self.total, self.done = enabled, split, total, done
+        self.enabled, self.split, self.total = enabled, split, total
+        self.done, self.base, self.bytes = done, done, 0
+        self.started = self.last_log = time.perf_counter()
+        self._bar: Any = None
 
-    def __enter__(self) -> Callable[[int, float], None]:
-        if not self.enabled:
-            return lambda n, rate: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    def __enter__(self) -> BuildProgress:
+        from rich.console import Console
 
-        self._bar = Progress(
-            TextColumn(f"[bold]{self.split:>10}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[rate]} ex/s, {task.fields[mbs]} MB/s written"),
-            TimeRemainingColumn(),
-        )
-        self._bar.start()
-        self._task = self._bar.add_task(self.split, total=self.total, completed=self.done, rate="-", mbs="-")
-        started, base = time.perf_counter(), self.done
+        if self.enabled and Console(stderr=True).is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        def advance(n: int, bytes_per_second: float) -> None:
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            task = self._bar.tasks[0]
-            rate = (task.completed + n - base) / elapsed
-            self._bar.update(self._task, advance=n, rate=f"{rate:,.0f}", mbs=f"{bytes_per_second / 1e6:,.1f}")
+            self._bar = Progress(
+                TextColumn(f"[bold]{self.split:>10}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]} ex/s, {task.fields[mbs]} MB/s written"), TimeRemainingColumn(),
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.split, total=self.total, completed=self.done, rate="-", mbs="-")
+        return self
 
-        return advance
+    def computed(self, n: int) -> None:
+        self.done += n
+        elapsed = max(time.perf_counter() - self.started, 1e-9)
+        rate, mbs = (self.done - self.base) / elapsed, self.bytes / elapsed / 1e6
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, rate=f"{rate:,.0f}", mbs=f"{mbs:,.1f}")
+        elif self.enabled and time.perf_counter() - self.last_log >= self.LOG_EVERY_SECONDS:
+            self.last_log = time.perf_counter()
+            log.info("%s: %s/%s examples computed, %s ex/s, %.1f MB written", self.split, f"{self.done:,}", f"{self.total:,}", f"{rate:,.0f}", self.bytes / 1e6)
+
+    def written(self, nbytes: int) -> None:
+        self.bytes += nbytes
 
     def __exit__(self, *exc: object) -> None:
-        if self.enabled:
+        if self._bar is not None:
             self._bar.stop()

@@ -71,8 +71,19 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"read-cache {version('read-cache')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False) -> None:
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
     setup_logging(verbose)
     # transformers and huggingface_hub read these when (and only if) a command imports them: importing
     # transformers here to set them would cost every command, even a rejected flag, seconds.
@@ -97,6 +108,7 @@ def build(
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model.")] = None,
     chunk_mb: Annotated[float, typer.Option(help="Target raw MiB per chunk of token rows.")] = 4.0,
     force: Annotated[bool, typer.Option(help="Build even if the size estimate exceeds free disk.")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Delete the cache already at --out and build it anew (default: resume it).")] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Stage one: run the frozen backbone once over every split and cache its states."""
@@ -105,20 +117,22 @@ def build(
     cfg = BuildConfig(
         model=model, task=task, data_dir=data_dir, out=out, limit=limit, max_length=max_length, dtype=dtype,
         device=device, batch_size=batch_size, cross_attention=cross_attention, float_dtype=store_dtype,
-        revision=revision, chunk_mb=chunk_mb, force=force, progress=not no_progress,
+        revision=revision, chunk_mb=chunk_mb, force=force, overwrite=overwrite, progress=not no_progress,
     )
     cfg.validate()  # before the heavy imports below: a bad flag is rejected in well under a second
     from read_cache.build import build_cache
 
     report = build_cache(cfg)
-    table = Table(title=f"cache {report.path}")
-    for col in ("split", "examples", "tokens", "truncated", "units written", "seconds", "examples/s", "MB written"):
-        table.add_column(col, justify="right" if col != "split" else "left")
+    # Short headers: the table must fit 80 columns without truncating a number.
+    table = Table(title=f"cache {report.path}", title_justify="left")
+    for col in ("split", "examples", "tokens", "cut", "units", "s", "ex/s", "MB"):
+        table.add_column(col, justify="right" if col != "split" else "left", no_wrap=True)
     for s in report.splits:
         rate = (s.examples if s.units_written else 0) / s.seconds if s.seconds else 0
         table.add_row(s.split, f"{s.examples:,}", f"{s.tokens:,}", f"{s.truncated:,}", str(s.units_written), f"{s.seconds:.1f}", f"{rate:,.0f}", f"{s.bytes_written / 1e6:,.1f}")
     out_console.print(table)
-    out_console.print(f"wall {report.wall_seconds:.1f} s (backbone {report.forward_seconds:.1f} s); train from it with: read-cache train --cache {report.path}")
+    out_console.print(f"wall {report.wall_seconds:.1f} s (backbone {report.forward_seconds:.1f} s; cut = truncated inputs). Train from it with:", highlight=False)
+    print_command(f"read-cache train --cache {report.path}")
 
 
 @app.command()
@@ -180,24 +194,40 @@ def predict(
     texts: Annotated[Optional[list[str]], typer.Argument(help="Texts to label; a sentence pair as 'first ||| second'.")] = None,
     run: Annotated[Path, typer.Option(help="A run folder written by `read-cache train`.")] = ...,
     model: Annotated[Optional[str], typer.Option(help="The backbone; default: the one the run's cache was built from.")] = None,
-    file: Annotated[Optional[Path], typer.Option(help="A file with one text (or 'first ||| second' pair) per line.")] = None,
+    file: Annotated[Optional[Path], typer.Option(help="A UTF-8 text file with one text (or 'first ||| second' pair) per line.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda; default: CUDA when present.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object per text, with every label's probability.")] = False,
 ) -> None:
-    """Run the backbone and a trained side network together on new text and print labels (or scores)."""
-    from read_cache.predict import predict as predict_texts
-
+    """Run the backbone and a trained side network together on new text; print each label and its probability."""
     lines = list(texts or [])
+    empty = [i for i, line in enumerate(lines, 1) if not line.strip()]
+    if empty:
+        raise ReadCacheError(f"text argument {empty[0]} is empty; pass the text to label (or drop the empty argument)")
     if file is not None:
-        if not file.is_file():
-            raise ReadCacheError(f"--file {file} does not exist; pass a text file with one example per line")
-        lines += [line for line in file.read_text().splitlines() if line.strip()]
+        lines += [line for line in read_text_file(file).splitlines() if line.strip()]
     if not lines:
         raise ReadCacheError("nothing to predict; pass texts as arguments or --file F")
     examples = [tuple(part.strip() for part in line.split("|||")) if "|||" in line else line for line in lines]
+    from read_cache.predict import predict as predict_texts
+
     result = predict_texts(run, examples, model, device=device)
-    for line, label in zip(lines, result.labels):
-        shown = f"{label:.3f}" if isinstance(label, float) else label
-        typer.echo(f"{shown}\t{line}")  # plain tab-separated lines, for pipes
+    for line, row in zip(lines, result.rows()):
+        if as_json:
+            typer.echo(json.dumps({"text": line, **row}))
+        elif "score" in row:
+            typer.echo(f"{row['score']:.3f}\t{line}")
+        else:  # plain tab-separated lines, for pipes: label, its probability, the text
+            typer.echo(f"{row['label']}\t{row['probabilities'][row['label']]:.3f}\t{line}")
+
+
+def read_text_file(file: Path) -> str:
+    if not file.is_file():
+        raise ReadCacheError(f"--file {file} does not exist; pass a text file with one example per line")
+    raw = file.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ReadCacheError(f"--file {file} is not UTF-8 text (byte {e.start} is {raw[e.start]:#04x}); save it as UTF-8 and retry") from None
 
 
 @app.command()
@@ -231,6 +261,41 @@ def inspect(
     for name, s in info["splits"].items():
         shapes = ", ".join(f"{k} {tuple(v)}" for k, v in s["shapes"].items() if k != "units_done")
         out_console.print(f"{name}: {shapes}", highlight=False)
+
+
+@app.command()
+@user_errors
+def caches(
+    root: Annotated[Optional[Path], typer.Option(help="Where to look; default: $READ_CACHE_HOME/caches.")] = None,
+    rm: Annotated[Optional[list[Path]], typer.Option("--rm", help="Delete this cache folder (repeatable); refuses anything that is not a cache.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """List the caches under the cache root (model, task, size, completeness), or delete one with --rm."""
+    from read_cache import paths
+    from read_cache.describe import cache_listing, find_caches, remove_cache
+
+    for path in rm or []:
+        remove_cache(path.expanduser())
+        out_console.print(f"deleted {path}", highlight=False)
+    if rm:
+        return
+    folder = (root or paths.cache_home() / "caches").expanduser()
+    rows = [cache_listing(path) for path in find_caches(folder)]
+    if as_json:
+        out_console.print_json(json.dumps(rows))
+        return
+    if not rows:
+        out_console.print(f"no caches under {folder}; build one with `read-cache build`", highlight=False)
+        return
+    last = paths.last_cache()
+    table = Table(title=f"caches under {folder}", title_justify="left")
+    for col in ("model", "task", "MB", "complete", "path"):
+        table.add_column(col, justify="right" if col == "MB" else "left", overflow="fold")
+    for row in rows:
+        done = "yes" if row["complete"] else ("damaged" if row["problem"] else "no")
+        marker = " (last built)" if last is not None and Path(row["path"]).resolve() == last else ""
+        table.add_row(row["model"] or "?", row["task"] or "?", f"{row['disk_bytes'] / 1e6:,.1f}", done, row["path"] + marker)
+    out_console.print(table)
 
 
 @app.command()
@@ -328,6 +393,11 @@ def sweep(
         f"predict with: read-cache predict --run {best['run_dir']}",
         highlight=False,
     )
+
+
+def print_command(command: str) -> None:
+    """A command to copy, on its own line and never wrapped, whatever the terminal's width."""
+    typer.echo(f"  {command}")
 
 
 def resolve_cache(cache: Path | None) -> Path:

@@ -65,6 +65,8 @@ class BuildConfig:
     """Target raw size of a token chunk in MiB (DESIGN: 1-8 MB)."""
     force: bool = False
     """Build even when the disk estimate says it will not fit."""
+    overwrite: bool = False
+    """Delete the cache already at the output folder (whatever it holds) and build anew."""
     progress: bool = True
 
     def validate(self) -> None:

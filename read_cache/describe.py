@@ -1,10 +1,15 @@
-"""What a cache holds, for `read-cache inspect` and for people: `describe(open_cache(path))`."""
+"""What a cache holds, for `read-cache inspect` and `read-cache caches`, and for people: `describe(open_cache(path))`."""
 
 from __future__ import annotations
 
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
-from read_cache.store import Cache
+from read_cache import paths
+from read_cache.errors import ReadCacheError
+from read_cache.store import BuildLock, Cache, is_cache, open_cache
 
 
 def describe(cache: Cache) -> dict[str, Any]:
@@ -43,3 +48,37 @@ def describe(cache: Cache) -> dict[str, Any]:
         "split_recipe": attrs["data"]["split_recipe"],
         "splits": splits,
     }
+
+
+def find_caches(root: Path) -> list[Path]:
+    """Every cache folder under `root` (a cache's own subfolders are not searched)."""
+    found: list[Path] = []
+    if not root.is_dir():
+        return found
+    for folder, subfolders, _ in os.walk(root):
+        if is_cache(Path(folder)):
+            found.append(Path(folder))
+            subfolders.clear()
+    return sorted(found)
+
+
+def cache_listing(path: Path) -> dict[str, Any]:
+    """One row of `read-cache caches`: what it is, how big, whether it is complete (or why it cannot be read)."""
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    try:
+        cache = open_cache(path)
+        splits = {name: bool(cache.split_status(name).get("complete")) for name in cache.splits}
+        return {"path": str(path), "model": cache.model, "task": cache.task, "disk_bytes": size,
+                "complete": bool(splits) and len(splits) == 3 and all(splits.values()), "problem": None}
+    except ReadCacheError as e:
+        return {"path": str(path), "model": None, "task": None, "disk_bytes": size, "complete": False, "problem": str(e)}
+
+
+def remove_cache(path: Path) -> None:
+    """Delete one cache folder; refuses anything that is not a cache, and a cache a build is writing."""
+    if not is_cache(path):
+        raise ReadCacheError(f"--rm {path} is not a read-cache cache (no zarr.json with a format_version); nothing was deleted")
+    with BuildLock(path):
+        shutil.rmtree(path)
+    if paths.last_cache() == path.resolve():
+        paths.forget_last_cache()

@@ -39,6 +39,10 @@ def record_last_cache(path: Path) -> None:
     tmp.replace(home / "last-cache")
 
 
+def forget_last_cache() -> None:
+    (cache_home() / "last-cache").unlink(missing_ok=True)
+
+
 def last_cache() -> Path | None:
     pointer = cache_home() / "last-cache"
     if not pointer.is_file():

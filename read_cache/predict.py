@@ -27,6 +27,7 @@ from read_cache.errors import ReadCacheError
 from read_cache.reader import decode
 from read_cache.side_network import SideNetwork
 from read_cache.store import token_rows
+from read_cache.hub import require_hub_for
 from read_cache.tasks import TaskSpec, get_task
 from read_cache.train import load_run
 
@@ -40,6 +41,19 @@ class Predictions(NamedTuple):
     """[n] class ids; None for regression."""
     logits: np.ndarray
     """[n, C] logits, or [n] scores for regression."""
+    label_words: list[str] | None = None
+    """The C labels the logits score (classification only)."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One plain dict per example: {'label', 'probabilities': {label: p}} or {'score'} for regression."""
+        if self.label_ids is None:
+            return [{"score": float(s)} for s in self.labels]
+        shifted = np.exp(self.logits - self.logits.max(axis=-1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
+        return [
+            {"label": label, "probabilities": {w: round(float(p), 6) for w, p in zip(self.label_words or [], row)}}
+            for label, row in zip(self.labels, probabilities)
+        ]
 
 
 def predict(
@@ -66,7 +80,7 @@ def predict(
         return Predictions([float(x) for x in logits], None, logits)
     ids = logits.argmax(axis=-1)
     words = cache.get("label_words") or list(task.label_words)
-    return Predictions([words[i] for i in ids], ids, logits)
+    return Predictions([words[i] for i in ids], ids, logits, list(words))
 
 
 def _as_tuples(task: TaskSpec, texts: Sequence[str] | Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
@@ -82,12 +96,16 @@ def _as_tuples(task: TaskSpec, texts: Sequence[str] | Sequence[tuple[str, ...]])
         )
     if not out:
         raise ReadCacheError("no texts to predict; pass at least one example")
+    blank = [i for i, t in enumerate(out) if not any(field.strip() for field in t)]
+    if blank:
+        raise ReadCacheError(f"example {blank[0]} is empty; pass the text to label")
     return out
 
 
 def load_checked_backbone(cache: dict[str, Any], model: str | None, device: str | None) -> Backbone:
     """The run's backbone; refuses one whose weights (fingerprint) or identity differ from the cache's."""
     recorded = cache["model"]
+    require_hub_for(model or recorded, data_dir=None, want_data=False)
     backbone = load_backbone(model or recorded, dtype=cache.get("compute_dtype"), device=device)
     fingerprint = backbone.info["fingerprint"]
     if fingerprint != cache["fingerprint"]:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from read_cache.config import Search, SweepConfig, TrainConfig, Trial
+from read_cache.config import Search, SweepConfig, TrainConfig
 from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
 from read_cache.errors import ReadCacheError

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,14 @@ import pytest
 # Tests never touch the network: without this, a hub lookup retries for ~25 s before failing.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# Tests never read or write the user's caches: set before anything is imported (module-scoped fixtures
+# build caches before any per-test fixture runs, and huggingface libraries read HF_HOME on import).
+# CI proves it by running the suite with HOME mounted read-only (.ci/run).
+_SESSION_HOME = Path(tempfile.mkdtemp(prefix="read-cache-tests-"))
+os.environ["READ_CACHE_HOME"] = str(_SESSION_HOME / "read-cache-home")
+os.environ["HF_HOME"] = str(_SESSION_HOME / "huggingface")
+os.environ["MPLCONFIGDIR"] = str(_SESSION_HOME / "matplotlib")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 needs_shared = pytest.mark.skipif(not (SHARED / "glue").is_dir(), reason="../shared is not present (only in the project's workspace)")
@@ -137,5 +146,6 @@ def stsb_cache(tiny_t5: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(autouse=True)
 def _isolated_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the 'last cache built' pointer and default paths inside each test's tmp folder."""
+    """Keep the 'last cache built' pointer, default cache paths and default run folders (./runs) in each test's tmp folder."""
     monkeypatch.setenv("READ_CACHE_HOME", str(tmp_path / "read-cache-home"))
+    monkeypatch.chdir(tmp_path)

@@ -92,3 +92,137 @@ def test_predict_refuses_a_model_that_differs_from_the_cache(trained: Path, tmp_
 def test_train_without_any_cache_says_how_to_make_one() -> None:
     code, _, output = run_cli("train", "--epochs", 1)
     assert code == 2 and "read-cache build" in one_error(output)
+
+
+# --------------------------------------------------------------------------------------------------
+# What a new user hit (issue 14)
+
+
+def test_version_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    code, stdout, _ = run_cli("--version")
+    assert code == 0 and stdout.strip() == f"read-cache {version('read-cache')}"
+
+
+def test_flag_errors_come_before_torch_is_imported() -> None:
+    """A rejected flag must not pay for importing torch/transformers (seconds): checked in a fresh interpreter."""
+    import subprocess
+    import sys
+    import time
+
+    probe = (
+        "import sys\nfrom read_cache import cli\n"
+        "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(code, 'torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
+    for argv in (["train", "--dim", "0"], ["build", "--model", "m", "--task", "sst2", "--dtype", "bf17"], ["sweep", "--out", "x", "--rnn", "mlp"]):
+        started = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", f"import sys; sys.argv = {['read-cache', *argv]!r}\n{probe}"], capture_output=True, text=True, timeout=60)
+        seconds = time.perf_counter() - started
+        assert done.stdout.split() == ["2", "False", "False"], (argv, done.stdout, done.stderr)
+        assert done.stderr.count("error:") == 1, done.stderr
+        assert seconds < 10, (argv, seconds)  # ~0.5 s on an idle 2-core machine (docs/notes.md); generous for a loaded one
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_on_a_machine_without_it_is_one_line(trained: Path, tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
+    code, _, output = run_cli("build", "--model", tiny_t5, "--task", "sst2", "--data-dir", glue_dir, "--out", tmp_path / "c", "--device", "cuda")
+    assert code == 2 and "CUDA" in one_error(output) and not (tmp_path / "c").exists()
+    code, _, output = run_cli("predict", "--run", trained, "--device", "cuda", "a lovely film")
+    assert code == 2 and "CUDA" in one_error(output)
+
+
+def test_predict_refuses_empty_text_and_non_utf8_files(trained: Path, tmp_path: Path) -> None:
+    code, _, output = run_cli("predict", "--run", trained, "")
+    assert code == 2 and "empty" in one_error(output)
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("un film tr\xe8s r\xe9ussi\n".encode("latin-1"))
+    code, _, output = run_cli("predict", "--run", trained, "--file", latin1)
+    assert code == 2 and "UTF-8" in one_error(output)
+
+
+def test_predict_prints_probabilities_and_json(trained: Path) -> None:
+    code, stdout, output = run_cli("predict", "--run", trained, "a lovely film", "the plot was dull")
+    assert code == 0, output
+    for line in stdout.strip().splitlines():
+        label, probability, _ = line.split("\t")
+        assert label in ("negative", "positive") and 0.5 <= float(probability) <= 1.0
+    code, stdout, output = run_cli("predict", "--run", trained, "--json", "a lovely film")
+    assert code == 0, output
+    row = json.loads(stdout)
+    assert row["text"] == "a lovely film" and set(row["probabilities"]) == {"negative", "positive"}
+    assert abs(sum(row["probabilities"].values()) - 1) < 1e-5
+    assert row["probabilities"][row["label"]] == max(row["probabilities"].values())
+
+
+@pytest.mark.parametrize("damaged", ["train/zarr.json", "train/encoder_hidden/zarr.json"])
+def test_damaged_metadata_is_an_error_naming_the_file(caches: dict[str, Path], tmp_path: Path, damaged: str) -> None:
+    copy = tmp_path / "damaged"
+    shutil.copytree(caches["sst2"], copy)
+    (copy / damaged).write_text('{"zarr_format": 3, "node_')
+    for args in (["inspect", copy], ["train", "--cache", copy, "--epochs", 1, "--no-progress"]):
+        code, _, output = run_cli(*args)
+        assert code == 2, output
+        assert damaged in one_error(output) and "damaged" in one_error(output), output
+
+
+def test_unreachable_hub_names_every_input_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, output = run_cli("build", "--model", "google-t5/t5-small", "--task", "sst2", "--out", tmp_path / "c")
+    assert code == 2
+    line = one_error(output)
+    assert "--model google-t5/t5-small" in line and "--data-dir" in line and "HF_HUB_OFFLINE" in line
+    assert not (tmp_path / "c").exists()
+
+
+def test_build_next_command_stands_alone_and_overwrite_rebuilds(tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cache"
+    code, stdout, output = run_cli("build", "--model", tiny_t5, "--task", "sst2", "--data-dir", glue_dir, "--out", out, "--limit", 10, "--no-progress")
+    assert code == 0, output
+    assert f"  read-cache train --cache {out}" in stdout.splitlines()  # whole, on a line of its own
+    code, _, output = run_cli("build", "--model", tiny_t5, "--task", "cola", "--data-dir", glue_dir, "--out", out, "--limit", 10, "--no-progress")
+    assert code == 2 and "--out" in one_error(output)  # another task: refused without --overwrite
+    code, _, output = run_cli("build", "--model", tiny_t5, "--task", "cola", "--data-dir", glue_dir, "--out", out, "--limit", 10, "--no-progress", "--overwrite")
+    assert code == 0, output
+    import read_cache
+
+    assert read_cache.open_cache(out).task == "cola"
+
+
+def test_caches_lists_and_removes(tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
+    from read_cache import paths
+
+    root = paths.cache_home() / "caches"
+    for task in ("sst2", "cola"):
+        code, _, output = run_cli("build", "--model", tiny_t5, "--task", task, "--data-dir", glue_dir, "--limit", 10, "--no-progress")
+        assert code == 0, output
+    code, stdout, output = run_cli("caches", "--json")
+    assert code == 0, output
+    rows = json.loads(stdout)
+    assert sorted(r["task"] for r in rows) == ["cola", "sst2"] and all(r["complete"] and r["disk_bytes"] > 0 for r in rows)
+    assert all(Path(r["path"]).is_relative_to(root) for r in rows)
+    not_a_cache = tmp_path / "notes"
+    not_a_cache.mkdir()
+    code, _, output = run_cli("caches", "--rm", not_a_cache)
+    assert code == 2 and "not a read-cache cache" in one_error(output) and not_a_cache.is_dir()
+    cola = next(Path(r["path"]) for r in rows if r["task"] == "cola")
+    assert paths.last_cache() == cola.resolve()
+    code, _, output = run_cli("caches", "--rm", cola)
+    assert code == 0, output
+    assert not cola.exists() and paths.last_cache() is None
+    code, stdout, _ = run_cli("caches", "--json")
+    assert [r["task"] for r in json.loads(stdout)] == ["sst2"]
+
+
+def test_build_progress_moves_per_batch_without_a_terminal(tiny_t5: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from read_cache import build as build_module
+
+    monkeypatch.setattr(build_module.BuildProgress, "LOG_EVERY_SECONDS", 0.0)
+    caplog.set_level(logging.INFO, logger="read_cache.build")
+    out = tmp_path / "cache"
+    build_cache(BuildConfig(model=str(tiny_t5), task="sst2", data_dir=glue_dir, out=out, batch_size=8, progress=True))
+    counts = [int(r.getMessage().split()[1].split("/")[0].replace(",", "")) for r in caplog.records if "examples computed" in r.getMessage() and r.getMessage().startswith("train")]
+    assert len(counts) >= 120 // 8 and counts == sorted(counts) and counts[-1] == 120  # one line per batch of 8, not per unit

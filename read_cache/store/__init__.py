@@ -36,6 +36,7 @@ Why it looks like this:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -269,6 +270,18 @@ def prepare_cache_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
+def clear_cache_dir(path: Path) -> None:
+    """Delete a cache's contents but keep its folder: the build's lock is held on the folder itself."""
+    for child in path.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def is_cache(path: Path) -> bool:
+    """A folder with a read-cache root zarr.json (readable or not)."""
+    meta = path / "zarr.json"
+    return meta.is_file() and '"format_version"' in meta.read_text(errors="replace")
+
+
 def remove_partial_files(path: Path) -> int:
     """Delete zarr's temporary `*.partial` files left behind by a killed writer."""
     removed = 0
@@ -481,18 +494,28 @@ class Split:
 
     @property
     def token_chunk(self) -> int:
-        return self._group["encoder_hidden"].chunks[0]
+        return self.array("encoder_hidden").chunks[0]
 
     def array(self, name: str) -> zarr.Array:
-        return self._group[name]
+        return open_node(self._group, name, self.cache.path / self.name)
 
     def array_names(self) -> list[str]:
         """Names of the arrays stored for this split."""
-        return list(self._group.array_keys())
+        try:
+            return list(self._group.array_keys())
+        except Exception as e:  # one array's metadata is unreadable: name it (open_node does) rather than dump a traceback
+            for name in ("offsets", "input_ids", "label", "index", "units_done", "encoder_hidden", "cross_attention", "decoder_hidden"):
+                with contextlib.suppress(KeyError):
+                    self.array(name)
+            raise CacheCorruptError(f"the metadata of split {self.name} of {self.cache.path} is damaged ({e}); delete the cache and rebuild it") from e
 
     def _read(self, name: str, where: Any) -> np.ndarray:
         try:
-            return self._group[name][where]
+            array = self.array(name)
+        except KeyError as e:
+            raise CacheCorruptError(f"array {self.name}/{name} is missing from {self.cache.path}: the cache is damaged; rebuild it") from e
+        try:
+            return array[where]
         except KeyError as e:
             raise CacheCorruptError(f"array {self.name}/{name} is missing from {self.cache.path}: the cache is damaged; rebuild it") from e
         except Exception as e:  # zarr raises ValueError for checksum mismatches, others for bad codecs
@@ -543,6 +566,26 @@ class Split:
             yield self.read_block(start, stop)
 
 
+def open_node(group: zarr.Group, name: str, where: Path) -> Any:
+    """`group[name]`, with damaged metadata (zarr.json) reported as an error naming the file, not a traceback."""
+    try:
+        return group[name]
+    except KeyError:
+        raise
+    except Exception as e:  # zarr raises JSONDecodeError, ValueError or TypeError for unreadable metadata
+        raise CacheCorruptError(
+            f"{where / name / 'zarr.json'} is damaged ({type(e).__name__}: {e}); the cache is damaged: delete it and rebuild"
+        ) from e
+
+
+def has_node(group: zarr.Group, name: str, where: Path) -> bool:
+    try:
+        open_node(group, name, where)
+    except KeyError:
+        return False
+    return True
+
+
 class Cache:
     """A read-only view of a cache; `read_cache.open_cache(path)` returns one."""
 
@@ -562,7 +605,7 @@ class Cache:
 
     @property
     def splits(self) -> list[str]:
-        return [s for s in SPLITS if s in self.attrs.get("splits", {}) and s in self._group]
+        return [s for s in SPLITS if s in self.attrs.get("splits", {}) and has_node(self._group, s, self.path)]
 
     @property
     def model(self) -> str:
@@ -586,7 +629,7 @@ class Cache:
         if split not in self.splits:
             raise ReadCacheError(f"cache {self.path} has no split {split!r}; it has {', '.join(self.splits) or 'none'}")
         if split not in self._splits:
-            self._splits[split] = Split(self, split, self._group[split])
+            self._splits[split] = Split(self, split, open_node(self._group, split, self.path))
         return self._splits[split]
 
     def require_complete(self, splits: tuple[str, ...] = SPLITS) -> None:
@@ -605,13 +648,13 @@ class Cache:
         return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
     def raw_bytes(self, split: str) -> int:
-        group = self._group[split]
-        return sum(group[name].nbytes for name in group.array_keys())
+        s = self[split]
+        return sum(s.array(name).nbytes for name in s.array_names())
 
 
 def open_cache(path: str | os.PathLike[str]) -> Cache:
-    """Open a cache folder for reading."""
-    return Cache(Path(path))
+    """Open a cache folder for reading (`~` is expanded)."""
+    return Cache(Path(path).expanduser())
 
 
 def free_bytes(path: Path) -> int:
