@@ -39,6 +39,9 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     spec = cfg.out / "spec.json"
     spec.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}))
+    if cfg.epochs < 2:
+        log.warning("--epochs %d: one epoch reads the cache once, so it cannot show a saving over the online method; "
+                    "the saving grows with the epochs (the paper trains up to 30)", cfg.epochs)
     results: dict[str, Any] = {}
     for method in METHODS:
         if method not in cfg.methods:

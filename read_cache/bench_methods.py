@@ -64,7 +64,7 @@ def build(cfg: BenchConfig) -> dict[str, Any]:
 
     shutil.rmtree(_cache_dir(cfg), ignore_errors=True)
     baseline = _rss()
-    build_cfg = BuildConfig(model=cfg.model, task=cfg.task, data_dir=cfg.data_dir, out=_cache_dir(cfg), limit=cfg.limit, device=cfg.device, progress=False)
+    build_cfg = BuildConfig(model=cfg.model, task=cfg.task, data_dir=cfg.data_dir, out=_cache_dir(cfg), limit=cfg.limit, device=cfg.device, progress=False, remember=False)
     report, meter = metered(build_cache, build_cfg)
     cache = open_cache(_cache_dir(cfg))
     raw = disk = values = 0

@@ -292,7 +292,8 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
             writer = CacheWriter(out, geometry)
         forward_seconds = [0.0]
         reports = [build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds) for split in SPLITS]
-    paths.record_last_cache(out)
+    if cfg.remember:
+        paths.record_last_cache(out)
     return BuildReport(out, reports, time.perf_counter() - started, forward_seconds[0])
 
 

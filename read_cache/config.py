@@ -67,6 +67,8 @@ class BuildConfig:
     """Build even when the disk estimate says it will not fit."""
     overwrite: bool = False
     """Delete the cache already at the output folder (whatever it holds) and build anew."""
+    remember: bool = True
+    """Record the cache as the "last cache built" that `read-cache train` uses by default (bench's own caches do not)."""
     progress: bool = True
 
     def validate(self) -> None:

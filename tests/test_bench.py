@@ -21,6 +21,9 @@ def test_bench_reports_every_figure(tiny_t5: Path, glue_dir: Path, tmp_path: Pat
     out = tmp_path / "bench"
     cfg = BenchConfig(model=str(tiny_t5), task="sst2", out=out, data_dir=glue_dir, limit=30, epochs=3, slow_epochs=1, dim=16)
     report = run_bench(cfg, isolate=False)
+    from read_cache import paths
+
+    assert paths.last_cache() is None  # bench's own cache never becomes the user's "last cache built"
     on_disk = json.loads((out / "bench.json").read_text())
     assert on_disk["ratios"] == pytest.approx(report["ratios"])
     for name in RATIOS:
