@@ -183,9 +183,10 @@ def train(
     out_console.print(table)
     out_console.print(
         f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['examples_per_second']:,.0f} examples/s, "
-        f"{summary['wall_seconds']:.1f} s; run saved to {summary['run_dir']}",
+        f"{summary['wall_seconds']:.1f} s; run saved to {summary['run_dir']}. Label new text with:",
         highlight=False,
     )
+    print_command(f"read-cache predict --run {summary['run_dir']} \"TEXT\"")
 
 
 @app.command()
@@ -389,10 +390,11 @@ def sweep(
     out_console.print(table)
     out_console.print(
         f"selected {best['name']} by validation {best['validation']['score']:.4f}: test {best['test']['metric']} {best['test']['score']:.4f}; "
-        f"{report['epochs_trained']} epochs in {report['wall_seconds']:.1f} s; wrote {out / 'sweep.json'}, {out / 'sweep.png'}; "
-        f"predict with: read-cache predict --run {best['run_dir']}",
+        f"{report['epochs_trained']} epochs in {report['wall_seconds']:.1f} s; wrote {out / 'sweep.json'}, {out / 'sweep.png'}. "
+        "Label new text with:",
         highlight=False,
     )
+    print_command(f"read-cache predict --run {best['run_dir']} \"TEXT\"")
 
 
 def print_command(command: str) -> None:
