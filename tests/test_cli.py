@@ -226,3 +226,12 @@ def test_build_progress_moves_per_batch_without_a_terminal(tiny_t5: Path, glue_d
     build_cache(BuildConfig(model=str(tiny_t5), task="sst2", data_dir=glue_dir, out=out, batch_size=8, progress=True))
     counts = [int(r.getMessage().split()[1].split("/")[0].replace(",", "")) for r in caplog.records if "examples computed" in r.getMessage() and r.getMessage().startswith("train")]
     assert len(counts) >= 120 // 8 and counts == sorted(counts) and counts[-1] == 120  # one line per batch of 8, not per unit
+
+
+def test_open_cache_expands_the_home_folder(caches: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import read_cache
+
+    home = tmp_path / "home"
+    shutil.copytree(caches["sst2"], home / "caches" / "sst2")
+    monkeypatch.setenv("HOME", str(home))
+    assert len(read_cache.open_cache("~/caches/sst2")["train"]) > 0
