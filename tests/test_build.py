@@ -393,7 +393,7 @@ def _bad_glue(root: Path, case: str) -> Path:
     ("case", "expected"),
     [
         ("unknown_task", "unknown task"),
-        ("unreachable_model", "cannot load model"),
+        ("unreachable_model", "hub cannot be reached"),
         ("not_a_model_folder", "config.json"),
         ("missing_split", "dev"),
         ("missing_column", "sentence"),
