@@ -47,6 +47,14 @@ Dtype = Annotated[Optional[str], typer.Option("--dtype", help="bf16 or fp32 auto
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch; default: all cores but one (one feeds the reader).")]
 
 
+# What the same command resumes from after Ctrl-C (or kill -9); other commands keep nothing to resume.
+RESUMES = {
+    "build": "from its last durable unit",
+    "train": "from its last finished epoch (each epoch end is checkpointed)",
+    "sweep": "from its last finished epoch (each epoch end is checkpointed)",
+}
+
+
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Print a ReadCacheError as one line and exit 2; Ctrl-C exits 130 with how to resume."""
 
@@ -58,7 +66,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]: what was written is durable; rerun the same command to resume")
+            how = RESUMES.get(command.__name__)
+            console.print(f"[yellow]interrupted[/]: rerun the same command to resume {how}" if how else "[yellow]interrupted[/]", highlight=False)
             raise typer.Exit(130) from None
 
     return wrapper

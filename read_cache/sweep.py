@@ -15,12 +15,15 @@ validation score wins, and its test score is the one to report.
     DIR/
       runs/NN-<rnn><dim>-<head>-lr<lr>/   one run folder per configuration, as `read-cache train` writes it
       sweep.png                           validation curves
+      sweep-config.json                   this SweepConfig and the cache's identity (written first)
+      checkpoint.pt                       while training: every configuration's state after the last epoch
       sweep.json                          every configuration's scores, sizes and epochs, and `best` (written last)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import time
@@ -29,6 +32,7 @@ from typing import Any
 
 import torch
 
+from read_cache import checkpoint
 from read_cache.config import Search, SweepConfig, TrainConfig
 from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
@@ -42,11 +46,13 @@ from read_cache.train import (
     Fitted,
     Run,
     build_network,
+    cache_record,
     claim_run_dir,
     evaluate_many,
     make_optimizer,
     make_readers,
     open_task_cache,
+    run_config,
     save_run,
     side_network_config,
     summarize,
@@ -60,6 +66,7 @@ from read_cache.train import (
 log = logging.getLogger(__name__)
 
 REPORT = "sweep.json"
+SWEEP_CONFIG = "sweep-config.json"
 CHART = "sweep.png"
 RUNS = "runs"
 
@@ -102,6 +109,7 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     chart(report, out / CHART)
     write_json(out / REPORT, report)
+    checkpoint.finished(out)
     best = report["best"]
     log.info(
         "selected %s: validation %s %.4f, test %.4f; %d configurations, %d epochs in %.1f s; wrote %s",
@@ -125,14 +133,15 @@ def setup(cfg: SweepConfig) -> list[Member]:
         net_cfg = side_network_config(config, cache, task)
         unique.setdefault((config.rnn, config.dim, config.lr, net_cfg.head), (config, net_cfg))
     readers = make_readers(cfg.shared, cache)
-    out = claim_sweep_dir(cfg)
+    out = claim_sweep_dir(cfg, {"sweep": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "cache": cache_record(cache)})
+    resuming = (out / checkpoint.CHECKPOINT).is_file()  # its members may be finished already: they are redone
     width = len(str(len(unique) - 1))
     members = []
     for i, (config, net_cfg) in enumerate(unique.values()):
         size = "" if config.rnn == RNNKind.NONE else str(config.dim)
         name = f"{i:0{width}d}-{config.rnn}{size}-{net_cfg.head}-lr{config.lr:.3g}"
-        config = dataclasses.replace(config, out=out / RUNS / name)
-        run_dir = claim_run_dir(config, task.name, net_cfg)
+        config = dataclasses.replace(config, out=out / RUNS / name, overwrite=cfg.overwrite or resuming)
+        run_dir = claim_run_dir(config, task.name, net_cfg, run_config(config, net_cfg, cache))
         write_run_config(run_dir, config, net_cfg, cache)
         run = Run(config, cache, task, build_network(config, net_cfg, cache, device), readers, device, amp, run_dir)
         members.append(Member(name, run, EarlyStopping(run, name), make_optimizer(run) if trainable(run.net) else None))
@@ -144,17 +153,20 @@ def setup(cfg: SweepConfig) -> list[Member]:
     return members
 
 
-def claim_sweep_dir(cfg: SweepConfig) -> Path:
-    """Refuse a non-empty --out unless --overwrite (which replaces only the sweep's own files)."""
+def claim_sweep_dir(cfg: SweepConfig, record: dict[str, Any]) -> Path:
+    """The sweep folder, locked: an interrupted sweep of this config resumes; another non-empty --out is
+    refused unless --overwrite (which replaces only the sweep's own files)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ReadCacheError(f"--out {out} is a file; choose a folder for the sweep")
-    if out.is_dir() and any(out.iterdir()):
+    if checkpoint.claim(out, record, overwrite=cfg.overwrite, config=SWEEP_CONFIG, done=REPORT, what="sweep"):
+        return out  # interrupted: `fit_all` resumes from its checkpoint
+    if any(out.iterdir()):
         if not cfg.overwrite:
             raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
-        for name in (REPORT, CHART):
+        for name in (REPORT, CHART, SWEEP_CONFIG, checkpoint.CHECKPOINT):
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / SWEEP_CONFIG, record)
     return out
 
 
@@ -171,7 +183,9 @@ def fit_all(members: list[Member], cfg: SweepConfig) -> list[dict[str, Any]]:
     for member in members:
         if member.optimizer is None:
             member.ended = "nothing to train"
-    for epoch in range(1, shared.epochs + 1):
+    out = Path(cfg.out)
+    first = checkpoint.resume_sweep(out, members, timeline, shared.epochs)  # 1, unless an interrupted sweep goes on
+    for epoch in range(first, shared.epochs + 1):
         active = [m for m in members if m.ended is None]
         if not active:
             break
@@ -191,6 +205,7 @@ def fit_all(members: list[Member], cfg: SweepConfig) -> list[dict[str, Any]]:
                 member.ended = "last epoch"
         if epoch in rungs:
             halve(members, epoch, cfg.eta)
+        checkpoint.save_sweep(out, epoch, members, timeline)
         left = sum(m.ended is None for m in members)
         log.info(
             "epoch %d: trained %d in %.1f s (their steps %.1f s), validated them in %.1f s; %d go on",

@@ -11,6 +11,7 @@ write the run folder:
       metrics.jsonl             one JSON line per epoch
       side_network.safetensors  the trained weights (with the head and its frozen LM rows)
       summary.json              scores, sizes, speed, energy (written last: its presence means done)
+      checkpoint.pt             while training: the state after the last epoch (see `read_cache.checkpoint`)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from read_cache import paths
+from read_cache import checkpoint, paths
 from read_cache.config import TrainConfig
 from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
@@ -137,6 +138,7 @@ def save_run(run: Run, summary: dict[str, Any]) -> None:
     """Write the weights, then summary.json (last: its presence means the run is done)."""
     save_file({k: v.detach().cpu().contiguous() for k, v in run.net.state_dict().items()}, str(run.out / WEIGHTS))
     write_json(run.out / SUMMARY, summary)
+    checkpoint.finished(run.out)
     log.info(
         "best epoch %d: validation %s %.4f, test %s %.4f; run saved to %s",
         summary["best_epoch"], summary["validation"]["metric"], summary["validation"]["score"],
@@ -157,7 +159,7 @@ def setup(cfg: TrainConfig) -> Run:
     net_cfg = side_network_config(cfg, cache, task)
     net = build_network(cfg, net_cfg, cache, device)
     readers = make_readers(cfg, cache)
-    out = claim_run_dir(cfg, task.name, net_cfg)
+    out = claim_run_dir(cfg, task.name, net_cfg, run_config(cfg, net_cfg, cache))
     write_run_config(out, cfg, net_cfg, cache)
     log.info(
         "training %s/%d with a %s head on %s (%s): %s trainable parameters; readers %s; %s",
@@ -229,24 +231,32 @@ def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideN
     )
 
 
-def claim_run_dir(cfg: TrainConfig, task: str, net_cfg: SideNetworkConfig) -> Path:
-    """Refuse a non-empty --out unless --overwrite (which replaces only the run's own files)."""
+def claim_run_dir(cfg: TrainConfig, task: str, net_cfg: SideNetworkConfig, record: dict[str, Any]) -> Path:
+    """The run folder, locked: an interrupted run of this config to resume (the --out given, or the newest
+    under ./runs), else a new one. A finished or foreign non-empty --out is refused unless --overwrite
+    (which replaces only the run's own files)."""
     dim = 0 if cfg.rnn == RNNKind.NONE else cfg.dim
-    out = Path(cfg.out) if cfg.out is not None else paths.default_run_dir(task, cfg.rnn, dim, net_cfg.head)
+    fresh = paths.default_run_dir(task, cfg.rnn, dim, net_cfg.head)
+    out = Path(cfg.out) if cfg.out is not None else checkpoint.find_interrupted(fresh.parent, record, config=CONFIG, done=SUMMARY) or checkpoint.unused(fresh)
     if out.exists() and not out.is_dir():
         raise ReadCacheError(f"--out {out} is a file; choose a folder for the run")
-    if out.is_dir() and any(out.iterdir()):
+    if checkpoint.claim(out, record, overwrite=cfg.overwrite, config=CONFIG, done=SUMMARY):
+        return out  # interrupted: `fit` resumes from its checkpoint
+    if any(out.iterdir()):
         if not cfg.overwrite:
             raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
-        for name in ARTIFACTS:
+        for name in (*ARTIFACTS, checkpoint.CHECKPOINT):
             (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def write_run_config(out: Path, cfg: TrainConfig, net_cfg: SideNetworkConfig, cache: Cache) -> None:
     """config.json, written first: the side network, the cache's identity and the TrainConfig."""
-    write_json(out / CONFIG, {"side_network": net_cfg.to_dict(), "cache": cache_record(cache), "train": cfg.to_dict()})
+    write_json(out / CONFIG, run_config(cfg, net_cfg, cache))
+
+
+def run_config(cfg: TrainConfig, net_cfg: SideNetworkConfig, cache: Cache) -> dict[str, Any]:
+    return {"side_network": net_cfg.to_dict(), "cache": cache_record(cache), "train": cfg.to_dict()}
 
 
 def cache_record(cache: Cache) -> dict[str, Any]:
@@ -288,9 +298,12 @@ def fit(run: Run) -> Fitted:
         log.info("nothing to train (--rnn none --head lm is T5's own zero-shot verbalizer); scoring only")
         return stopping.finish()
     optimizer = make_optimizer(run)
-    for epoch in range(1, run.cfg.epochs + 1):
+    first = checkpoint.resume_fit(run, optimizer, stopping)  # 1, unless an interrupted run goes on
+    for epoch in range(first, run.cfg.epochs + 1):
         loss, n, secs = train_epoch(run, optimizer, epoch, stopping.last)
-        if stopping.update(epoch, loss, n, secs, evaluate(run, "validation")):
+        stop = stopping.update(epoch, loss, n, secs, evaluate(run, "validation"))
+        checkpoint.save_fit(run, optimizer, stopping, epoch, stopped=stop)
+        if stop:
             break
     return stopping.finish()
 
@@ -410,6 +423,8 @@ def evaluate_many(nets: list[SideNetwork], reader: SplitReader, *, device: torch
 def load_run(run_dir: str | Path) -> tuple[SideNetwork, dict[str, Any]]:
     """A trained run's side network (eval mode, on the CPU) and its config.json."""
     run_dir = Path(run_dir)
+    if (run_dir / CONFIG).is_file() and not (run_dir / WEIGHTS).is_file():
+        raise ReadCacheError(checkpoint.unfinished_message(run_dir))
     if not (run_dir / CONFIG).is_file() or not (run_dir / WEIGHTS).is_file():
         raise ReadCacheError(f"{run_dir} holds no finished run ({CONFIG} and {WEIGHTS} missing); pass a folder `read-cache train` wrote")
     config = json.loads((run_dir / CONFIG).read_text())
