@@ -110,6 +110,7 @@ def _cached(cfg: BenchConfig, reader: str) -> dict[str, Any]:
         cache=_cache_dir(cfg), rnn=cfg.rnn, dim=cfg.dim, lr=cfg.lr, batch_size=cfg.batch_size, epochs=cfg.epochs,
         patience=cfg.epochs, out=out, overwrite=True, reader=reader, memory_budget_gb=64, device=cfg.device, progress=False,
     )
+    (out / "checkpoint.pt").unlink(missing_ok=True)  # a bench times every epoch: never resume a killed bench's run
     summary, meter = metered(train, train_cfg)
     epochs = [json.loads(line)["seconds"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     return _result(

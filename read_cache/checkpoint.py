@@ -98,8 +98,9 @@ def find_interrupted(root: Path, record: dict[str, Any], *, config: str, done: s
             candidates.append(((folder / config).stat().st_mtime, folder, saved))
     for _, folder, saved in sorted(candidates, key=lambda c: c[0], reverse=True):
         differ = differences(saved, record)
-        if differ:
-            log.info("not resuming %s: another configuration (it differs in %s)", folder, ", ".join(differ))
+        if differ:  # worth a line when the cache is the same: likely the same command with a flag changed
+            level = logging.DEBUG if any(d.startswith("cache.") for d in differ) else logging.INFO
+            log.log(level, "not resuming %s: another configuration (it differs in %s)", folder, ", ".join(differ))
         elif try_lock(folder):
             return folder
     return None
@@ -296,17 +297,17 @@ def restore_stopping(stopping: EarlyStopping, state: dict[str, Any]) -> None:
 
 def save(folder: Path, state: dict[str, Any], epoch: int) -> None:
     """Write the checkpoint durably: a crash leaves either the previous one or this one, never half of one."""
-    test_kill("before", epoch)
+    kill_point("before", epoch)
     state = {"format": FORMAT, **state, "rng": rng_state()}
     tmp = folder / (CHECKPOINT + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    test_kill("written", epoch)
+    kill_point("written", epoch)
     os.replace(tmp, folder / CHECKPOINT)
     fsync_dir(folder)
-    test_kill("after", epoch)
+    kill_point("after", epoch)
 
 
 def load(folder: Path) -> dict[str, Any] | None:
@@ -381,7 +382,7 @@ def say_resuming(folder: Path, done: int, first: int, epochs: int) -> None:
         log.info("resuming %s from epoch %d (epochs 1-%d are in its checkpoint)", folder, first, done)
 
 
-def test_kill(stage: str, epoch: int) -> None:
+def kill_point(stage: str, epoch: int) -> None:
     """Die as kill -9 would (or take Ctrl-C with ':int') where a test asked: READ_CACHE_TEST_KILL=STAGE:EPOCH[:int]."""
     asked = os.environ.get(KILL_ENV, "")
     if asked.removesuffix(":int") == f"{stage}:{epoch}":

@@ -67,7 +67,7 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             how = RESUMES.get(command.__name__)
-            console.print(f"[yellow]interrupted[/]: rerun the same command to resume {how}" if how else "[yellow]interrupted[/]", highlight=False)
+            console.print(f"[yellow]interrupted[/]: rerun the same command to resume {how}" if how else "[yellow]interrupted[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return wrapper

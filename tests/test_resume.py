@@ -83,7 +83,7 @@ def crash_at(monkeypatch: pytest.MonkeyPatch, where: str) -> None:
         if f"{stage}:{epoch}" == where:
             raise Crash(where)
 
-    monkeypatch.setattr(checkpoint, "test_kill", kill)
+    monkeypatch.setattr(checkpoint, "kill_point", kill)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -216,3 +216,21 @@ def test_sweep_interrupted_twice_resumes_bit_identical(cache: Path, tmp_path: Pa
     assert not (out / "checkpoint.pt").exists()
     code, _, output = run_cli(*command)  # finished: never silently redone
     assert code == 2 and one_error(output) == f"error: --out {out} exists; pass --overwrite or choose another --out"
+
+
+@pytest.mark.parametrize(
+    ("command", "module", "function", "says"),
+    [
+        (("build", "--model", "m", "--task", "sst2"), "read_cache.build", "build_cache", "interrupted: rerun the same command to resume from its last durable unit"),
+        (("train", "--cache", "c"), "read_cache.train", "train", "interrupted: rerun the same command to resume from its last finished epoch (each epoch end is checkpointed)"),
+        (("inspect", "c"), "read_cache.describe", "describe", "interrupted"),  # nothing to resume
+    ],
+)
+def test_ctrl_c_says_what_the_same_command_resumes(command: tuple, module: str, function: str, says: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(f"{module}.{function}", interrupted)
+    monkeypatch.setattr("read_cache.store.open_cache", lambda path: None)
+    code, _, output = run_cli(*command)
+    assert code == 130 and output.strip().splitlines()[-1] == says
