@@ -117,23 +117,25 @@ def unused(folder: Path) -> Path:
 
 def differences(saved: dict[str, Any], record: dict[str, Any]) -> list[str]:
     """Where a folder's config.json and this command's differ, ignoring what cannot change a number."""
-    saved, record = comparable(saved), comparable(record)
+    return _differ(comparable(saved), comparable(record), "")
+
+
+def _differ(a: Any, b: Any, where: str) -> list[str]:
+    """Dotted names of the differing fields; the flags' own sections ('train', 'sweep', 'shared') unnamed."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [where]
     out = []
-    for section in sorted(saved.keys() | record.keys()):
-        a, b = saved.get(section), record.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{section}.{k}" if section not in ("train", "sweep") else k for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-        elif a != b:
-            out.append(section)
+    for key in sorted(a.keys() | b.keys()):
+        inner = key if not where or where in ("train", "sweep", "shared") else f"{where}.{key}"
+        out += _differ(a.get(key), b.get(key), inner)
     return out
 
 
 def comparable(record: dict[str, Any]) -> dict[str, Any]:
     """The record through JSON (tuples -> lists, Paths -> str), without the fields in VOLATILE."""
     plain = json.loads(json.dumps(record, default=str))
-    for section in ("train", "shared"):
-        if isinstance(plain.get(section), dict):
-            plain[section] = {k: v for k, v in plain[section].items() if k not in VOLATILE}
+    if isinstance(plain.get("train"), dict):
+        plain["train"] = {k: v for k, v in plain["train"].items() if k not in VOLATILE}
     if isinstance(plain.get("sweep"), dict):
         sweep = {k: v for k, v in plain["sweep"].items() if k not in ("out", "overwrite")}
         if isinstance(sweep.get("shared"), dict):
@@ -193,6 +195,8 @@ def finished(folder: Path) -> None:
 
 def save_fit(run: Run, optimizer: torch.optim.Optimizer, stopping: EarlyStopping, epoch: int, *, stopped: bool) -> None:
     """RUN/checkpoint.pt after `epoch`; `stopped` when early stopping ended the run there."""
+    if not getattr(stopping, "writes", True):  # under torchrun (issue 10) rank 0 alone writes the run folder
+        return
     member = member_state(run.net, optimizer, stopping, active=True)
     save(run.out, {"kind": "train", "epoch": epoch, "stopped": stopped, "members": {"": member}}, epoch)
 
@@ -287,8 +291,9 @@ def restore_stopping(stopping: EarlyStopping, state: dict[str, Any]) -> None:
     stopping.best_validation = None if validation is None else Evaluation(*(t.numpy() for t in validation))
     stopping.epoch, stopping.seen, stopping.seconds, stopping.last = state["epoch"], state["seen"], state["seconds"], state["last"]
     stopping.history = list(state["history"])
-    lines = "".join(json.dumps(record) + "\n" for record in stopping.history)
-    write_atomically(stopping.run.out / METRICS, lines.encode())
+    if getattr(stopping, "writes", True):
+        lines = "".join(json.dumps(record) + "\n" for record in stopping.history)
+        write_atomically(stopping.run.out / METRICS, lines.encode())
 
 
 # --------------------------------------------------------------------------------------------------
