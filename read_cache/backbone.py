@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from read_cache.device import cpu_has_fast_bf16, pick_device
+from read_cache.device import default_compute_dtype, pick_device, warn_if_risky_dtype
 from read_cache.errors import ReadCacheError
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,6 @@ class BackboneStates(NamedTuple):
     """[tokens, N_D] (head mean) or [tokens, N_D, H]: sigma_D of decoder position 0; None for encoders."""
     decoder_hidden: torch.Tensor | None
     """[batch, N_D, d]: phi_D[1..N_D] at decoder position 0; None for encoders."""
-
-
-def default_dtype(device: str) -> str:
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 @dataclasses.dataclass
@@ -107,6 +101,7 @@ class Backbone:
                 extra = {"token_type_ids": token_type_ids.to(self.device)} if token_type_ids is not None and self.uses_token_types else {}
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
                 enc = torch.stack(out.hidden_states[1:], dim=2)  # [B, L, N_E, d]
+                check_finite("encoder", enc[real])
                 return BackboneStates(enc[real], None, None)
             # Encoder and decoder separately: the LM head's vocabulary-wide logits are never needed.
             encoded = self.model.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -120,11 +115,14 @@ class Backbone:
                 use_cache=False,
             )
         enc = torch.stack(encoded.hidden_states[1:], dim=2)  # [B, L, N_E, d]
+        check_finite("encoder", enc[real])
         dec = torch.stack(decoded.hidden_states[1:], dim=1)[:, :, 0]  # [B, N_D, d]
+        check_finite("decoder", dec)
         cross = torch.stack(decoded.cross_attentions, dim=1)[:, :, :, 0, :]  # [B, N_D, H, L]
         cross = cross.permute(0, 3, 1, 2)  # [B, L, N_D, H]
         if cross_attention == "mean":
             cross = cross.float().mean(dim=-1)
+        check_finite("cross-attention of decoder", cross[real])
         return BackboneStates(enc[real], cross[real], dec)
 
     def lm_head(self, label_words: tuple[str, ...]) -> dict[str, Any]:
@@ -145,16 +143,59 @@ class Backbone:
         return int(ids[0])
 
 
-def load_backbone(model: str, *, dtype: str | None = None, device: str | None = None, revision: str | None = None) -> Backbone:
-    """Load a frozen, eval-mode backbone from a hub id or a local folder."""
+def check_finite(part: str, states: torch.Tensor) -> None:
+    """Stop at the first inf/NaN: name the layer (1-based, as `phi[i]`) so the cause can be found.
+
+    `states` is [rows, layers, ...]: hidden states [T or B, layers, d], cross-attention [T, N_D(, heads)]. T5 in
+    fp16 is the usual culprit: its feed-forward activations overflow fp16's 65,504 in the later layers.
+    """
+    finite = torch.isfinite(states)
+    if bool(finite.all()):
+        return
+    bad = (~finite).transpose(0, 1).reshape(states.shape[1], -1).any(dim=1)  # [layers]
+    layer = int(bad.nonzero()[0]) + 1
+    raise ReadCacheError(
+        f"the backbone produced inf/NaN in {part} layer {layer} of {states.shape[1]}; the build stopped before "
+        "writing that batch. fp16 overflows in T5: rebuild with --dtype bf16 (or fp32), or check the model's weights"
+    )
+
+
+def truncate_layers(net: torch.nn.Module, kind: str, drop: int) -> None:
+    """Drop the last `drop` encoder (and decoder) layers in place, before any forward pass (READ-large's T5-large).
+
+    T5 keeps its final layer norm, so the last kept layer's output is normalised as the full model's last one is.
+    """
+    if drop == 0:
+        return
+    config = net.config
+    stacks = [(net.encoder.layer, "num_hidden_layers")] if kind == "encoder" else [
+        (net.encoder.block, "num_layers"), (net.decoder.block, "num_decoder_layers")
+    ]
+    for layers, attr in stacks:
+        if drop >= len(layers):
+            raise ReadCacheError(f"--drop-last-layers {drop} leaves no layer of the model's {len(layers)}; pass a smaller number")
+        del layers[len(layers) - drop :]
+        setattr(config, attr, len(layers))
+
+
+def load_backbone(
+    model: str,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    revision: str | None = None,
+    drop_last_layers: int = 0,
+) -> Backbone:
+    """Load a frozen, eval-mode backbone from a hub id or a local folder (less its last `drop_last_layers` layers)."""
     from transformers import AutoConfig, AutoModel, AutoTokenizer, T5ForConditionalGeneration
 
     device = str(pick_device(device))  # checked before any weights load: no CUDA here is one line, not a traceback
-    dtype = dtype or default_dtype(device)
-    if dtype not in DTYPES:
-        raise ReadCacheError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
     config = _load_config(AutoConfig, model, revision)
     kind = backbone_kind(config, model)
+    dtype = dtype or default_compute_dtype(device, kind)
+    if dtype not in DTYPES:
+        raise ReadCacheError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
+    warn_if_risky_dtype(dtype, kind)
     # Attention maps need eager attention in transformers 5 (SDPA refuses output_attentions).
     cls = T5ForConditionalGeneration if kind == "t5" else AutoModel
     try:
@@ -162,6 +203,7 @@ def load_backbone(model: str, *, dtype: str | None = None, device: str | None = 
         tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as e:
         raise ReadCacheError(f"cannot load model {model!r}: {_first_line(e)}") from e
+    truncate_layers(net, kind, drop_last_layers)
     net.requires_grad_(False).eval().to(device)
     info = {
         "kind": kind,
@@ -170,6 +212,7 @@ def load_backbone(model: str, *, dtype: str | None = None, device: str | None = 
         "revision": revision or getattr(config, "_commit_hash", None),
         "fingerprint": model_fingerprint(model, config),
         "config": config.to_diff_dict(),
+        "drop_last_layers": drop_last_layers,
     }
     if kind == "encoder":
         # What `read-cache train` pools by when no --pooling is given (the family's own way).

@@ -87,10 +87,12 @@ class Tokenized:
         return np.concatenate([[0], np.cumsum([len(x) for x in self.ids])]).astype(np.int64)
 
 
-def model_inputs(backbone_kind: str, task: TaskSpec, texts: Sequence[tuple[str, ...]]) -> tuple[list[Any], list[Any] | None]:
-    """T5 reads the paper's prefixed text; an encoder reads the raw text (pair)."""
+def model_inputs(
+    backbone_kind: str, task: TaskSpec, texts: Sequence[tuple[str, ...]], protocol: str = "t5"
+) -> tuple[list[Any], list[Any] | None]:
+    """T5 reads the paper's prefixed text (as `protocol` writes it); an encoder reads the raw text (pair)."""
     if backbone_kind == "t5":
-        return [task.t5_input(t) for t in texts], None
+        return [task.t5_input(t, protocol) for t in texts], None
     firsts = [t[0] for t in texts]
     seconds = [t[1] for t in texts] if len(task.text_fields) > 1 else None
     return firsts, seconds
@@ -268,12 +270,15 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
     if existing is not None and not cfg.overwrite:
         check_format_version(existing, out)
         check_same_build(existing, cfg, out, fingerprint=None)
-    data = load_glue(task, cfg.data_dir, cfg.limit)
-    backbone = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision)
+    data = load_glue(task, cfg.data_dir, cfg.limit, cfg.protocol)
+    backbone = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision, drop_last_layers=cfg.drop_last_layers)
     if backbone.kind == "encoder" and cfg.cross_attention == "heads":
         log.info("--cross-attention heads ignored: encoder-only backbones have no cross-attention")
     geometry = make_geometry(backbone, cfg, task)
-    tokenized = {split: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, data[split].texts), cfg.max_length) for split in SPLITS}
+    tokenized = {
+        split: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, data[split].texts, cfg.protocol), cfg.max_length)
+        for split in SPLITS
+    }
     with BuildLock(out):
         existing = read_root_attrs(out)  # re-read under the lock
         if existing is not None and cfg.overwrite:
@@ -286,7 +291,8 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
             log.info("resuming %s (%d leftover partial files removed)", out, removed)
         check_disk(out, geometry, tokenized, existing, cfg.force)
         if existing is None:
-            lm = backbone.lm_head(task.label_words) if backbone.kind == "t5" and task.label_words else None
+            targets = task.targets(cfg.protocol)
+            lm = backbone.lm_head(targets) if backbone.kind == "t5" and targets else None
             writer = CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), lm["rows"] if lm else None)
         else:
             writer = CacheWriter(out, geometry)
@@ -320,7 +326,13 @@ def identity(cfg: BuildConfig) -> dict[str, Any]:
         "float_dtype": cfg.float_dtype,
         "chunk_mb": cfg.chunk_mb,
         "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
+        "protocol": cfg.protocol,
+        "drop_last_layers": cfg.drop_last_layers,
     }
+
+
+IDENTITY_DEFAULTS = {"protocol": "t5", "drop_last_layers": 0}
+"""What a cache built before these options existed was built with."""
 
 
 def check_same_build(attrs: dict[str, Any], cfg: BuildConfig, out: Path, fingerprint: str | None) -> None:
@@ -331,7 +343,7 @@ def check_same_build(attrs: dict[str, Any], cfg: BuildConfig, out: Path, fingerp
             f"--out {out} already holds a cache of model {model!r} on task {task!r}; "
             "choose another --out (or delete that cache) to build a different model or task"
         )
-    differing = [k for k, v in identity(cfg).items() if attrs["build"].get(k) != v]
+    differing = [k for k, v in identity(cfg).items() if attrs["build"].get(k, IDENTITY_DEFAULTS.get(k)) != v]
     if differing:
         was = ", ".join(f"{k}={attrs['build'].get(k)!r}" for k in differing)
         raise ReadCacheError(f"--out {out} was built with {was}; rerun with those options to resume it, or choose another --out")
@@ -354,12 +366,16 @@ def root_attributes(cfg: BuildConfig, task: TaskSpec, backbone: Backbone, lm: di
         "task": {
             "name": task.name,
             "metric": task.metric.value,
-            "label_words": list(task.label_words),
+            "label_words": list(task.targets(cfg.protocol)),
             "num_labels": task.num_labels,
             "regression": task.is_regression,
-            "template": task.t5_template if backbone.kind == "t5" else "text pair" if len(task.text_fields) > 1 else "text",
+            "template": task.template(cfg.protocol) if backbone.kind == "t5" else "text pair" if len(task.text_fields) > 1 else "text",
         },
-        "data": {"source": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else "hub:nyu-mll/glue", "split_recipe": split_recipe(task)},
+        "data": {
+            "source": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else "hub:nyu-mll/glue",
+            "split_recipe": split_recipe(task, protocol=cfg.protocol),
+            "protocol": cfg.protocol,
+        },
         "build": identity(cfg),
         "compute_dtype": backbone.dtype,
         "float_dtype": cfg.float_dtype,

@@ -45,6 +45,11 @@ MemoryBudget = Annotated[float, typer.Option("--memory-budget", help="GB of RAM 
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N; default: CUDA when present.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="bf16 or fp32 autocast; default: bf16 where it pays.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch; default: all cores but one (one feeds the reader).")]
+ProtocolOpt = Annotated[str, typer.Option("--protocol", help="t5 (T5's label words) or lst (Ladder Side-Tuning's splits and label digits, as the paper ran it).")]
+DropLayers = Annotated[int, typer.Option("--drop-last-layers", help="Drop the model's last K encoder and decoder layers before caching (READ-large: 4).")]
+Preset = Annotated[Optional[str], typer.Option("--preset", help="paper: batch 96, up to 30 epochs, stop at the first epoch without a better validation score, Table 9's learning rates.")]
+Seeds = Annotated[int, typer.Option("--seeds", help="Run each configuration with this many seeds (--seed, --seed+1, ...): mean and std.")]
+NoRecurrence = Annotated[bool, typer.Option("--no-recurrence", help="A separate RNN cell per layer instead of one shared cell (the paper's Table 2 ablation).")]
 
 
 # What the same command resumes from after Ctrl-C (or kill -9); other commands keep nothing to resume.
@@ -118,6 +123,8 @@ def build(
     chunk_mb: Annotated[float, typer.Option(help="Target raw MiB per chunk of token rows.")] = 4.0,
     force: Annotated[bool, typer.Option(help="Build even if the size estimate exceeds free disk.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete the cache already at --out and build it anew (default: resume it).")] = False,
+    protocol: ProtocolOpt = "t5",
+    drop_last_layers: DropLayers = 0,
     no_progress: NoProgress = False,
 ) -> None:
     """Stage one: run the frozen backbone once over every split and cache its states."""
@@ -126,7 +133,8 @@ def build(
     cfg = BuildConfig(
         model=model, task=task, data_dir=data_dir, out=out, limit=limit, max_length=max_length, dtype=dtype,
         device=device, batch_size=batch_size, cross_attention=cross_attention, float_dtype=store_dtype,
-        revision=revision, chunk_mb=chunk_mb, force=force, overwrite=overwrite, progress=not no_progress,
+        revision=revision, chunk_mb=chunk_mb, force=force, overwrite=overwrite, progress=not no_progress, protocol=protocol,
+        drop_last_layers=drop_last_layers,
     )
     cfg.validate()  # before the heavy imports below: a bad flag is rejected in well under a second
     from read_cache.build import build_cache
@@ -152,11 +160,11 @@ def train(
     dim: Annotated[int, typer.Option(help="RNN hidden size r (the paper: 128 or 256).")] = 256,
     head: Annotated[Optional[str], typer.Option(help="lm (frozen LM head over the label words) or linear; default: lm for T5 classification, else linear.")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Encoder-only caches: mean or first token; default: the model family's way, as the cache records it.")] = None,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate; default 1e-3, or Table 9's with --preset paper.")] = None,
     weight_decay: WeightDecay = 0.0,
-    batch_size: BatchSize = 96,
-    epochs: Annotated[int, typer.Option(help="Most epochs (the paper: 30).")] = 30,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better validation score.")] = 5,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default and the paper: 96).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Most epochs (default and the paper: 30).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better validation score (default 5; the paper: 1).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling (a CPU run repeats exactly).")] = 0,
     out: Annotated[Optional[Path], typer.Option(help="Run folder; default: ./runs/<task>-<rnn><dim>-<head>-<time>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the run files in an existing --out.")] = False,
@@ -165,18 +173,35 @@ def train(
     device: Device = None,
     dtype: Dtype = None,
     threads: Threads = None,
+    no_recurrence: NoRecurrence = False,
+    preset: Preset = None,
+    seeds: Seeds = 1,
     no_progress: NoProgress = False,
 ) -> None:
     """Stage two: train READ's side network and a head from a cache; the backbone is never loaded."""
-    from read_cache.config import TrainConfig
+    from read_cache.config import TrainConfig, with_preset
 
+    values = with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience)
     cfg = TrainConfig(
-        cache=cache, rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay,
-        batch_size=batch_size, epochs=epochs, patience=patience, seed=seed, out=out, overwrite=overwrite, reader=reader,
-        memory_budget_gb=memory_budget, device=device, dtype=dtype, threads=threads, progress=not no_progress,
+        cache=cache, rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
+        overwrite=overwrite, reader=reader, memory_budget_gb=memory_budget, device=device, dtype=dtype, threads=threads,
+        progress=not no_progress, recurrence=not no_recurrence, preset=preset, **values,
     )
     cfg.validate()
+    if seeds <= 0:
+        raise ReadCacheError(f"--seeds {seeds} must be at least 1 (the paper averages 3)")
     cfg.cache = resolve_cache(cache)
+    if seeds > 1:
+        from read_cache.search import train_seeds
+
+        report = train_seeds(cfg, seeds)
+        out_console.print(
+            f"{report['task']}: {report['rnn']}/{report['dim']} lr {report['lr']:.3g}, seeds {report['seeds']}: "
+            f"validation {report['validation']['mean']:.4f} ± {report['validation']['std']:.4f}, "
+            f"test {report['metric']} {report['test']['mean']:.4f} ± {report['test']['std']:.4f}; runs in {Path(report['runs'][0]).parent}",
+            highlight=False,
+        )
+        return
     from read_cache.train import train as train_side_network
 
     summary = train_side_network(cfg)
@@ -345,20 +370,25 @@ def bench(
 def sweep(
     out: Annotated[Path, typer.Option(help="Sweep folder: sweep.json, sweep.png, and a run folder per configuration under runs/.")],
     cache: CacheArg = None,
-    rnn: Annotated[str, typer.Option(help="Comma-separated RNNs (gru, lstm, rnn, none), crossed with --dim; 'gru/256' brings its own size.")] = "gru",
+    rnn: Annotated[Optional[str], typer.Option(help="Comma-separated RNNs (gru, lstm, rnn, none), crossed with --dim; 'gru/256' brings its own size; default gru (with --preset paper or --rounds: gru/256,gru/128,lstm/128).")] = None,
     dim: Annotated[Optional[str], typer.Option(help="Comma-separated RNN sizes crossed with the plain --rnn entries; default 256.")] = None,
     lr: Annotated[Optional[str], typer.Option(help="Comma-separated learning rates; default 1e-3 (leave out with --trials).")] = None,
     head: Annotated[Optional[str], typer.Option(help="Comma-separated heads (lm, linear); default: lm for T5 classification, else linear.")] = None,
     trials: Annotated[Optional[int], typer.Option(help="Draw this many learning rates log-uniformly over --lr-range, architectures taken in turn.")] = None,
-    lr_range: Annotated[str, typer.Option(help="LOW:HIGH for --trials (the paper: 1e-6:3e-3).")] = "1e-6:3e-3",
+    rounds: Annotated[Optional[int], typer.Option(help="Bayesian learning-rate search (optuna TPE) with this many rounds per architecture (--preset paper: 32).")] = None,
+    per_round: Annotated[int, typer.Option(help="Learning rates each architecture tries per search round, trained together.")] = 1,
+    lr_range: Annotated[str, typer.Option(help="LOW:HIGH for --trials and --rounds (the paper: 1e-6:3e-3).")] = "1e-6:3e-3",
     search: Annotated[str, typer.Option(help="grid (each to --epochs or its early stop) or halving (after epochs 1, eta, eta^2... keep the best 1/eta).")] = "grid",
     eta: Annotated[int, typer.Option(help="Successive halving's reduction factor.")] = 3,
     pooling: Annotated[Optional[str], typer.Option(help="Encoder-only caches: mean or first token; default: the model family's way, as the cache records it.")] = None,
     weight_decay: WeightDecay = 0.0,
-    batch_size: BatchSize = 96,
-    epochs: Annotated[int, typer.Option(help="Most epochs per configuration (the paper: 30).")] = 30,
-    patience: Annotated[int, typer.Option(help="A configuration stops after this many epochs without a better validation score.")] = 5,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default and the paper: 96).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Most epochs per configuration (default and the paper: 30).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="A configuration stops after this many epochs without a better validation score (default 5; the paper: 1).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for every configuration's initialisation, the shuffling and the --trials draws.")] = 0,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Run every configuration with this many seeds (--seed, --seed+1, ...) and rank by the mean (--preset paper: 3).")] = None,
+    preset: Preset = None,
+    no_recurrence: NoRecurrence = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the sweep's files in an existing --out.")] = False,
     reader: Reader = "auto",
     memory_budget: MemoryBudget = 2.0,
@@ -368,21 +398,49 @@ def sweep(
     no_progress: NoProgress = False,
 ) -> None:
     """Train many side networks from one read of the cache; select by validation, report that run's test score."""
-    from read_cache.config import SweepConfig, TrainConfig, parse_list, parse_range
+    from read_cache.config import SearchConfig, SweepConfig, TrainConfig, parse_list, parse_range, with_preset
 
     shared = TrainConfig(
-        cache=cache, pooling=pooling, weight_decay=weight_decay, batch_size=batch_size, epochs=epochs,
-        patience=patience, seed=seed, reader=reader, memory_budget_gb=memory_budget, device=device, dtype=dtype,
-        threads=threads, progress=not no_progress,
+        cache=cache, pooling=pooling, weight_decay=weight_decay, seed=seed, reader=reader, memory_budget_gb=memory_budget,
+        device=device, dtype=dtype, threads=threads, progress=not no_progress, recurrence=not no_recurrence, preset=preset,
+        **with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience),
     )
+    shared.validate()
+    n_seeds = seeds if seeds is not None else (3 if preset == "paper" else 1)
+    if rounds is not None or (preset == "paper" and lr is None and trials is None):
+        if lr is not None or trials is not None:
+            raise ReadCacheError("--rounds searches the learning rate itself; drop --lr and --trials (or --rounds)")
+        from read_cache.paper import ARCHITECTURES, PAPER
+
+        heads = (None,) if head is None else parse_list("--head", head, str)
+        if len(heads) != 1:
+            raise ReadCacheError("--rounds searches one head at a time; pass a single --head")
+        architectures = ARCHITECTURES if rnn is None else SweepConfig(out=out, rnn=parse_list("--rnn", rnn, str), dim=None if dim is None else parse_list("--dim", dim, int)).architectures()
+        search_cfg = SearchConfig(
+            out=out, architectures=tuple(a if isinstance(a, str) else f"{a[0]}/{a[1]}" for a in architectures),
+            rounds=rounds or PAPER.rounds, per_round=per_round, lr_range=parse_range("--lr-range", lr_range), seeds=n_seeds,
+            head=heads[0], overwrite=overwrite, shared=shared,
+        )
+        search_cfg.validate()
+        shared.cache = resolve_cache(cache)
+        from read_cache.search import search as run_search
+
+        _print_search(run_search(search_cfg), out)
+        return
     cfg = SweepConfig(
-        out=out, rnn=parse_list("--rnn", rnn, str), dim=None if dim is None else parse_list("--dim", dim, int),
+        out=out, rnn=parse_list("--rnn", rnn or "gru", str), dim=None if dim is None else parse_list("--dim", dim, int),
         lr=None if lr is None else parse_list("--lr", lr, float), head=(None,) if head is None else parse_list("--head", head, str),
         trials=trials, lr_range=parse_range("--lr-range", lr_range), search=search, eta=eta, overwrite=overwrite, shared=shared,
     )
     cfg.validate()
-    shared.validate()
+    if n_seeds <= 0:
+        raise ReadCacheError(f"--seeds {n_seeds} must be at least 1 (the paper averages 3)")
     shared.cache = resolve_cache(cache)
+    if n_seeds > 1:
+        from read_cache.search import sweep_seeds
+
+        _print_seeds(sweep_seeds(cfg, n_seeds), out)
+        return
     from read_cache.sweep import ranked
     from read_cache.sweep import sweep as run_sweep
 
@@ -409,6 +467,86 @@ def sweep(
 def print_command(command: str) -> None:
     """A command to copy, on its own line and never wrapped, whatever the terminal's width."""
     typer.echo(f"  {command}")
+
+
+@app.command()
+@user_errors
+def glue(
+    model: Annotated[str, typer.Option(help="Hub id or local model folder (T5 family or encoder-only).")],
+    out: Annotated[Path, typer.Option(help="Folder: caches/, search/, glue.json, glue.md, glue.png.")],
+    data_dir: Annotated[Optional[Path], typer.Option(help="Local GLUE folder (TSV or parquet layout); default: the hub.")] = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks; default Table 1's seven.")] = "cola,mnli,qnli,mrpc,qqp,sst2,stsb",
+    limit: Annotated[Optional[int], typer.Option(help="At most this many examples per split (a scaled-down run).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Most epochs per configuration (default and the paper: 30).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Epochs without a better validation score before a configuration stops (default 5; the paper: 1).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per training step (default and the paper: 96).")] = None,
+    seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds per configuration, averaged (default 1; --preset paper: 3).")] = None,
+    rounds: Annotated[Optional[int], typer.Option(help="Bayesian learning-rate search rounds per architecture and task (default 8; --preset paper: 32).")] = None,
+    per_round: Annotated[int, typer.Option(help="Learning rates each architecture tries per round (trained together).")] = 1,
+    rnn: Annotated[str, typer.Option(help="Architecture candidates, rnn/dim (the paper's Table 8).")] = "gru/256,gru/128,lstm/128",
+    lr_range: Annotated[str, typer.Option(help="LOW:HIGH of the learning-rate search (the paper: 1e-6:3e-3).")] = "1e-6:3e-3",
+    preset: Preset = None,
+    protocol: ProtocolOpt = "t5",
+    drop_last_layers: DropLayers = 0,
+    no_recurrence: NoRecurrence = False,
+    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    dtype: Annotated[Optional[str], typer.Option(help="Build compute dtype bf16|fp16|fp32; default: safe and fast on this device.")] = None,
+    build_batch_size: Annotated[int, typer.Option(help="Examples per forward pass of the builds.")] = 64,
+    device: Device = None,
+    threads: Threads = None,
+    memory_budget: MemoryBudget = 2.0,
+    no_progress: NoProgress = False,
+) -> None:
+    """The paper's protocol end to end: build every task's cache, search, select one architecture, write Table 1."""
+    from read_cache.config import GlueConfig, SearchConfig, TrainConfig, parse_list, parse_range, with_preset
+    from read_cache.paper import PAPER
+
+    shared = TrainConfig(
+        seed=seed, device=device, threads=threads, memory_budget_gb=memory_budget, progress=not no_progress,
+        recurrence=not no_recurrence, preset=preset, **with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience),
+    )
+    search_cfg = SearchConfig(
+        out=out, architectures=parse_list("--rnn", rnn, str), rounds=rounds or (PAPER.rounds if preset == "paper" else 8),
+        per_round=per_round, lr_range=parse_range("--lr-range", lr_range),
+        seeds=seeds if seeds is not None else (PAPER.seeds if preset == "paper" else 1), shared=shared,
+    )
+    cfg = GlueConfig(
+        model=model, out=out, data_dir=data_dir, tasks=parse_list("--tasks", tasks, str), limit=limit, protocol=protocol,
+        drop_last_layers=drop_last_layers, preset=preset, search=search_cfg, build_batch_size=build_batch_size, dtype=dtype,
+        progress=not no_progress,
+    )
+    cfg.validate()
+    from read_cache.glue import TABLE, run_glue
+
+    run_glue(cfg)
+    typer.echo((out / TABLE).read_text())
+
+
+def _print_seeds(report: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"{report['task']}: {len(report['configs'])} configurations x seeds {report['seeds']}, ranked by mean validation")
+    for col in ("configuration", "parameters", "validation", "test"):
+        table.add_column(col, justify="left" if col == "configuration" else "right")
+    for entry in sorted(report["configs"], key=lambda e: -e["validation"]["mean"] if e["validation"]["mean"] == e["validation"]["mean"] else 1e9):
+        mark = " *" if entry is report["best"] or entry["name"] == report["best"]["name"] else ""
+        table.add_row(entry["name"] + mark, f"{entry['trainable_parameters']:,}", _mean_std(entry["validation"]), _mean_std(entry["test"]))
+    out_console.print(table)
+    out_console.print(f"selected {report['best']['name']}: test {report['best']['metric']} {_mean_std(report['best']['test'])}; wrote {out / 'seeds.json'}", highlight=False)
+
+
+def _print_search(report: dict[str, Any], out: Path) -> None:
+    table = Table(title=f"{report['task']}: {report['rounds']} round(s) x {report['per_round']} per architecture, seeds {report['seeds']}")
+    for col in ("architecture", "best lr", "validation", "test", "trials"):
+        table.add_column(col, justify="left" if col == "architecture" else "right")
+    for arch, a in report["architectures"].items():
+        mark = " *" if arch == report["best_architecture"] else ""
+        table.add_row(arch + mark, f"{a['best']['lr']:.3g}", _mean_std(a["best"]["validation"]), _mean_std(a["best"]["test"]), str(len(a["trials"])))
+    out_console.print(table)
+    best = report["best"]
+    out_console.print(f"selected {report['best_architecture']} lr {best['lr']:.3g}: test {best['metric']} {_mean_std(best['test'])}; wrote {out / 'search.json'}", highlight=False)
+
+
+def _mean_std(spread: dict[str, Any]) -> str:
+    return f"{spread['mean']:.4f} ± {spread['std']:.4f}"
 
 
 def resolve_cache(cache: Path | None) -> Path:

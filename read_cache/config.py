@@ -19,7 +19,9 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from read_cache.errors import ReadCacheError
+from read_cache.paper import PAPER, check_preset
 from read_cache.store import CHUNK_BYTES
+from read_cache.tasks import PROTOCOLS
 
 T = TypeVar("T")
 
@@ -31,7 +33,7 @@ HEADS = ("lm", "linear")
 READER_MODES = ("auto", "ram", "stream")
 DEFAULT_DIM = 256
 DEFAULT_LR = 1e-3
-EXAMPLES = {"--rnn": "gru,lstm", "--dim": "128,256", "--lr": "1e-4,3e-4,1e-3", "--head": "lm,linear"}
+EXAMPLES = {"--tasks": "cola,sst2,mrpc,stsb", "--rnn": "gru,lstm", "--dim": "128,256", "--lr": "1e-4,3e-4,1e-3", "--head": "lm,linear"}
 
 @dataclasses.dataclass
 class BuildConfig:
@@ -70,8 +72,16 @@ class BuildConfig:
     remember: bool = True
     """Record the cache as the "last cache built" that `read-cache train` uses by default (bench's own caches do not)."""
     progress: bool = True
+    protocol: str = "t5"
+    """'t5' (this package's splits, T5's label words) or 'lst' (Ladder Side-Tuning's splits, label digits)."""
+    drop_last_layers: int = 0
+    """Drop the model's last K encoder and decoder layers before the forward pass (READ-large: 4 of T5-large's 24)."""
 
     def validate(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ReadCacheError(f"--protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)} (t5: T5's label words; lst: Ladder Side-Tuning's splits and label digits)")
+        if self.drop_last_layers < 0:
+            raise ReadCacheError(f"--drop-last-layers {self.drop_last_layers} must be 0 or more (READ-large drops 4)")
         if self.limit is not None and self.limit <= 0:
             raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples per split (or left out)")
         if self.max_length < 2:
@@ -105,8 +115,8 @@ class TrainConfig:
     pooling: str | None = None
     """Encoder-only caches: pool tokens by 'mean' or take the 'first' token; None: the way the backbone's
     family pools, as the build recorded it (mean for sentence-transformers models, first for BERT classifiers)."""
-    lr: float = 1e-3
-    """AdamW learning rate."""
+    lr: float | None = None
+    """AdamW learning rate; None: 1e-3, or with --preset paper Table 9's rate for the cache's task."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 96
@@ -137,8 +147,13 @@ class TrainConfig:
     """CPU threads for torch; None: every core but one (the reader thread's), see `device.training_threads`."""
     progress: bool = True
     """Show a progress bar per epoch."""
+    recurrence: bool = True
+    """False (`--no-recurrence`): a separate RNN cell per layer instead of one shared cell (the paper's Table 2)."""
+    preset: str | None = None
+    """'paper': Table 9's learning rate for the cache's task where --lr is left out (see `read_cache.paper`)."""
 
     def validate(self) -> None:
+        check_preset(self.preset)
         if self.rnn not in RNN_KINDS:
             raise ReadCacheError(f"--rnn {self.rnn!r} is not one of {', '.join(RNN_KINDS)}")
         if self.head is not None and self.head not in HEADS:
@@ -149,7 +164,7 @@ class TrainConfig:
             raise ReadCacheError(f"--reader {self.reader!r} is not one of {', '.join(READER_MODES)}")
         if self.dim <= 0:
             raise ReadCacheError(f"--dim {self.dim} must be a positive RNN hidden size (the paper uses 128 or 256)")
-        if not self.lr > 0 or not math.isfinite(self.lr):
+        if self.lr is not None and (not self.lr > 0 or not math.isfinite(self.lr)):
             raise ReadCacheError(f"--lr {self.lr} must be a positive learning rate (e.g. --lr 1e-3)")
         if self.epochs <= 0:
             raise ReadCacheError(f"--epochs {self.epochs} must be at least 1")
@@ -251,6 +266,8 @@ class SweepConfig:
     """Successive halving's reduction factor."""
     overwrite: bool = False
     """Replace the sweep's files in an existing --out (each run folder's own files only)."""
+    configs: tuple[Trial, ...] | None = None
+    """Exactly these configurations instead of the grid (a search round of `read_cache.search`)."""
     shared: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     """What every configuration shares: cache, epochs, patience, batch size, seed, reader, device, threads...
     Its rnn, dim, lr, head, out and overwrite are set per configuration."""
@@ -290,6 +307,8 @@ class SweepConfig:
 
     def configurations(self) -> list[Trial]:
         """The grid (architectures x heads x learning rates), or --trials draws with architectures taken in turn."""
+        if self.configs is not None:
+            return list(self.configs)
         combos = [(rnn, dim, head) for rnn, dim in self.architectures() for head in self.head]
         if self.trials is None:
             return [Trial(rnn, dim, lr, head) for rnn, dim, head in combos for lr in self.lr or (DEFAULT_LR,)]
@@ -308,6 +327,129 @@ class SweepConfig:
     def train_config(self, trial: Trial) -> TrainConfig:
         """The TrainConfig that, given to `read-cache train` alone, trains the same network."""
         return dataclasses.replace(self.shared, rnn=trial.rnn, dim=trial.dim, lr=trial.lr, head=trial.head, out=None, overwrite=self.overwrite)
+
+
+def preset_values(preset: str | None) -> dict[str, Any]:
+    """The TrainConfig values a preset sets where the user gave no flag: batch 96, 30 epochs, stop at the first
+    epoch without a better validation score (the paper's wording); its learning rates come per task later."""
+    check_preset(preset)
+    if preset is None:
+        return {}
+    return {"batch_size": PAPER.batch_size, "epochs": PAPER.epochs, "patience": PAPER.patience}
+
+
+def with_preset(preset: str | None, **given: Any) -> dict[str, Any]:
+    """TrainConfig values: the flags given (not None) over the preset's, over TrainConfig's own defaults."""
+    values = preset_values(preset)
+    values.update({k: v for k, v in given.items() if v is not None})
+    return values
+
+
+@dataclasses.dataclass
+class SearchConfig:
+    """The paper's search for one task (`read-cache sweep --preset paper`, and each task of `read-cache glue`).
+
+    Per architecture, a Bayesian optimisation (optuna's TPE, ask-and-tell) of the learning rate over `lr_range`
+    on a log scale; each round asks every architecture for `per_round` rates and trains all of them together in
+    one fused sweep per seed; the objective is the mean validation score over the seeds.
+    """
+
+    out: Path
+    """Folder: search.json, and round-NN/seed-S/ sweep folders."""
+    architectures: tuple[str, ...] = ("gru/256", "gru/128", "lstm/128")
+    """'rnn/dim' entries (the paper's Table 8 candidates by default)."""
+    rounds: int = PAPER.rounds
+    """Rounds of the Bayesian optimisation (the paper: up to 32)."""
+    per_round: int = 1
+    """Learning rates each architecture tries per round (all trained in the round's one fused sweep)."""
+    lr_range: tuple[float, float] = PAPER.lr_range
+    """(low, high), searched on a log scale."""
+    seeds: int = 1
+    """Seeds per configuration: shared.seed, shared.seed + 1, ...; scores are their mean (and std)."""
+    first_lr: float | None = None
+    """Tried first by every architecture (Table 9's rate under --preset paper), then the optimiser takes over."""
+    head: str | None = None
+    """None: the task's default head."""
+    overwrite: bool = False
+    """Replace the search's files in an existing --out."""
+    shared: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    """What every configuration shares (cache, epochs, patience, batch size, first seed, reader, device...)."""
+
+    def validate(self) -> None:
+        if self.rounds <= 0:
+            raise ReadCacheError(f"--rounds {self.rounds} must be at least 1 (the paper: up to 32)")
+        if self.per_round <= 0:
+            raise ReadCacheError(f"--per-round {self.per_round} must be at least 1")
+        if self.seeds <= 0:
+            raise ReadCacheError(f"--seeds {self.seeds} must be at least 1 (the paper averages 3)")
+        low, high = self.lr_range
+        if not (0 < low < high and math.isfinite(high)):
+            raise ReadCacheError(f"--lr-range {low:g}:{high:g} must be LOW:HIGH with 0 < LOW < HIGH (the paper's is 1e-6:3e-3)")
+        if not self.architectures:
+            raise ReadCacheError("--rnn is empty; pass architectures such as --rnn gru/256,gru/128,lstm/128")
+        for entry in self.architectures:
+            kind, slash, size = entry.partition("/")
+            if kind not in RNN_KINDS or (kind != "none" and not slash):
+                raise ReadCacheError(f"--rnn entry {entry!r} must be RNN/SIZE with RNN one of {', '.join(RNN_KINDS)}, e.g. gru/256")
+            if slash:
+                _size(entry, size)
+        self.shared.validate()
+
+    def arch_pairs(self) -> list[tuple[str, int]]:
+        """(rnn, dim) per architecture entry."""
+        return [(e.partition("/")[0], int(e.partition("/")[2] or DEFAULT_DIM)) for e in self.architectures]
+
+
+@dataclasses.dataclass
+class GlueConfig:
+    """Everything `read-cache glue` takes: build every task's cache, search, select, lay the table out."""
+
+    model: str
+    """Hub id or local folder of the backbone."""
+    out: Path
+    """Folder: caches/<task>, search/<task>, glue.json, glue.md, glue.png."""
+    data_dir: Path | None = None
+    """Local GLUE folder; None reads the hub."""
+    tasks: tuple[str, ...] = ("cola", "mnli", "qnli", "mrpc", "qqp", "sst2", "stsb")
+    """Tasks to run (Table 1's seven by default)."""
+    limit: int | None = None
+    """At most this many examples per split (scaled-down runs)."""
+    protocol: str = "t5"
+    """Split and target protocol of the builds: 't5' or 'lst'."""
+    drop_last_layers: int = 0
+    """Drop the model's last K layers before caching (READ-large: 4)."""
+    preset: str | None = None
+    """'paper': 30 epochs, patience 1, batch 96, 32 rounds, 3 seeds, Table 9's rate tried first; flags given win."""
+    search: SearchConfig | None = None
+    """The per-task search (its `out` and `shared.cache` are set per task)."""
+    build_batch_size: int = 64
+    """Examples per forward pass of the builds."""
+    max_length: int = 256
+    dtype: str | None = None
+    """Build compute dtype; None: what is safe and fast here."""
+    progress: bool = True
+
+    def validate(self) -> None:
+        if not self.tasks:
+            raise ReadCacheError("--tasks is empty; pass e.g. --tasks cola,sst2,mrpc,stsb")
+        for task in self.tasks:
+            _check_task(task)
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ReadCacheError(f"--tasks {','.join(self.tasks)} names a task twice; name each once")
+        check_preset(self.preset)
+        self.build_config(self.tasks[0]).validate()
+        if self.search is not None:
+            self.search.validate()
+
+    def build_config(self, task: str) -> BuildConfig:
+        from read_cache.tasks import get_task
+
+        name = get_task(task).name
+        return BuildConfig(
+            model=self.model, task=name, data_dir=self.data_dir, out=Path(self.out) / "caches" / name, limit=self.limit,
+            max_length=self.max_length, dtype=self.dtype, batch_size=self.build_batch_size, progress=self.progress,
+            protocol=self.protocol, drop_last_layers=self.drop_last_layers,
+        )
 
 
 def _size(entry: str, size: str) -> int:

@@ -15,6 +15,12 @@ GLUE's test labels are hidden, so the paper carves its own test set out of the l
   validation, the rest of train (in its original order) is train, the original validation is test.
 * MNLI: validation_mismatched is validation, validation_matched is test.
 
+That is `protocol="t5"` (the default). `protocol="lst"` reproduces Ladder Side-Tuning's
+`seq2seq/data/tasks.py`, which the READ paper's code follows: the permutation is
+`torch.randperm(n, generator=torch.Generator().manual_seed(42))`, tasks are sorted by name rather than
+size (CoLA, MRPC, STS-B, RTE, WNLI halve the permuted validation split; SST-2, QNLI, QQP take the first
+1,000 of the permuted train as validation and the rest, still in permuted order, as train), MNLI as above.
+
 Sources, all mapped onto the hub's column names (`TaskSpec.text_fields` plus an integer or float
 label) so nothing downstream knows where the data came from:
 
@@ -41,7 +47,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from read_cache.errors import ReadCacheError
-from read_cache.tasks import TaskSpec
+from read_cache.tasks import PROTOCOLS, TaskSpec
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +57,11 @@ SMALL_TRAIN = 10_000
 HELD_OUT = 1_000
 """Training examples held out as validation when train is large."""
 SEED = 42
-"""Seed of the `np.random.RandomState` permutation behind every split."""
+"""Seed of the permutation behind every split (`np.random.RandomState` for t5, `torch.Generator` for lst)."""
+LST_SMALL = ("cola", "mrpc", "stsb", "rte", "wnli")
+"""LST's `small_datasets_without_all_splits` among GLUE: the permuted validation split is halved."""
+LST_LARGE = ("sst2", "qnli", "qqp")
+"""LST's `large_data_without_all_splits` among GLUE: 1,000 of the permuted train become validation."""
 STSB_RANGE = (0.0, 5.0)
 """STS-B similarity scores lie in this closed range."""
 
@@ -97,11 +107,13 @@ def needed_splits(task: TaskSpec) -> tuple[str, ...]:
     return ("train", "validation")
 
 
-def split_recipe(task: TaskSpec, train_size: int | None = None) -> str:
+def split_recipe(task: TaskSpec, train_size: int | None = None, protocol: str = "t5") -> str:
     """One sentence describing how `load_glue` made train/validation/test, for the cache's record.
 
     With `train_size` (the original train's length) it names the branch taken; without, the rule.
     """
+    if protocol == "lst" and task.hub_config != "mnli":
+        return _lst_recipe(task)
     if task.hub_config == "mnli":
         return (
             "mnli: train = original train, validation = original validation_mismatched, "
@@ -121,9 +133,56 @@ def split_recipe(task: TaskSpec, train_size: int | None = None) -> str:
     return f"{task.name} (original train {train_size:,} examples): {branch}."
 
 
-def apply_recipe(task: TaskSpec, originals: Mapping[str, SplitData]) -> dict[str, SplitData]:
+def _lst_recipe(task: TaskSpec) -> str:
+    perm = f"torch.randperm(n, generator=torch.Generator().manual_seed({SEED}))"
+    if task.name in LST_LARGE:
+        return (
+            f"{task.name} (Ladder Side-Tuning's protocol): validation = the first {HELD_OUT:,} of {perm} over train, "
+            "train = the rest of train in that permuted order, test = original validation."
+        )
+    return (
+        f"{task.name} (Ladder Side-Tuning's protocol): the original validation split permuted by {perm} and halved "
+        "(first n//2 validation, rest test), train = original train."
+    )
+
+
+def lst_permutation(n: int) -> np.ndarray:
+    """Ladder Side-Tuning's `shuffled_indices`: torch.randperm(n) under a fresh generator seeded 42."""
+    import torch  # only the lst protocol needs it; torch is a dependency of every stage anyway
+
+    generator = torch.Generator()
+    generator.manual_seed(SEED)
+    return torch.randperm(n, generator=generator).numpy().astype(np.int64)
+
+
+def lst_split_indices(task: TaskSpec, train_size: int, validation_size: int) -> dict[str, tuple[str, np.ndarray]]:
+    """Per split of the lst protocol: (original split, rows taken from it, in order)."""
+    if task.name in LST_LARGE:
+        perm = lst_permutation(train_size)
+        return {
+            "train": ("train", perm[HELD_OUT:]),
+            "validation": ("train", perm[:HELD_OUT]),
+            "test": ("validation", np.arange(validation_size, dtype=np.int64)),
+        }
+    if task.name in LST_SMALL:
+        perm = lst_permutation(validation_size)
+        half = validation_size // 2
+        return {
+            "train": ("train", np.arange(train_size, dtype=np.int64)),
+            "validation": ("validation", perm[:half]),
+            "test": ("validation", perm[half:]),
+        }
+    raise ReadCacheError(f"the lst protocol has no split rule for {task.name}; use --protocol t5")
+
+
+def apply_recipe(task: TaskSpec, originals: Mapping[str, SplitData], protocol: str = "t5") -> dict[str, SplitData]:
     """Turn the original labelled splits (keys from `needed_splits`) into train/validation/test."""
-    if task.hub_config == "mnli":
+    if protocol not in PROTOCOLS:
+        raise ReadCacheError(f"--protocol {protocol!r} is not one of {', '.join(PROTOCOLS)}")
+    if protocol == "lst" and task.hub_config != "mnli":
+        rows = lst_split_indices(task, len(originals["train"]), len(originals["validation"]))
+        splits = {name: originals[source].take(index) for name, (source, index) in rows.items()}
+    elif task.hub_config == "mnli":
         splits = {
             "train": originals["train"],
             "validation": originals["validation_mismatched"],
@@ -151,8 +210,10 @@ def apply_recipe(task: TaskSpec, originals: Mapping[str, SplitData]) -> dict[str
     return splits
 
 
-def load_glue(task: TaskSpec, data_dir: Path | None = None, limit: int | None = None) -> dict[str, SplitData]:
-    """Load `task` from the hub (`data_dir=None`) or a local folder, apply the paper's recipe.
+def load_glue(
+    task: TaskSpec, data_dir: Path | None = None, limit: int | None = None, protocol: str = "t5"
+) -> dict[str, SplitData]:
+    """Load `task` from the hub (`data_dir=None`) or a local folder, apply the `protocol`'s recipe.
 
     Returns exactly the keys "train", "validation", "test"; `limit` keeps the first `limit`
     examples of each split after the recipe (for quick runs).
@@ -164,7 +225,7 @@ def load_glue(task: TaskSpec, data_dir: Path | None = None, limit: int | None = 
         )
     splits = needed_splits(task)
     originals = _load_from_hub(task, splits) if data_dir is None else _load_local(task, Path(data_dir), splits)
-    result = apply_recipe(task, originals)
+    result = apply_recipe(task, originals, protocol)
     if limit is not None:
         result = {name: split.take(np.arange(min(limit, len(split)))) for name, split in result.items()}
     logger.info("%s: %s", task.name, ", ".join(f"{k} {len(v):,}" for k, v in result.items()))

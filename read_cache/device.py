@@ -9,12 +9,20 @@ matmul runs ~30x slower than fp32 (measured on the 2-core EPYC build machines: 1
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import torch
 
 from read_cache.errors import ReadCacheError
+
+log = logging.getLogger(__name__)
+
+FP16_RISK = (
+    "fp16 compute is risky for T5: its activations exceed fp16's range (65,504) in later layers and turn into "
+    "inf/NaN (the build stops when they do); bf16 keeps fp32's range, fp32 is exact"
+)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -66,3 +74,22 @@ def autocast_dtype(device: torch.device, dtype: str | None = None) -> torch.dtyp
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
     return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else None
+
+
+def default_compute_dtype(device: str, kind: str = "t5") -> str:
+    """The backbone's compute dtype when --dtype is left out: bf16 where it is fast, else fp32.
+
+    Never fp16 for T5 (see `FP16_RISK`): a GPU without bf16 computes T5 in fp32; encoders, trained with
+    fp16 in mind, may use fp16 there.
+    """
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32" if kind == "t5" else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def warn_if_risky_dtype(dtype: str, kind: str) -> None:
+    """Say why fp16 is risky when it is chosen for a T5."""
+    if dtype == "fp16" and kind == "t5":
+        log.warning("--dtype fp16: %s", FP16_RISK)

@@ -106,7 +106,9 @@ def load_checked_backbone(cache: dict[str, Any], model: str | None, device: str 
     """The run's backbone; refuses one whose weights (fingerprint) or identity differ from the cache's."""
     recorded = cache["model"]
     require_hub_for(model or recorded, data_dir=None, want_data=False)
-    backbone = load_backbone(model or recorded, dtype=cache.get("compute_dtype"), device=device)
+    backbone = load_backbone(
+        model or recorded, dtype=cache.get("compute_dtype"), device=device, drop_last_layers=int(cache.get("drop_last_layers") or 0)
+    )
     fingerprint = backbone.info["fingerprint"]
     if fingerprint != cache["fingerprint"]:
         raise ReadCacheError(
@@ -128,7 +130,7 @@ def load_checked_backbone(cache: dict[str, Any], model: str | None, device: str 
 
 def online_states(backbone: Backbone, task: TaskSpec, texts: list[tuple[str, ...]], cache: dict[str, Any], batch_size: int) -> dict[str, torch.Tensor]:
     """The cached quantities for `texts`, in example order, rounded through the store's 16-bit type."""
-    firsts, seconds = model_inputs(backbone.kind, task, texts)
+    firsts, seconds = model_inputs(backbone.kind, task, texts, cache.get("protocol") or "t5")
     tokenized = tokenize(backbone.tokenizer, firsts, seconds, int(cache["max_length"]))
     if tokenized.truncated:
         log.info("%d of %d inputs were longer than %d tokens and truncated, as the build did", tokenized.truncated, len(texts), cache["max_length"])

@@ -67,6 +67,9 @@ class SideNetworkConfig:
     """Classes (label words for 'lm'); 1 means regression (STS-B) with an MSE loss."""
     output_scale: float = 1.0
     """'lm' only: T5 scales the decoder output by d**-0.5 before its LM head (the cache records it)."""
+    recurrence: bool = True
+    """True: one cell shared by every layer (READ). False: a separate cell per layer (the paper's Table 2
+    ablation, `--no-recurrence`), so the RNNs' parameters grow N_E (+ N_D) times."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,9 +106,37 @@ def _choice(flag: str, value: str, kind: type[Enum]) -> None:
         raise ReadCacheError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
 
 
-def make_rnn(kind: str, d_model: int, dim: int) -> nn.RNNBase:
-    """One single-layer RNN over the layer axis: input [batch, layers, d] -> output [batch, layers, r]."""
-    return _RNN_CLASSES[RNNKind(kind)](d_model, dim, batch_first=True)
+def make_rnn(kind: str, d_model: int, dim: int, layers: int | None = None) -> nn.Module:
+    """An RNN over the layer axis: input [batch, layers, d] -> (output [batch, layers, r], last state).
+
+    `layers=None`: one cell shared across layers (READ). `layers=N`: N separate cells, one per layer
+    (the no-recurrence ablation); its parameter count is N times the shared cell's.
+    """
+    if layers is None:
+        return _RNN_CLASSES[RNNKind(kind)](d_model, dim, batch_first=True)
+    return LayerwiseRNN(kind, d_model, dim, layers)
+
+
+_CELL_CLASSES = {RNNKind.GRU: nn.GRUCell, RNNKind.LSTM: nn.LSTMCell, RNNKind.RNN: nn.RNNCell}
+
+
+class LayerwiseRNN(nn.Module):
+    """The same recursion h[i] = cell_i(x[i], h[i-1]) with a separate cell per layer (no weight sharing)."""
+
+    def __init__(self, kind: str, d_model: int, dim: int, layers: int):
+        super().__init__()
+        self.lstm = RNNKind(kind) == RNNKind.LSTM
+        self.cells = nn.ModuleList(_CELL_CLASSES[RNNKind(kind)](d_model, dim) for _ in range(layers))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if x.shape[1] != len(self.cells):
+            raise ReadCacheError(f"this no-recurrence side network has {len(self.cells)} cells but the states have {x.shape[1]} layers")
+        state: Any = None
+        outputs = []
+        for i, cell in enumerate(self.cells):
+            state = cell(x[:, i], state)
+            outputs.append(state[0] if self.lstm else state)
+        return torch.stack(outputs, dim=1), None
 
 
 def joiner(d_model: int) -> nn.RMSNorm:
@@ -126,11 +157,11 @@ class SideNetwork(nn.Module):
         c = config
         if c.rnn != RNNKind.NONE:
             self.encoder_norm = joiner(c.d_model)
-            self.encoder_rnn = make_rnn(c.rnn, c.d_model, c.dim)
+            self.encoder_rnn = make_rnn(c.rnn, c.d_model, c.dim, None if c.recurrence else c.n_encoder_layers)
             if not c.encoder_only:
                 self.psi = nn.Linear(c.dim, c.d_model, bias=False)
                 self.decoder_norm = joiner(c.d_model)
-                self.decoder_rnn = make_rnn(c.rnn, c.d_model, c.dim)
+                self.decoder_rnn = make_rnn(c.rnn, c.d_model, c.dim, None if c.recurrence else c.n_decoder_layers)
             self.up = nn.Linear(c.dim, c.d_model)
             # Zero correction at the start: training begins from the frozen model's own output.
             nn.init.zeros_(self.up.weight)
@@ -224,6 +255,31 @@ def forward_batch(net: SideNetwork, batch: dict[str, torch.Tensor]) -> torch.Ten
         cross=batch.get("cross"),
         dec=batch.get("dec"),
     )
+
+
+def rnn_cell_parameters(kind: str, d_model: int, dim: int) -> int:
+    """Parameters of one cell: gates x (input weights d*r + hidden weights r*r + two biases 2r)."""
+    gates = {RNNKind.GRU: 3, RNNKind.LSTM: 4, RNNKind.RNN: 1}[RNNKind(kind)]
+    return gates * dim * (d_model + dim + 2)
+
+
+def expected_parameters(config: SideNetworkConfig) -> int:
+    """The trainable-parameter formula of a side network and its head (what `count_trainable` must give).
+
+    T5 caches: encoder cell(s) + decoder cell(s) + Psi (r*d) + Up (r*d + d) + two norm scales (2d); shared cells
+    count once, the no-recurrence ablation counts one per layer. Encoder-only: one RNN, Up and one scale.
+    """
+    c = config
+    head = 0 if c.head == HeadKind.LM else c.d_model * c.num_labels + c.num_labels
+    if c.rnn == RNNKind.NONE:
+        return head
+    cell = rnn_cell_parameters(c.rnn, c.d_model, c.dim)
+    up = c.dim * c.d_model + c.d_model
+    encoder = cell * (1 if c.recurrence else c.n_encoder_layers) + c.d_model
+    if c.encoder_only:
+        return encoder + up + head
+    decoder = cell * (1 if c.recurrence else c.n_decoder_layers) + c.d_model
+    return encoder + decoder + c.dim * c.d_model + up + head
 
 
 def count_trainable(module: nn.Module) -> int:

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from dataclasses import replace as dataclass_replace
 from enum import Enum
 
 from read_cache.errors import ReadCacheError
+
+
+PROTOCOLS = ("t5", "lst")
+"""How splits, inputs and targets are made (`--protocol`): this package's recipe with T5's label words,
+or Ladder Side-Tuning's (the READ paper's code) with the label digits; see `read_cache.data`."""
 
 
 class Metric(str, Enum):
@@ -49,6 +55,9 @@ class TaskSpec:
     metric: Metric
     """The metric GLUE reports for this task (see `read_cache.metrics.score`)."""
 
+    lst_template: str | None = None
+    """Ladder Side-Tuning's input (`--protocol lst`) where it differs from `t5_template` (only MNLI's does)."""
+
     @property
     def is_regression(self) -> bool:
         """True for STS-B, whose label is a similarity score in [0, 5] rather than a class."""
@@ -59,8 +68,18 @@ class TaskSpec:
         """Number of classes, or 1 for regression (the width of a classifier head)."""
         return 1 if self.is_regression else len(self.label_words)
 
-    def t5_input(self, fields: Mapping[str, str] | Sequence[str]) -> str:
-        """Format one example as T5 saw it.
+    def targets(self, protocol: str = "t5") -> tuple[str, ...]:
+        """The label words the `lm` head scores: T5's words (t5), or the label digits "0", "1", "2" (lst)."""
+        if protocol == "lst" and not self.is_regression:
+            return tuple(str(i) for i in range(self.num_labels))
+        return self.label_words
+
+    def template(self, protocol: str = "t5") -> str:
+        """The text-to-text input template under `protocol`."""
+        return self.lst_template if protocol == "lst" and self.lst_template else self.t5_template
+
+    def t5_input(self, fields: Mapping[str, str] | Sequence[str], protocol: str = "t5") -> str:
+        """Format one example as T5 saw it (under `protocol`: "t5", or Ladder Side-Tuning's "lst").
 
         `fields` is either a mapping keyed by `text_fields` (a hub row works as is) or a sequence
         in `text_fields` order (as `SplitData.texts` stores it).
@@ -77,7 +96,7 @@ class TaskSpec:
                     f"{self.text_fields}, got {len(fields)}"
                 )
             values = dict(zip(self.text_fields, fields))
-        return self.t5_template.format(**values)
+        return self.template(protocol).format(**values)
 
 
 def _pair(name: str, first: str, second: str, labels: tuple[str, ...], metric: Metric) -> TaskSpec:
@@ -114,7 +133,11 @@ TASKS: dict[str, TaskSpec] = {
         _pair("mrpc", "sentence1", "sentence2", ("not_equivalent", "equivalent"), Metric.F1_ACCURACY),
         _pair("qqp", "question1", "question2", ("not_duplicate", "duplicate"), Metric.F1_ACCURACY),
         _pair("stsb", "sentence1", "sentence2", (), Metric.PEARSON_SPEARMAN),
-        _pair("mnli", "hypothesis", "premise", ("entailment", "neutral", "contradiction"), Metric.ACCURACY),
+        # LST puts the premise first and writes "hypothesis" without its colon; kept as it is, for its splits' scores.
+        dataclass_replace(
+            _pair("mnli", "hypothesis", "premise", ("entailment", "neutral", "contradiction"), Metric.ACCURACY),
+            lst_template="mnli premise: {premise} hypothesis {hypothesis}",
+        ),
         _pair("qnli", "question", "sentence", _ENTAIL, Metric.ACCURACY),
         _pair("rte", "sentence1", "sentence2", _ENTAIL, Metric.ACCURACY),
         # WNLI's hub ids are the reverse of RTE's: 0 = not_entailment, 1 = entailment.

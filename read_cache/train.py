@@ -37,6 +37,7 @@ from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
 from read_cache.errors import ReadCacheError
 from read_cache.metrics import majority_baseline, score
+from read_cache.paper import resolve_lr
 from read_cache.reader import Batch, SplitReader, batch_to, choose_modes
 from read_cache.side_network import (
     HeadKind,
@@ -154,6 +155,7 @@ def setup(cfg: TrainConfig) -> Run:
     """Validate everything, then open the cache, build the network and readers, and claim --out."""
     cfg.validate()
     cache, task = open_task_cache(cfg)
+    cfg = dataclasses.replace(cfg, lr=resolve_lr(cfg.lr, cfg.preset, task.name, cache.geometry.d_model))
     device = pick_device(cfg.device)
     amp = autocast_dtype(device, cfg.dtype)
     net_cfg = side_network_config(cfg, cache, task)
@@ -228,6 +230,7 @@ def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideN
         head=head,
         num_labels=task.num_labels,
         output_scale=float(cache.attrs["lm_head"]["output_scale"]) if has_lm else 1.0,
+        recurrence=cfg.recurrence,
     )
 
 
@@ -276,6 +279,8 @@ def cache_record(cache: Cache) -> dict[str, Any]:
         "compute_dtype": cache.attrs.get("compute_dtype"),
         "tokenizer": cache.attrs.get("tokenizer"),
         "label_words": cache.attrs["task"].get("label_words"),
+        "protocol": build.get("protocol", "t5"),
+        "drop_last_layers": build.get("drop_last_layers", 0),
     }
 
 
