@@ -418,7 +418,7 @@ def sweep(
         architectures = ARCHITECTURES if rnn is None else SweepConfig(out=out, rnn=parse_list("--rnn", rnn, str), dim=None if dim is None else parse_list("--dim", dim, int)).architectures()
         search_cfg = SearchConfig(
             out=out, architectures=tuple(a if isinstance(a, str) else f"{a[0]}/{a[1]}" for a in architectures),
-            rounds=rounds or PAPER.rounds, per_round=per_round, lr_range=parse_range("--lr-range", lr_range), seeds=n_seeds,
+            rounds=rounds if rounds is not None else PAPER.rounds, per_round=per_round, lr_range=parse_range("--lr-range", lr_range), seeds=n_seeds,
             head=heads[0], overwrite=overwrite, shared=shared,
         )
         search_cfg.validate()
@@ -506,7 +506,7 @@ def glue(
         recurrence=not no_recurrence, preset=preset, **with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience),
     )
     search_cfg = SearchConfig(
-        out=out, architectures=parse_list("--rnn", rnn, str), rounds=rounds or (PAPER.rounds if preset == "paper" else 8),
+        out=out, architectures=parse_list("--rnn", rnn, str), rounds=rounds if rounds is not None else (PAPER.rounds if preset == "paper" else 8),
         per_round=per_round, lr_range=parse_range("--lr-range", lr_range),
         seeds=seeds if seeds is not None else (PAPER.seeds if preset == "paper" else 1), shared=shared,
     )
