@@ -46,6 +46,8 @@ def describe(cache: Cache) -> dict[str, Any]:
         "cross_attention": attrs["cross_attention"],
         "max_length": attrs["build"]["max_length"],
         "split_recipe": attrs["data"]["split_recipe"],
+        "protocol": attrs["build"].get("protocol", "t5"),
+        "drop_last_layers": attrs["build"].get("drop_last_layers", 0),
         "splits": splits,
     }
 
