@@ -154,6 +154,14 @@ def make_report(cfg: GlueConfig, searches: dict[str, dict[str, Any]], caches: di
     }
 
 
+def model_name(model: str) -> str:
+    """A short name for the table: the hub id, or a folder's name (its parent's where it is just 'model')."""
+    path = Path(model)
+    if not path.is_absolute() and not path.exists():
+        return model
+    return path.parent.name if path.name in ("model", "weights", "checkpoint") else path.name
+
+
 def _cell(value: float | None, std: float | None = None, signed: bool = False) -> str:
     if value is None or not math.isfinite(value):
         return "–"
@@ -166,10 +174,10 @@ def markdown(report: dict[str, Any]) -> str:
     rows, avg = report["tasks"], report["average"]
     columns = [t for t in TABLE1_TASKS if t in rows] + [t for t in rows if t not in TABLE1_TASKS]
     paper_name = "READ-large (paper, T5-large)" if report["paper_variant"] == "read-large" else "READ (paper, T5-base)"
-    ours_name = f"ours: {Path(report['model']).name}, {report['selected_architecture'].upper()}"
+    ours_name = f"ours: {model_name(report['model'])}, {report['selected_architecture'].upper()}"
     header = "| method | " + " | ".join(f"{COLUMN[t]} ({METRIC[t]})" for t in columns) + " | Avg. |"
     lines = [
-        f"# GLUE: {Path(report['model']).name} against the paper's Table 1",
+        f"# GLUE: {model_name(report['model'])} against the paper's Table 1",
         "",
         f"Test scores x 100, GLUE's metric per task; ours are the mean ± standard deviation over {report['seeds']} seed(s) "
         f"of the selected architecture's best run per task. Avg. is over the tasks shown.",
@@ -220,15 +228,15 @@ def chart(report: dict[str, Any], path: Path) -> None:
     ours = [rows[t]["test_mean"] for t in columns]
     fig, ax = plt.subplots(figsize=(1.6 * len(columns) + 3, 4.5))
     ax.bar(x - 0.2, paper, 0.4, label="READ-large (paper)" if report["paper_variant"] == "read-large" else "READ (paper, T5-base)", color="#999999")
-    ax.bar(x + 0.2, ours, 0.4, yerr=[rows[t]["test_std"] for t in columns], capsize=3, label=f"ours: {Path(report['model']).name}, {report['selected_architecture']}", color="#1f77b4")
+    ax.bar(x + 0.2, ours, 0.4, yerr=[rows[t]["test_std"] for t in columns], capsize=3, label=f"ours: {model_name(report['model'])}, {report['selected_architecture']}", color="#1f77b4")
     for i, t in enumerate(columns):
         if rows[t]["difference"] is not None:
             ax.annotate(f"{rows[t]['difference']:+.1f}", (x[i], max(paper[i], ours[i]) + 2), ha="center", fontsize=8)
     ax.set_xticks(x, [COLUMN[t] for t in columns])
     ax.set_ylabel("test score x 100")
     ax.set_title(f"GLUE test scores, {report['seeds']} seed(s): ours against the paper's Table 1")
-    ax.legend(fontsize="small", loc="lower right")
-    ax.set_ylim(min(0, *[v for v in ours if math.isfinite(v)]), 105)
+    ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
+    ax.set_ylim(min(0, *[v - 5 for v in ours if math.isfinite(v)]), 108)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
