@@ -428,7 +428,7 @@ def sweep(
         _print_search(run_search(search_cfg), out)
         return
     cfg = SweepConfig(
-        out=out, rnn=parse_list("--rnn", rnn or "gru", str), dim=None if dim is None else parse_list("--dim", dim, int),
+        out=out, rnn=parse_list("--rnn", "gru" if rnn is None else rnn, str), dim=None if dim is None else parse_list("--dim", dim, int),
         lr=None if lr is None else parse_list("--lr", lr, float), head=(None,) if head is None else parse_list("--head", head, str),
         trials=trials, lr_range=parse_range("--lr-range", lr_range), search=search, eta=eta, overwrite=overwrite, shared=shared,
     )
