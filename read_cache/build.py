@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from read_cache import paths
-from read_cache.backbone import Backbone, BackboneStates, load_backbone, model_reference, package_versions
+from read_cache.backbone import Backbone, BackboneStates, check_finite, load_backbone, model_reference, package_versions
 from read_cache.config import BuildConfig
 from read_cache.data import SplitData, load_glue, split_recipe
 from read_cache.device import pick_device
@@ -139,10 +139,20 @@ def pad(ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids, mask
 
 
-def to_stored(t: torch.Tensor, float_dtype: str) -> np.ndarray:
-    """A tensor in the store's 16-bit representation (bfloat16 as raw uint16 bits)."""
+def to_stored(t: torch.Tensor, float_dtype: str, part: str = "the states") -> np.ndarray:
+    """A tensor in the store's 16-bit representation (bfloat16 as raw uint16 bits).
+
+    float16 tops out at 65,504, which T5's later layers exceed: an overflow is an error naming the layer
+    (`part` says which states), never a silent inf in the cache.
+    """
     if float_dtype == "float16":
-        return t.to(torch.float16).cpu().numpy()
+        half = t.to(torch.float16)
+        try:
+            check_finite(part, half)
+        except ReadCacheError as e:
+            raise ReadCacheError(f"{e}".split(";")[0].replace("the backbone produced inf/NaN", "storing as float16 overflowed")
+                                 + "; rebuild with --store-dtype bfloat16 (fp32's range)") from None
+        return half.cpu().numpy()
     return t.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
 
 
@@ -183,11 +193,11 @@ def compute_unit(
     for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention, types):
         examples = positions + c0
         dest = token_rows(offsets, examples) - base
-        enc[dest] = to_stored(states.encoder_hidden, cfg.float_dtype)
+        enc[dest] = to_stored(states.encoder_hidden, cfg.float_dtype, "encoder")
         own = (examples >= e0) & (examples < e1)
         if cross is not None:
-            cross[dest] = to_stored(states.cross_attention, cfg.float_dtype)
-            dec[examples[own] - e0] = to_stored(states.decoder_hidden[torch.from_numpy(own)], cfg.float_dtype)
+            cross[dest] = to_stored(states.cross_attention, cfg.float_dtype, "cross-attention of decoder")
+            dec[examples[own] - e0] = to_stored(states.decoder_hidden[torch.from_numpy(own)], cfg.float_dtype, "decoder")
         on_batch(int(own.sum()))
     t0, t1 = unit.tokens[0] - base, unit.tokens[1] - base
     tokens = {"encoder_hidden": enc[t0:t1]}

@@ -243,6 +243,19 @@ def test_nan_in_a_layer_stops_the_build_naming_it(tmp_path: Path, tiny_t5: Path,
         build_quietly(tiny_t5, "sst2", glue_dir, tmp_path / "cache", limit=8)
 
 
+def test_float16_storage_overflow_is_an_error_naming_the_layer() -> None:
+    from read_cache.build import to_stored
+
+    states = torch.zeros(4, 3, 8)
+    assert to_stored(states, "float16", "encoder").dtype == np.float16
+    states[2, 1, 5] = 1e5  # beyond float16's 65,504; bfloat16 keeps it
+    with pytest.raises(ReadCacheError, match=r"storing as float16 overflowed in encoder layer 2 of 3; rebuild with --store-dtype bfloat16"):
+        to_stored(states, "float16", "encoder")
+    from read_cache.store import decode_floats
+
+    assert decode_floats(to_stored(states, "bfloat16", "encoder"), "bfloat16")[2, 1, 5] == pytest.approx(1e5, rel=1e-2)
+
+
 def test_fp16_is_never_the_default_for_t5(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from read_cache import device
 
