@@ -131,8 +131,8 @@ def make_report(cfg: GlueConfig, searches: dict[str, dict[str, Any]], caches: di
                 for arch, a in s["architectures"].items()
             },
         }
-    shared = (cfg.search or SearchConfig(out=Path(cfg.out))).shared
     search_cfg = cfg.search or SearchConfig(out=Path(cfg.out))
+    shared = search_cfg.shared
     in_paper = [t for t in rows if t in paper]
     return {
         "model": cfg.model, "backbone_kind": backbone.get("kind"), "d_model": backbone.get("d_model"),
