@@ -146,10 +146,28 @@ def test_lst_cache_records_protocol_and_digit_targets(tmp_path: Path, glue_dir: 
     from read_cache.store import open_cache
 
     model = _real_vocab_t5(tmp_path / "t5")
-    cache = open_cache(build_quietly(model, "cola", glue_dir, tmp_path / "cache", protocol="lst", limit=12))
+    cache = open_cache(build_quietly(model, "cola", glue_dir, tmp_path / "cache", protocol="lst", limit=12, dtype="fp32", float_dtype="float16"))
     assert cache.attrs["build"]["protocol"] == "lst" and cache.attrs["data"]["protocol"] == "lst"
     assert cache.attrs["task"]["label_words"] == ["0", "1"] and cache.attrs["lm_head"]["token_ids"][0] == 3
     assert "Ladder Side-Tuning" in cache.attrs["data"]["split_recipe"]
+    # The cached path (no backbone): the lm head over the cached decoder state equals T5's own logits for "0", "1".
+    from transformers import T5ForConditionalGeneration
+
+    from read_cache.side_network import SideNetwork, SideNetworkConfig
+
+    net = SideNetwork(SideNetworkConfig(rnn="none", d_model=16, n_encoder_layers=2, n_decoder_layers=2, head="lm",
+                                        output_scale=cache.attrs["lm_head"]["output_scale"]), torch.from_numpy(cache.lm_head_rows()))
+    t5 = T5ForConditionalGeneration.from_pretrained(model).eval()
+    split = cache["test"]
+    offsets = split.array("offsets")[:]
+    for i in range(3):
+        example = split[i]
+        ids = torch.from_numpy(np.asarray(split.array("input_ids")[offsets[i] : offsets[i + 1]], dtype=np.int64))[None]
+        ours = net(enc=torch.from_numpy(example.encoder_hidden), token_example=torch.zeros(len(ids[0]), dtype=torch.long), n_examples=1,
+                   cross=torch.from_numpy(example.cross_attention), dec=torch.from_numpy(example.decoder_hidden)[None])
+        with torch.no_grad():
+            theirs = t5(input_ids=ids, decoder_input_ids=torch.zeros((1, 1), dtype=torch.long)).logits[:, 0, cache.attrs["lm_head"]["token_ids"]]
+        torch.testing.assert_close(ours, theirs, rtol=2e-3, atol=2e-3)  # float16 storage
     with pytest.raises(ReadCacheError, match="protocol"):  # resuming with the other protocol is refused
         build_quietly(model, "cola", glue_dir, tmp_path / "cache", protocol="t5", limit=12)
 
