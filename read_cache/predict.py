@@ -79,7 +79,8 @@ def predict(
     if net.config.regression:
         return Predictions([float(x) for x in logits], None, logits)
     ids = logits.argmax(axis=-1)
-    words = cache.get("label_words") or list(task.label_words)
+    # Under --protocol lst the targets are the digits "0", "1", "2"; people read the task's label words.
+    words = list(task.label_words) if cache.get("protocol") == "lst" else cache.get("label_words") or list(task.label_words)
     return Predictions([words[i] for i in ids], ids, logits, list(words))
 
 
