@@ -44,6 +44,7 @@ from read_cache.store import (
     remove_partial_files,
     token_rows,
 )
+from read_cache.store.formats import ErrorStats, dequantise, quantise_torch
 from read_cache.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -174,38 +175,79 @@ def forward_batches(
 # One unit
 
 
+ERROR_SAMPLE_STRIDE = 8
+"""Every 8th row of every batch is dequantised again and compared with the float32 it came from."""
+
+
+class StatesOut:
+    """One unit's rows of a hidden-state array in the store's format: codes, and scales for compact formats."""
+
+    def __init__(self, rows: int, layers: int, geometry: Geometry, name: str):
+        fmt = geometry.format
+        self.name, self.fmt = name, fmt
+        self.codes = np.empty((rows, layers, fmt.code_width(geometry.d_model)), dtype=fmt.code_dtype)
+        self.scale = np.empty((rows, layers, *geometry.scale_shape()), dtype=fmt.scale_dtype) if fmt.compact else None
+        self.errors = ErrorStats.empty(layers)
+
+    def put(self, dest: np.ndarray, states: torch.Tensor) -> None:
+        if self.fmt.compact:
+            codes, scale = quantise_torch(states, self.fmt)
+        else:  # 16-bit: to_stored also refuses a float16 overflow, naming the part
+            codes, scale = to_stored(states, self.fmt.name, self.name.split("_")[0]), None
+        self.codes[dest] = codes
+        if scale is not None:
+            self.scale[dest] = scale
+        sample = slice(None, None, ERROR_SAMPLE_STRIDE)
+        reference = states[sample].float().cpu().numpy()
+        if len(reference):
+            self.errors.add(reference, dequantise(codes[sample], None if scale is None else scale[sample], self.fmt))
+
+    def arrays(self, rows: slice) -> dict[str, np.ndarray]:
+        out = {self.name: self.codes[rows]}
+        if self.scale is not None:
+            out[f"{self.name}_scale"] = self.scale[rows]
+        return out
+
+
 def compute_unit(
     backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: np.ndarray, cfg: BuildConfig, geometry: Geometry,
     on_batch: Callable[[int], None] = lambda n: None,
-) -> tuple[dict, dict]:
+) -> tuple[dict, dict, dict[str, ErrorStats]]:
     """Run the backbone over a unit's examples and lay the results out as the store wants them.
 
     `on_batch(n)` is told after each forward batch how many of the unit's own examples it computed, so
-    progress moves per batch rather than per unit (a unit of a big model is minutes of work)."""
+    progress moves per batch rather than per unit (a unit of a big model is minutes of work).
+    Also returns the unit's reconstruction error per array (on a sample), after checking it against
+    the format's ceiling: a format that cannot hold this model's states stops the build here.
+    """
     c0, c1 = unit.compute
     base = int(offsets[c0])
     n_tok = int(offsets[c1]) - base
-    enc = np.empty((n_tok, geometry.n_encoder_layers, geometry.d_model), dtype=_np16(cfg.float_dtype))
-    cross = np.empty((n_tok, *geometry.cross_shape()), dtype=enc.dtype) if geometry.cross_attention else None
+    enc = StatesOut(n_tok, geometry.n_encoder_layers, geometry, "encoder_hidden")
+    cross = np.empty((n_tok, *geometry.cross_shape()), dtype=_np16(geometry.cross_dtype)) if geometry.cross_attention else None
     e0, e1 = unit.examples
-    dec = np.empty((e1 - e0, geometry.n_decoder_layers, geometry.d_model), dtype=enc.dtype) if geometry.cross_attention else None
+    dec = StatesOut(e1 - e0, geometry.n_decoder_layers, geometry, "decoder_hidden") if geometry.cross_attention else None
     types = tokenized.type_ids[c0:c1] if tokenized.type_ids is not None else None
     for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention, types):
         examples = positions + c0
         dest = token_rows(offsets, examples) - base
-        enc[dest] = to_stored(states.encoder_hidden, cfg.float_dtype, "encoder")
+        enc.put(dest, states.encoder_hidden)
         own = (examples >= e0) & (examples < e1)
         if cross is not None:
-            cross[dest] = to_stored(states.cross_attention, cfg.float_dtype, "cross-attention of decoder")
-            dec[examples[own] - e0] = to_stored(states.decoder_hidden[torch.from_numpy(own)], cfg.float_dtype, "decoder")
+            cross[dest] = to_stored(states.cross_attention, geometry.cross_dtype, "cross-attention of decoder")
+            dec.put(examples[own] - e0, states.decoder_hidden[torch.from_numpy(own)])
         on_batch(int(own.sum()))
     t0, t1 = unit.tokens[0] - base, unit.tokens[1] - base
-    tokens = {"encoder_hidden": enc[t0:t1]}
+    tokens = enc.arrays(slice(t0, t1))
     examples_out = {}
+    errors = {"encoder_hidden": enc.errors}
     if cross is not None:
         tokens["cross_attention"] = cross[t0:t1]
-        examples_out["decoder_hidden"] = dec
-    return tokens, examples_out
+        examples_out = dec.arrays(slice(None))
+        errors["decoder_hidden"] = dec.errors
+    for name, stats in errors.items():
+        stats.check(geometry.format, name)
+    return tokens, examples_out, errors
 
 
 def _np16(float_dtype: str) -> Any:
@@ -219,7 +261,7 @@ def _np16(float_dtype: str) -> Any:
 class UnitWriter:
     """Writes units on a background thread so the backbone never waits on disk."""
 
-    def __init__(self, writer: CacheWriter, split: str, on_written: Callable[[Unit, int], None]):
+    def __init__(self, writer: CacheWriter, split: str, on_written: Callable[[Unit, int, dict[str, ErrorStats]], None]):
         self.writer = writer
         self.split = split
         self.on_written = on_written
@@ -232,18 +274,18 @@ class UnitWriter:
         while (item := self.queue.get()) is not None:
             if self.error is not None:
                 continue  # drain without writing once something failed
-            unit, tokens, examples = item
+            unit, tokens, examples, errors = item
             try:
                 self.writer.write_unit(self.split, unit, tokens, examples)
-                self.on_written(unit, sum(a.nbytes for a in (*tokens.values(), *examples.values())))
+                self.on_written(unit, sum(a.nbytes for a in (*tokens.values(), *examples.values())), errors)
             except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
                 self.error = e
 
-    def put(self, unit: Unit, tokens: dict, examples: dict) -> None:
+    def put(self, unit: Unit, tokens: dict, examples: dict, errors: dict[str, ErrorStats] | None = None) -> None:
         self._raise_if_failed()
         while True:
             try:
-                self.queue.put((unit, tokens, examples), timeout=0.5)
+                self.queue.put((unit, tokens, examples, errors or {}), timeout=0.5)
                 return
             except queue.Full:
                 self._raise_if_failed()
@@ -389,7 +431,7 @@ def root_attributes(cfg: BuildConfig, task: TaskSpec, backbone: Backbone, lm: di
         "build": identity(cfg),
         "compute_dtype": backbone.dtype,
         "float_dtype": cfg.float_dtype,
-        "codec": codec_description(),
+        "codec": codec_description(cfg.float_dtype),
         "cross_attention": cfg.cross_attention if backbone.kind == "t5" else None,
         "lm_head": {k: v for k, v in lm.items() if k != "rows"} if lm else None,
         "packages": package_versions(),
@@ -432,26 +474,34 @@ def build_split(writer: CacheWriter, backbone: Backbone, split: str, data: Split
     status = {"n_examples": len(offsets) - 1, "n_tokens": int(offsets[-1]), "truncated": tokenized.truncated, "source": data.source}
     started = time.perf_counter()
     written = [0, sum(u.examples[1] - u.examples[0] for u in units if skeleton["units_done"][u.index])]
+    errors = {name: ErrorStats.from_dict(d) for name, d in writer.split_status(split).get("reconstruction_error", {}).items()}
     writer.update_split_status(split, {**status, "examples_written": written[1], "complete": not pending})
     with BuildProgress(cfg.progress, split, len(offsets) - 1, written[1]) as progress:
 
-        def on_written(unit: Unit, nbytes: int) -> None:
+        def on_written(unit: Unit, nbytes: int, unit_errors: dict[str, ErrorStats]) -> None:
             written[0] += nbytes
             written[1] += unit.examples[1] - unit.examples[0]
             progress.written(nbytes)
-            writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False})
+            for name, stats in unit_errors.items():  # only durable units count towards the recorded error
+                errors.setdefault(name, ErrorStats.empty(len(stats.err2))).merge(stats)
+            writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False, **error_status(errors)})
 
         unit_writer = UnitWriter(writer, split, on_written)
         try:
             for unit in pending:
                 t = time.perf_counter()
-                tokens, examples = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
+                tokens, examples, unit_errors = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
                 forward_seconds[0] += time.perf_counter() - t
-                unit_writer.put(unit, tokens, examples)
+                unit_writer.put(unit, tokens, examples, unit_errors)
         finally:
             unit_writer.close()
-    writer.update_split_status(split, {**status, "examples_written": len(offsets) - 1, "complete": True})
+    writer.update_split_status(split, {**status, "examples_written": len(offsets) - 1, "complete": True, **error_status(errors)})
     return SplitReport(split, len(offsets) - 1, int(offsets[-1]), tokenized.truncated, len(pending), time.perf_counter() - started, written[0], resumed)
+
+
+def error_status(errors: dict[str, ErrorStats]) -> dict[str, Any]:
+    """The split status entry `reconstruction_error`: per array, per layer (see docs/storage.md)."""
+    return {"reconstruction_error": {name: stats.to_dict() for name, stats in errors.items()}} if errors else {}
 
 
 class BuildProgress:

@@ -59,6 +59,8 @@ RESUMES = {
     "sweep": "from its last finished epoch (each epoch end is checkpointed)",
 }
 
+ReaderWorkers = Annotated[Optional[int], typer.Option("--reader-workers", help="Threads decoding chunks in parallel; default: from the core count.")]
+
 
 def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Print a ReadCacheError as one line and exit 2; Ctrl-C exits 130 with how to resume."""
@@ -118,13 +120,14 @@ def build(
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu; default: CUDA when present.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass (grouped by length).")] = 64,
     cross_attention: Annotated[str, typer.Option(help="mean (over heads, the paper's) or heads.")] = "mean",
-    store_dtype: Annotated[str, typer.Option(help="Stored floats: bfloat16 or float16.")] = "bfloat16",
+    store_dtype: Annotated[str, typer.Option(help="Stored states: bfloat16, float16, fp8, int8 or int4 (docs/storage.md).")] = "bfloat16",
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model.")] = None,
     chunk_mb: Annotated[float, typer.Option(help="Target raw MiB per chunk of token rows.")] = 4.0,
     force: Annotated[bool, typer.Option(help="Build even if the size estimate exceeds free disk.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete the cache already at --out and build it anew (default: resume it).")] = False,
     protocol: ProtocolOpt = "t5",
     drop_last_layers: DropLayers = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Tokenise only (no weights loaded), print examples, tokens and projected size per --store-dtype, exit.")] = False,
     no_progress: NoProgress = False,
 ) -> None:
     """Stage one: run the frozen backbone once over every split and cache its states."""
@@ -133,10 +136,15 @@ def build(
     cfg = BuildConfig(
         model=model, task=task, data_dir=data_dir, out=out, limit=limit, max_length=max_length, dtype=dtype,
         device=device, batch_size=batch_size, cross_attention=cross_attention, float_dtype=store_dtype,
-        revision=revision, chunk_mb=chunk_mb, force=force, overwrite=overwrite, progress=not no_progress, protocol=protocol,
+        revision=revision, chunk_mb=chunk_mb, force=force, overwrite=overwrite, dry_run=dry_run, progress=not no_progress, protocol=protocol,
         drop_last_layers=drop_last_layers,
     )
     cfg.validate()  # before the heavy imports below: a bad flag is rejected in well under a second
+    if dry_run:
+        from read_cache.estimate import estimate_build, estimate_table
+
+        out_console.print(estimate_table(estimate_build(cfg)))
+        return
     from read_cache.build import build_cache
 
     report = build_cache(cfg)
@@ -176,6 +184,7 @@ def train(
     no_recurrence: NoRecurrence = False,
     preset: Preset = None,
     seeds: Seeds = 1,
+    reader_workers: ReaderWorkers = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Stage two: train READ's side network and a head from a cache; the backbone is never loaded."""
@@ -184,7 +193,7 @@ def train(
     values = with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience)
     cfg = TrainConfig(
         cache=cache, rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
-        overwrite=overwrite, reader=reader, memory_budget_gb=memory_budget, device=device, dtype=dtype, threads=threads,
+        overwrite=overwrite, reader=reader, memory_budget_gb=memory_budget, device=device, dtype=dtype, threads=threads, reader_workers=reader_workers,
         progress=not no_progress, recurrence=not no_recurrence, preset=preset, **values,
     )
     cfg.validate()
@@ -395,6 +404,7 @@ def sweep(
     device: Device = None,
     dtype: Dtype = None,
     threads: Threads = None,
+    reader_workers: ReaderWorkers = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Train many side networks from one read of the cache; select by validation, report that run's test score."""
@@ -402,7 +412,7 @@ def sweep(
 
     shared = TrainConfig(
         cache=cache, pooling=pooling, weight_decay=weight_decay, seed=seed, reader=reader, memory_budget_gb=memory_budget,
-        device=device, dtype=dtype, threads=threads, progress=not no_progress, recurrence=not no_recurrence, preset=preset,
+        device=device, dtype=dtype, threads=threads, reader_workers=reader_workers, progress=not no_progress, recurrence=not no_recurrence, preset=preset,
         **with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience),
     )
     shared.validate()

@@ -22,10 +22,11 @@ from read_cache.errors import ReadCacheError
 from read_cache.paper import PAPER, check_preset
 from read_cache.store import CHUNK_BYTES
 from read_cache.tasks import PROTOCOLS
+from read_cache.store.formats import STORE_DTYPES
 
 T = TypeVar("T")
 
-METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "online", "full")
+METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "online", "full", "reader")
 """What `read-cache bench --methods` takes."""
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 RNN_KINDS = ("gru", "lstm", "rnn", "none")
@@ -60,7 +61,8 @@ class BuildConfig:
     cross_attention: str = "mean"
     """'mean' over heads (the paper's single head) or 'heads' to keep every head."""
     float_dtype: str = "bfloat16"
-    """Stored float type: 'bfloat16' (T5's range) or 'float16'."""
+    """`--store-dtype`: 'bfloat16' (T5's range), 'float16', or 8-/4-bit codes with scales 'fp8', 'int8', 'int4'
+    (docs/storage.md measures their size, error and READ scores)."""
     revision: str | None = None
     """Hub revision of the model."""
     chunk_mb: float = CHUNK_BYTES / 2**20
@@ -71,6 +73,8 @@ class BuildConfig:
     """Delete the cache already at the output folder (whatever it holds) and build anew."""
     remember: bool = True
     """Record the cache as the "last cache built" that `read-cache train` uses by default (bench's own caches do not)."""
+    dry_run: bool = False
+    """Tokenise every split (tokenizer and config only, no weights), print the projected size per format, stop."""
     progress: bool = True
     protocol: str = "t5"
     """'t5' (this package's splits, T5's label words) or 'lst' (Ladder Side-Tuning's splits, label digits)."""
@@ -95,8 +99,8 @@ class BuildConfig:
         if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
             raise ReadCacheError(f"--dtype {self.dtype} is not one of {', '.join(COMPUTE_DTYPES)} (or leave it out to pick what is fast here)")
         _check_task(self.task)
-        if self.float_dtype not in ("bfloat16", "float16"):
-            raise ReadCacheError(f"--store-dtype {self.float_dtype} must be 'bfloat16' or 'float16'")
+        if self.float_dtype not in STORE_DTYPES:
+            raise ReadCacheError(f"--store-dtype {self.float_dtype!r} is not one of {', '.join(STORE_DTYPES)} (see docs/storage.md)")
 
 
 
@@ -137,6 +141,8 @@ class TrainConfig:
     """'auto' (RAM where it fits the budget, else stream), 'ram', or 'stream'."""
     block_tokens: int | None = None
     """Tokens per streamed read; None: a few chunks (~8 MB)."""
+    reader_workers: int | None = None
+    """Threads that read, decompress and decode chunks in parallel; None: from the core count (see reader.default_workers)."""
     shuffle_blocks: int | None = None
     """Blocks whose examples are shuffled together; None: as many as fill ~256 MB."""
     device: str | None = None
@@ -172,6 +178,8 @@ class TrainConfig:
             raise ReadCacheError(f"--patience {self.patience} must be at least 1 epoch")
         if self.batch_size <= 0:
             raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
+        if self.reader_workers is not None and not 1 <= self.reader_workers <= 64:
+            raise ReadCacheError(f"--reader-workers {self.reader_workers} must be between 1 and 64 (or left out to follow the core count)")
         if self.threads is not None and self.threads <= 0:
             raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
         if self.weight_decay < 0:

@@ -7,7 +7,7 @@
 
 The text goes through exactly what the build did: the same prompt (`build.model_inputs`), tokenizer
 and max length (`build.tokenize`), length-grouped batches of the build's batch size
-(`build.forward_batches`), and the states are rounded to the stored 16-bit type (`build.to_stored`)
+(`build.forward_batches`), and the states are rounded through the stored format (`round_trip`: quantised and decoded as the cache does)
 before the side network sees them, so online outputs equal the cached path's.
 """
 
@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from read_cache.backbone import Backbone, load_backbone
-from read_cache.build import forward_batches, model_inputs, to_stored, tokenize
+from read_cache.build import forward_batches, model_inputs, tokenize
 from read_cache.errors import ReadCacheError
-from read_cache.reader import decode
 from read_cache.side_network import SideNetwork
 from read_cache.store import token_rows
 from read_cache.hub import require_hub_for
+from read_cache.store.formats import StoreFormat, dequantise, get_format, quantise_torch
 from read_cache.tasks import TaskSpec, get_task
 from read_cache.train import load_run
 
@@ -136,27 +136,33 @@ def online_states(backbone: Backbone, task: TaskSpec, texts: list[tuple[str, ...
     if tokenized.truncated:
         log.info("%d of %d inputs were longer than %d tokens and truncated, as the build did", tokenized.truncated, len(texts), cache["max_length"])
     offsets = tokenized.offsets
-    float_dtype, cross_mode = cache["float_dtype"], cache["cross_attention"] or "mean"
-    enc = np.empty((int(offsets[-1]), backbone.n_encoder_layers, backbone.d_model), dtype=np.uint16 if float_dtype == "bfloat16" else np.float16)
+    fmt, cross_mode = get_format(cache["float_dtype"]), cache["cross_attention"] or "mean"
+    cross_fmt = get_format("bfloat16" if fmt.compact else fmt.name)  # the store keeps cross-attention 16-bit
+    enc = np.empty((int(offsets[-1]), backbone.n_encoder_layers, backbone.d_model), dtype=np.float32)
     cross = dec = None
     for positions, states in forward_batches(backbone, tokenized.ids, batch_size, cross_mode, tokenized.type_ids):
         dest = token_rows(offsets, positions)
-        enc[dest] = to_stored(states.encoder_hidden, float_dtype)
+        enc[dest] = round_trip(states.encoder_hidden, fmt)
         if states.cross_attention is not None:
-            stored_cross, stored_dec = to_stored(states.cross_attention, float_dtype), to_stored(states.decoder_hidden, float_dtype)
+            stored_cross, stored_dec = round_trip(states.cross_attention, cross_fmt), round_trip(states.decoder_hidden, fmt)
             if cross is None:
-                cross = np.empty((len(enc), *stored_cross.shape[1:]), dtype=enc.dtype)
-                dec = np.empty((len(texts), *stored_dec.shape[1:]), dtype=enc.dtype)
+                cross = np.empty((len(enc), *stored_cross.shape[1:]), dtype=np.float32)
+                dec = np.empty((len(texts), *stored_dec.shape[1:]), dtype=np.float32)
             cross[dest], dec[positions] = stored_cross, stored_dec
     lengths = torch.from_numpy(np.diff(offsets))
     out = {
-        "enc": decode(enc, float_dtype),
+        "enc": torch.from_numpy(enc),
         "token_example": torch.repeat_interleave(torch.arange(len(texts)), lengths),
         "rows": torch.arange(len(texts)),
     }
     if cross is not None:
-        out["cross"], out["dec"] = decode(cross, float_dtype), decode(dec, float_dtype)
+        out["cross"], out["dec"] = torch.from_numpy(cross), torch.from_numpy(dec)
     return out
+
+
+def round_trip(states: torch.Tensor, fmt: StoreFormat) -> np.ndarray:
+    """States as the cache gives them back: quantised to the store's format and decoded again."""
+    return dequantise(*quantise_torch(states, fmt), fmt)
 
 
 @torch.no_grad()

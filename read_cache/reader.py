@@ -15,15 +15,22 @@ chunks, in a shuffled block order (seeded by seed and epoch), and shuffles examp
 `shuffle_blocks` blocks. The order depends only on (seed, epoch, block layout), so the RAM mode, which
 decodes the split once and gathers batches from memory, yields exactly the same batches. A background
 thread assembles batches into a bounded queue: memory stays bounded whatever the store's size.
+
+Decoding (decompression + dequantisation) runs on `workers` threads (blosc and numpy release the GIL),
+batches still in order. On CUDA the batches carry the stored codes and scales in pinned memory, and
+`batch_to` dequantises them on the device: the host then moves 1-2 bytes per value instead of 4.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,7 +38,8 @@ import torch
 
 from read_cache.config import READER_MODES
 from read_cache.errors import ReadCacheError
-from read_cache.store import Block, Cache, Split, decode_floats, token_rows
+from read_cache.store import Block, Cache, Split, token_rows
+from read_cache.store.formats import StoreFormat, dequantise, dequantise_torch, get_format, to_torch_codes
 
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -43,6 +51,38 @@ SHUFFLE_BYTES = 64 << 20
 streaming reader's memory (about twice this while a window is assembled) whatever the store's size;
 the block order is shuffled across the whole split as well, so examples still mix split-wide."""
 PREFETCH_BATCHES = 4
+
+
+def default_workers(device: str | torch.device | None = None) -> int:
+    """Decoding threads: on a CPU run, the cores torch's step leaves free (at least 1); feeding a GPU, half the cores, up to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+    if str(device or "cpu").startswith("cuda"):
+        return max(1, min(8, cores // 2))
+    return max(1, min(4, cores // 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How a split's stored arrays become float32 batches."""
+
+    states: StoreFormat
+    """Format of encoder_hidden / decoder_hidden."""
+    cross: StoreFormat
+    """Format of cross_attention (16-bit)."""
+    on_device: bool = False
+    """Ship codes + scales (pinned) and dequantise in `batch_to` on the device, instead of on the host."""
+
+    @classmethod
+    def of(cls, split: Split, device: str | torch.device | None = None) -> Decoding:
+        g = split.cache.geometry
+        on_device = str(device or "cpu").startswith("cuda") and torch.cuda.is_available()
+        return cls(g.format, get_format(g.cross_dtype), on_device)
+
+
+class CodedBatch(dict):
+    """A batch whose states are still stored codes (+ `*_scale`); `batch_to` decodes it on the device."""
+
+    decoding: Decoding
 
 
 # --------------------------------------------------------------------------------------------------
@@ -59,6 +99,8 @@ class Pool:
     dec: np.ndarray | None  # [n, N_D, d]
     label: np.ndarray  # [n]
     rows: np.ndarray  # [n] rows in the split
+    enc_scale: np.ndarray | None = None  # [T, N_E(, d/g)] compact formats' scales
+    dec_scale: np.ndarray | None = None  # [n, N_D(, d/g)]
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -66,7 +108,10 @@ class Pool:
     @classmethod
     def from_block(cls, block: Block) -> Pool:
         rows = np.arange(block.start, block.start + len(block), dtype=np.int64)
-        return cls(block.offsets, block.encoder_hidden, block.cross_attention, block.decoder_hidden, block.label, rows)
+        return cls(
+            block.offsets, block.encoder_hidden, block.cross_attention, block.decoder_hidden, block.label, rows,
+            block.encoder_scale, block.decoder_scale,
+        )
 
     @classmethod
     def concat(cls, pools: list[Pool]) -> Pool:
@@ -80,6 +125,8 @@ class Pool:
             dec=None if pools[0].dec is None else np.concatenate([p.dec for p in pools]),
             label=np.concatenate([p.label for p in pools]),
             rows=np.concatenate([p.rows for p in pools]),
+            enc_scale=None if pools[0].enc_scale is None else np.concatenate([p.enc_scale for p in pools]),
+            dec_scale=None if pools[0].dec_scale is None else np.concatenate([p.dec_scale for p in pools]),
         )
 
     def take(self, positions: np.ndarray) -> Pool:
@@ -93,32 +140,50 @@ class Pool:
             dec=None if self.dec is None else self.dec[positions],
             label=self.label[positions],
             rows=self.rows[positions],
+            enc_scale=None if self.enc_scale is None else self.enc_scale[tokens],
+            dec_scale=None if self.dec_scale is None else self.dec_scale[positions],
         )
 
-    def to_batch(self, float_dtype: str) -> Batch:
-        batch = {
-            "enc": decode(self.enc, float_dtype),
-            "token_example": torch.from_numpy(np.repeat(np.arange(len(self)), np.diff(self.offsets))),
-            "label": torch.from_numpy(np.ascontiguousarray(self.label)),
-            "rows": torch.from_numpy(np.ascontiguousarray(self.rows)),
-        }
+    def to_batch(self, decoding: Decoding | str) -> Batch:
+        if isinstance(decoding, str):  # a 16-bit float_dtype, as older callers pass
+            decoding = Decoding(get_format(decoding), get_format(decoding))
+        batch: Batch = CodedBatch() if decoding.on_device else {}
+        batch["token_example"] = torch.from_numpy(np.repeat(np.arange(len(self)), np.diff(self.offsets)))
+        batch["label"] = torch.from_numpy(np.ascontiguousarray(self.label))
+        batch["rows"] = torch.from_numpy(np.ascontiguousarray(self.rows))
+        arrays = {"enc": (self.enc, self.enc_scale, decoding.states)}
         if self.cross is not None:
-            batch["cross"] = decode(self.cross, float_dtype)
-            batch["dec"] = decode(self.dec, float_dtype)
+            arrays.update({"cross": (self.cross, None, decoding.cross), "dec": (self.dec, self.dec_scale, decoding.states)})
+        for key, (codes, scale, fmt) in arrays.items():
+            if decoding.on_device:
+                batch[key] = to_torch_codes(np.ascontiguousarray(codes)).pin_memory()
+                if scale is not None:
+                    batch[f"{key}_scale"] = torch.from_numpy(np.ascontiguousarray(scale)).pin_memory()
+            else:
+                batch[key] = decode(codes, scale, fmt)
+        if decoding.on_device:
+            batch.decoding = decoding
         return batch
 
 
-def decode(stored: np.ndarray, float_dtype: str) -> torch.Tensor:
-    """Stored 16-bit floats -> a float32 tensor.
+def decode(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat) -> torch.Tensor:
+    """Stored codes (+ scales) -> a float32 tensor.
 
-    Decoded by numpy, not torch: this runs on the prefetch thread, and a torch kernel there would start
+    Decoded by numpy, not torch: this runs on the reader's threads, and a torch kernel there would start
     a second OpenMP team that fights the training step's for the cores (on 2 cores, 10x slower steps).
     """
-    return torch.from_numpy(decode_floats(stored, float_dtype))
+    return torch.from_numpy(dequantise(codes, scale, fmt))
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """Move a batch to `device`; a CodedBatch is moved as codes and dequantised there."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if isinstance(batch, CodedBatch):
+        d = batch.decoding
+        for key, fmt in (("enc", d.states), ("cross", d.cross), ("dec", d.states)):
+            if key in moved:
+                moved[key] = dequantise_torch(moved[key], moved.pop(f"{key}_scale", None), fmt)
+    return moved
 
 
 # --------------------------------------------------------------------------------------------------
@@ -165,6 +230,8 @@ class SplitReader:
         block_tokens: int | None = None,
         shuffle_blocks: int | None = None,
         prefetch: int = PREFETCH_BATCHES,
+        workers: int | None = None,
+        device: str | torch.device | None = None,
     ):
         if mode not in ("ram", "stream"):
             raise ValueError(f"mode must be 'ram' or 'stream', got {mode!r}")
@@ -174,7 +241,8 @@ class SplitReader:
         self.seed = seed
         self.mode = mode
         self.prefetch = prefetch
-        self.float_dtype = split.cache.geometry.float_dtype
+        self.workers = workers or default_workers(device)
+        self.decoding = Decoding.of(split, device)
         per_token = split.cache.geometry.bytes_per_token
         self.block_tokens = block_tokens or split.token_chunk * max(1, round(BLOCK_BYTES / (split.token_chunk * per_token)))
         self.bounds = split.block_bounds(self.block_tokens)
@@ -195,38 +263,51 @@ class SplitReader:
     def epoch(self, epoch: int) -> Iterator[Batch]:
         windows = epoch_windows(self.bounds, shuffle=self.shuffle, seed=self.seed, epoch=epoch, shuffle_blocks=self.shuffle_blocks)
         if self.mode == "ram":
-            return prefetch(lambda: self._ram_batches(windows), self.prefetch)
-        return prefetch(lambda: self._stream_batches(windows), self.prefetch)
+            return run_jobs(lambda executor: self._ram_jobs(windows, executor), self.workers, self.prefetch)
+        return run_jobs(lambda executor: self._stream_jobs(windows, executor), self.workers, self.prefetch)
 
-    # --- RAM: decode once, gather every batch from memory -------------------------------------------
+    def _job(self, pool: Pool, positions: np.ndarray) -> Callable[[], Batch]:
+        return functools.partial(_make_batch, pool, positions, self.decoding)
+
+    # --- RAM: read once, gather every batch from memory ---------------------------------------------
     def load(self) -> Pool:
         if self._ram is None:
-            self._ram = Pool.from_block(self.split.read_block(0, len(self.split)))
+            pieces = self.split.block_bounds(self.block_tokens)
+            if self.workers > 1 and len(pieces) > 1:
+                with ThreadPoolExecutor(self.workers, thread_name_prefix="read-cache-load") as executor:
+                    self._ram = Pool.concat([Pool.from_block(b) for b in executor.map(lambda ab: self.split.read_block(*ab), pieces)])
+            else:
+                self._ram = Pool.from_block(self.split.read_block(0, len(self.split)))
         return self._ram
 
-    def _ram_batches(self, windows: list[Window]) -> Iterator[Batch]:
+    def _ram_jobs(self, windows: list[Window], executor: Executor | None) -> Iterator[Callable[[], Batch]]:
         pool = self.load()
         order = np.concatenate([w.order for w in windows])
         for i in range(0, len(order), self.batch_size):
-            yield pool.take(order[i : i + self.batch_size]).to_batch(self.float_dtype)
+            yield self._job(pool, order[i : i + self.batch_size])
 
     # --- streaming: one window of blocks (plus < one batch carried over) in memory --------------------
-    def _stream_batches(self, windows: list[Window]) -> Iterator[Batch]:
+    def _stream_jobs(self, windows: list[Window], executor: Executor | None) -> Iterator[Callable[[], Batch]]:
         carry: Pool | None = None
         pool: Pool | None = None
+        read = lambda b: Pool.from_block(self.split.read_block(*self.bounds[b]))  # noqa: E731
         for window in windows:
             pool = None  # let the last window go before the next is read: one window in memory at a time
-            blocks = [Pool.from_block(self.split.read_block(*self.bounds[b])) for b in window.blocks]
+            blocks = list(executor.map(read, window.blocks)) if executor is not None else [read(b) for b in window.blocks]
             pool = Pool.concat(([carry] if carry is not None else []) + blocks)
             del blocks  # the concatenated copy is all this window needs
             pending = np.concatenate([carry.rows, window.order]) if carry is not None else window.order
             positions = _positions(pool.rows, pending)
             full = len(positions) // self.batch_size * self.batch_size
             for i in range(0, full, self.batch_size):
-                yield pool.take(positions[i : i + self.batch_size]).to_batch(self.float_dtype)
+                yield self._job(pool, positions[i : i + self.batch_size])
             carry = pool.take(positions[full:]) if full < len(positions) else None
         if carry is not None:
-            yield carry.to_batch(self.float_dtype)
+            yield self._job(carry, np.arange(len(carry)))
+
+
+def _make_batch(pool: Pool, positions: np.ndarray, decoding: Decoding) -> Batch:
+    return pool.take(positions).to_batch(decoding)
 
 
 def _positions(pool_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -240,7 +321,7 @@ def _positions(pool_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
 
 
 def split_bytes(split: Split) -> int:
-    """What holding `split` decoded (16-bit, as stored) in RAM costs."""
+    """What holding `split` in RAM as stored (16-bit, or codes + scales) costs."""
     g = split.cache.geometry
     return split.n_tokens * g.bytes_per_token + len(split) * g.bytes_per_example
 
@@ -277,6 +358,29 @@ class _Failed:
 
 
 _END = object()
+
+
+def run_jobs(make_jobs: Callable[[Executor | None], Iterator[Callable[[], T]]], workers: int, depth: int) -> Iterator[T]:
+    """Run the jobs `make_jobs(executor)` yields on `workers` threads, results in order, `depth` ahead.
+
+    With one worker the jobs run on the prefetch thread itself (no pool). With more, a producer thread
+    submits jobs (and `make_jobs` may use the executor for its own reads) while the consumer takes
+    results in submission order; at most depth + workers batches exist at once.
+    """
+    if workers <= 1:
+        return prefetch(lambda: (job() for job in make_jobs(None)), depth)
+    return _run_pooled(make_jobs, workers, depth)
+
+
+def _run_pooled(make_jobs: Callable[[Executor | None], Iterator[Callable[[], T]]], workers: int, depth: int) -> Iterator[T]:
+    executor = ThreadPoolExecutor(workers, thread_name_prefix="read-cache-decode")
+    futures = prefetch(lambda: (executor.submit(job) for job in make_jobs(executor)), depth + workers)
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        futures.close()  # stops the producer before the pool goes, so it never submits to a closed pool
+        executor.shutdown(wait=True, cancel_futures=True)
 
 
 def prefetch(make: Callable[[], Iterator[T]], depth: int) -> Iterator[T]:

@@ -197,6 +197,8 @@ def make_readers(cfg: TrainConfig, cache: Cache) -> dict[str, SplitReader]:
             mode=mode,
             block_tokens=cfg.block_tokens,
             shuffle_blocks=cfg.shuffle_blocks,
+            workers=cfg.reader_workers,
+            device=pick_device(cfg.device),
         )
         for split, mode in modes.items()
     }

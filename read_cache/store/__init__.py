@@ -10,10 +10,12 @@ Layout (Zarr v3; see docs/cache-format.md for the same with plain-zarr recipes):
       train/                        one group per split: train, validation, test
         offsets         [N+1] i64   example n owns tokens offsets[n]:offsets[n+1]
         input_ids       [T] i32     the tokens of every example, concatenated (ragged, never padded)
-        encoder_hidden  [T, N_E, d] encoder states after layers 1..N_E (16-bit, see `float_dtype`)
+        encoder_hidden  [T, N_E, d] encoder states after layers 1..N_E (16-bit, or 8-/4-bit codes: `float_dtype`)
+        encoder_hidden_scale [T, N_E(, d/g)] the codes' scales (fp8, int8, int4 only; see store/formats.py)
         cross_attention [T, N_D]    decoder position 0's cross-attention onto each token, head mean
                         [T, N_D, H] ... or per head (`--cross-attention heads`); absent for encoders
         decoder_hidden  [N, N_D, d] decoder states after layers 1..N_D at position 0; absent for encoders
+        decoder_hidden_scale [N, N_D(, d/g)] its scales (compact formats)
         label           [N]         i64 class id, or f32 score (STS-B)
         index           [N] i64     row of the example in its original dataset split
         units_done      [U] u8      1 once work unit u is durable (one chunk per unit)
@@ -24,7 +26,9 @@ Why it looks like this:
 - Per-token arrays share axis 0 and are chunked in whole tokens (all layers of a token in one chunk),
   so a training reader decodes contiguous token blocks, and nothing is padded.
 - 16-bit floats: bfloat16 is stored as its raw uint16 bits (zarr has no bfloat16 type); the array
-  attribute `float_dtype` says so. float16 is stored natively.
+  attribute `float_dtype` says so. float16 is stored natively. The compact formats (fp8, int8, int4)
+  store codes plus scales in their own arrays, chunked with the same rows (store/formats.py);
+  cross-attention stays bfloat16 in them (it is small).
 - Work is cut into *units* of whole example chunks. Unit u owns examples [u*U, (u+1)*U) and the
   token chunks whose first token falls inside its examples, so every chunk of every array is
   written by exactly one unit: units can be written in any order, by any number of processes, and a
@@ -53,12 +57,16 @@ import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 
 from read_cache.errors import CacheCorruptError, ReadCacheError
+from read_cache.store.formats import STORE_DTYPES, StoreFormat, dequantise, format_attrs, get_format
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2 added the compact formats (fp8, int8, int4: codes + `*_scale` arrays); version-1 caches read unchanged."""
 SPLITS = ("train", "validation", "test")
-FLOAT_DTYPES = ("bfloat16", "float16")
+FLOAT_DTYPES = STORE_DTYPES
+SCALED_ARRAYS = ("encoder_hidden", "decoder_hidden")
+"""The arrays a compact format quantises; cross-attention stays bfloat16 (N_D values per token)."""
 # Chunk targets, in raw bytes: big enough that codec and file overheads vanish, small enough that a
 # training reader's shuffle blocks stay fine-grained (DESIGN: ~1-8 MB).
 CHUNK_BYTES = 4 << 20
@@ -90,14 +98,20 @@ def storage_numpy_dtype(float_dtype: str) -> str:
     return "uint16" if float_dtype == "bfloat16" else "float16"
 
 
-def codec_description() -> dict[str, Any]:
-    return {"compressor": "blosc", "cname": "zstd", "clevel": 1, "shuffle": "shuffle", "checksum": "crc32c"}
+def codec_description(float_dtype: str = "bfloat16") -> dict[str, Any]:
+    codec = get_format(float_dtype).codec
+    if codec == "none":
+        return {"compressor": "none", "cname": "none", "clevel": 0, "shuffle": "none", "checksum": "crc32c"}
+    return {"compressor": "blosc", "cname": codec, "clevel": 1, "shuffle": "shuffle", "checksum": "crc32c"}
 
 
-def _compressors(typesize: int) -> list[Any]:
+def _compressors(typesize: int, codec: str = "zstd") -> list[Any]:
     # Byte-shuffling puts the sign/exponent bytes of 16-bit floats together, which is where the
     # redundancy is; zstd level 1 keeps up with the forward pass. CRC32C catches corrupt chunks.
-    return [BloscCodec(cname="zstd", clevel=1, shuffle="shuffle", typesize=typesize), Crc32cCodec()]
+    # Per-format codecs were chosen from measurements (docs/storage.md).
+    if codec == "none":
+        return [Crc32cCodec()]
+    return [BloscCodec(cname=codec, clevel=1, shuffle="shuffle", typesize=typesize), Crc32cCodec()]
 
 
 def token_rows(offsets: np.ndarray, examples: np.ndarray) -> np.ndarray:
@@ -127,25 +141,41 @@ class Geometry:
     cross_attention: str | None
     """'mean' (averaged over heads), 'heads', or None for encoder-only backbones."""
     float_dtype: str
-    """'bfloat16' or 'float16'."""
+    """How encoder/decoder states are stored: 'bfloat16', 'float16', or codes + scales 'fp8', 'int8', 'int4'."""
     regression: bool
     """Labels are float scores (STS-B) rather than class ids."""
     chunk_bytes: int = CHUNK_BYTES
     """Target raw size of a token chunk (an example chunk gets half)."""
 
     @property
+    def format(self) -> StoreFormat:
+        return get_format(self.float_dtype)
+
+    @property
+    def cross_dtype(self) -> str:
+        """The cross-attention's 16-bit type: the store's own, or bfloat16 beside a compact format."""
+        return "bfloat16" if self.format.compact else self.float_dtype
+
+    @property
     def bytes_per_token(self) -> int:
+        """Raw (uncompressed) bytes one token adds: states (codes + scales), cross-attention, its id."""
         heads = self.n_heads if self.cross_attention == "heads" else 1
         cross = self.n_decoder_layers * heads if self.cross_attention else 0
-        return 2 * (self.n_encoder_layers * self.d_model + cross) + 4
+        return int(self.n_encoder_layers * self.format.raw_bytes_per_row(self.d_model)) + 2 * cross + 4
 
     @property
     def bytes_per_example(self) -> int:
-        return 2 * self.n_decoder_layers * self.d_model + 16
+        return int(self.n_decoder_layers * self.format.raw_bytes_per_row(self.d_model)) + 16
 
     @property
     def token_chunk(self) -> int:
-        return _pow2_at_most(self.chunk_bytes // (2 * self.n_encoder_layers * self.d_model))
+        codes = self.n_encoder_layers * self.format.code_width(self.d_model) * np.dtype(self.format.code_dtype).itemsize
+        return _pow2_at_most(self.chunk_bytes // codes)
+
+    def scale_shape(self) -> tuple[int, ...]:
+        """Trailing shape of a (token or example, layer) scale array: () per row, (d/g,) per group."""
+        fmt = self.format
+        return () if fmt.group_size(self.d_model) == self.d_model else (self.d_model // fmt.group_size(self.d_model),)
 
     @property
     def example_chunk(self) -> int:
@@ -331,32 +361,43 @@ class CacheWriter:
         sg = self.group.require_group(split)
         sg.attrs.update({**info, "n_examples": n, "n_tokens": total, "unit_examples": unit_examples, "n_units": n_units})
         tc, ec = g.token_chunk, g.example_chunk
-        f16 = storage_numpy_dtype(g.float_dtype)
+        fmt, cross16 = g.format, storage_numpy_dtype(g.cross_dtype)
         self._array(sg, "offsets", offsets.astype(np.int64), chunks=(1 << 20,))
         self._array(sg, "input_ids", input_ids.astype(np.int32), chunks=(tc * 8,))
         self._array(sg, "label", labels.astype(np.float32 if g.regression else np.int64), chunks=(ec,))
         self._array(sg, "index", index.astype(np.int64), chunks=(ec,))
-        floats = {"float_dtype": g.float_dtype}
-        self._empty(sg, "encoder_hidden", (total, g.n_encoder_layers, g.d_model), (tc, g.n_encoder_layers, g.d_model), f16, floats)
+        self._states(sg, "encoder_hidden", total, tc, g.n_encoder_layers)
         if g.cross_attention:
-            self._empty(sg, "cross_attention", (total, *g.cross_shape()), (tc, *g.cross_shape()), f16, floats)
-            self._empty(sg, "decoder_hidden", (n, g.n_decoder_layers, g.d_model), (ec, g.n_decoder_layers, g.d_model), f16, floats)
+            self._empty(sg, "cross_attention", (total, *g.cross_shape()), (tc, *g.cross_shape()), cross16, {"float_dtype": g.cross_dtype})
+            self._states(sg, "decoder_hidden", n, ec, g.n_decoder_layers)
         # Created last: its presence says the skeleton above is complete.
         self._empty(sg, "units_done", (n_units,), (1,), "uint8", {})
         _fsync_tree(self.path / split)
+
+    def _states(self, group: zarr.Group, name: str, rows: int, chunk: int, layers: int) -> None:
+        """A hidden-state array in the cache's format, and its scales beside it (compact formats)."""
+        g, fmt = self.geometry, self.geometry.format
+        attrs = format_attrs(fmt, g.d_model)
+        width = fmt.code_width(g.d_model)
+        self._empty(group, name, (rows, layers, width), (chunk, layers, width), fmt.code_dtype, attrs, fmt.codec)
+        if fmt.compact:
+            scales = g.scale_shape()
+            self._empty(group, f"{name}_scale", (rows, layers, *scales), (chunk, layers, *scales), fmt.scale_dtype, {"scale_of": name}, "zstd")
 
     def _array(self, group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
         arr = self._empty(group, name, data.shape, (min(chunks[0], max(len(data), 1)),), data.dtype.str, {})
         arr[...] = data
 
-    def _empty(self, group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any, attrs: dict) -> zarr.Array:
+    def _empty(
+        self, group: zarr.Group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype: Any, attrs: dict, codec: str = "zstd"
+    ) -> zarr.Array:
         chunks = (max(1, min(chunks[0], shape[0])), *chunks[1:])
         return group.create_array(
             name,
             shape=shape,
             chunks=chunks,
             dtype=dtype,
-            compressors=_compressors(np.dtype(dtype).itemsize),
+            compressors=_compressors(np.dtype(dtype).itemsize, codec),
             fill_value=0,
             attributes=attrs,
             overwrite=True,
@@ -387,6 +428,9 @@ class CacheWriter:
         _fsync_chunks(self.path / split / "units_done", sg["units_done"], unit.index, unit.index + 1)
 
     # --- attributes --------------------------------------------------------------------------------
+    def split_status(self, split: str) -> dict[str, Any]:
+        return dict(self.group.attrs.get("splits", {}).get(split, {}))
+
     def update_split_status(self, split: str, status: dict[str, Any]) -> None:
         splits = dict(self.group.attrs.get("splits", {}))
         splits[split] = {**splits.get(split, {}), **status}
@@ -452,17 +496,19 @@ class Block:
 
     start: int
     offsets: np.ndarray  # [n+1], starting at 0
-    encoder_hidden: np.ndarray  # [tokens, N_E, d] stored 16-bit
+    encoder_hidden: np.ndarray  # [tokens, N_E, d] stored (16-bit, or codes [tokens, N_E, d or d/2])
     cross_attention: np.ndarray | None  # [tokens, N_D(, H)] stored 16-bit
-    decoder_hidden: np.ndarray | None  # [n, N_D, d] stored 16-bit
+    decoder_hidden: np.ndarray | None  # [n, N_D, d] stored
     label: np.ndarray  # [n]
+    encoder_scale: np.ndarray | None = None  # [tokens, N_E(, d/g)] compact formats' scales
+    decoder_scale: np.ndarray | None = None  # [n, N_D(, d/g)]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
     @property
     def nbytes(self) -> int:
-        arrays = (self.encoder_hidden, self.cross_attention, self.decoder_hidden, self.label, self.offsets)
+        arrays = (self.encoder_hidden, self.cross_attention, self.decoder_hidden, self.label, self.offsets, self.encoder_scale, self.decoder_scale)
         return sum(a.nbytes for a in arrays if a is not None)
 
 
@@ -529,13 +575,13 @@ class Split:
             raise IndexError(f"example {i} out of range for split {self.name!r} of {len(self)} examples")
         i %= len(self)
         block = self.read_block(i, i + 1)
-        fd = self.cache.geometry.float_dtype
+        g = self.cache.geometry
         ids = self._read("input_ids", slice(int(self.offsets[i]), int(self.offsets[i + 1])))
         return Example(
             input_ids=ids,
-            encoder_hidden=decode_floats(block.encoder_hidden, fd),
-            decoder_hidden=None if block.decoder_hidden is None else decode_floats(block.decoder_hidden[0], fd),
-            cross_attention=None if block.cross_attention is None else decode_floats(block.cross_attention, fd),
+            encoder_hidden=dequantise(block.encoder_hidden, block.encoder_scale, g.format),
+            decoder_hidden=None if block.decoder_hidden is None else dequantise(block.decoder_hidden, block.decoder_scale, g.format)[0],
+            cross_attention=None if block.cross_attention is None else decode_floats(block.cross_attention, g.cross_dtype),
             label=block.label[0].item(),
             index=int(self.index[i]),
         )
@@ -545,13 +591,17 @@ class Split:
         t0, t1 = int(self.offsets[start]), int(self.offsets[stop])
         tokens = slice(t0, t1)
         has_decoder = self.cache.geometry.cross_attention is not None
+        scaled = self.cache.geometry.format.compact
+        examples = slice(start, stop)
         return Block(
             start=start,
             offsets=self.offsets[start : stop + 1] - t0,
             encoder_hidden=self._read("encoder_hidden", tokens),
             cross_attention=self._read("cross_attention", tokens) if has_decoder else None,
-            decoder_hidden=self._read("decoder_hidden", slice(start, stop)) if has_decoder else None,
+            decoder_hidden=self._read("decoder_hidden", examples) if has_decoder else None,
             label=self.labels[start:stop],
+            encoder_scale=self._read("encoder_hidden_scale", tokens) if scaled else None,
+            decoder_scale=self._read("decoder_hidden_scale", examples) if scaled and has_decoder else None,
         )
 
     def block_bounds(self, target_tokens: int | None = None) -> list[tuple[int, int]]:

@@ -1,0 +1,359 @@
+"""How the float arrays are stored: 16-bit floats, or 8-/4-bit codes with scales beside them.
+
+    from read_cache.store.formats import get_format, quantise, dequantise
+    fmt = get_format("int8")
+    codes, scale = quantise(x, fmt)          # x [..., d] float32 -> int8 codes [..., d], scale [...] float32
+    y = dequantise(codes, scale, fmt)        # float32, |y - x| <= scale / 2 per value
+
+Formats (`--store-dtype`), per (token, layer) row of d values:
+
+    bfloat16  uint16 bits of the bfloat16 (top half of a float32)              2 bytes/value
+    float16   IEEE half                                                          2 bytes/value
+    fp8       float8 e4m3fn codes of x / s, s = absmax(row) / 448 (float32)      1 byte/value + 4 bytes/row
+    int8      round(x / s) in [-127, 127], s = absmax(row) / 127 (float32)       1 byte/value + 4 bytes/row
+    int4      round(x / s) in [-7, 7] + 8, s = absmax(group) / 7 (float16),      0.5 byte/value + 2 bytes/group
+              groups of `group` values along d, two codes per byte (low nibble first)
+
+The numpy functions here are the reference (and what docs/cache-format.md spells out for plain-zarr
+readers); `quantise_torch` is the same arithmetic for the build (bit for bit, tested), and
+`dequantise_torch` is what the training reader runs on the GPU, where decoding on the host would be
+the bottleneck. This module imports neither zarr nor torch at import time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from read_cache.errors import ReadCacheError
+
+FP8_MAX = 448.0
+INT8_MAX = 127
+INT4_MAX = 7
+FLOAT16_MAX = 65504.0
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreFormat:
+    """One `--store-dtype`: what a stored value looks like and how wrong it may be."""
+
+    name: str
+    code_dtype: str
+    """numpy dtype of the stored codes."""
+    bits: int
+    """Bits per value in the codes."""
+    scale_dtype: str | None
+    """numpy dtype of the scales; None for the 16-bit formats (no scales)."""
+    ceiling_rms: float
+    """Largest allowed relative RMS error of a layer (sqrt(sum err^2 / sum x^2) over the sample)."""
+    ceiling_row: float
+    """Largest allowed relative error of one (token, layer) row, ||x - x'|| / ||x||."""
+    codec: str
+    """Chosen codec for the codes (docs/storage.md: measured): 'zstd' (blosc zstd-1) or 'lz4' or 'none'."""
+    disk_bytes_per_value: float
+    """Measured bytes per value on disk, codes + scales after compression (for size projections)."""
+
+    @property
+    def compact(self) -> bool:
+        return self.scale_dtype is not None
+
+    def group_size(self, d: int) -> int:
+        """Values per scale along d: the whole row, or int4's groups."""
+        return int4_group(d) if self.name == "int4" else d
+
+    def code_width(self, d: int) -> int:
+        """Stored codes per row of d values (int4 packs two per byte)."""
+        return d // 2 if self.name == "int4" else d
+
+    def raw_bytes_per_row(self, d: int) -> float:
+        """Codes plus scales of one row of d values, before compression."""
+        codes = d * np.dtype(self.code_dtype).itemsize // (2 if self.name == "int4" else 1)
+        scales = 0 if self.scale_dtype is None else (d // self.group_size(d)) * np.dtype(self.scale_dtype).itemsize
+        return codes + scales
+
+
+# Ceilings: 16-bit floats round each value to within 2^-9 (bfloat16) / 2^-11 (float16) of itself, so a
+# row cannot exceed that (plus slack for float16 subnormals). fp8 keeps 3 mantissa bits: at most 2^-4
+# relative per value. int8/int4 are absolute steps of the row's (group's) absmax: an outlier channel
+# widens every step of its row, so the bound depends on absmax / RMS; the ceilings below allow
+# absmax / RMS up to ~60 (int8) and ~25 (int4 per group) before failing loudly. See docs/storage.md.
+FORMATS: dict[str, StoreFormat] = {
+    f.name: f
+    for f in (
+        StoreFormat("bfloat16", "uint16", 16, None, 0.003, 0.004, "zstd", 1.56),
+        StoreFormat("float16", "float16", 16, None, 0.001, 0.002, "zstd", 1.60),
+        StoreFormat("fp8", "uint8", 8, "float32", 0.05, 0.07, "zstd", 0.87),
+        StoreFormat("int8", "int8", 8, "float32", 0.05, 0.15, "zstd", 0.87),
+        StoreFormat("int4", "uint8", 4, "float16", 0.20, 0.35, "zstd", 0.46),
+    )
+}
+STORE_DTYPES = tuple(FORMATS)
+COMPACT_DTYPES = tuple(n for n, f in FORMATS.items() if f.compact)
+
+
+def get_format(name: str) -> StoreFormat:
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ReadCacheError(f"--store-dtype {name!r} is not one of {', '.join(STORE_DTYPES)}") from None
+
+
+def int4_group(d: int) -> int:
+    """int4's values per scale: 32, or the largest power of two dividing d below that (d must be even)."""
+    group = 32
+    while group > 2 and d % group:
+        group //= 2
+    return group
+
+
+# --------------------------------------------------------------------------------------------------
+# float8 e4m3fn: 1 sign, 4 exponent (bias 7), 3 mantissa bits; no infinities, 0x7F/0xFF are NaN.
+
+
+def _fp8_table() -> np.ndarray:
+    codes = np.arange(256)
+    sign = np.where(codes & 0x80, -1.0, 1.0)
+    exp, man = (codes >> 3) & 0xF, codes & 0x7
+    value = np.where(exp == 0, man / 8 * 2.0**-6, (1 + man / 8) * 2.0 ** (exp - 7.0))
+    value = sign * value
+    value[[0x7F, 0xFF]] = np.nan
+    return value.astype(np.float32)
+
+
+FP8_VALUES = _fp8_table()
+"""float32 value of every fp8 e4m3fn code: decoding is `FP8_VALUES[codes]`."""
+_FP8_POSITIVE = FP8_VALUES[:0x7F]  # codes 0..126, increasing from 0 to 448
+_FP8_MIDPOINTS = (_FP8_POSITIVE[:-1] + _FP8_POSITIVE[1:]) / 2  # exact in float32
+
+
+def fp8_encode(y: np.ndarray) -> np.ndarray:
+    """float32 in [-448, 448] -> e4m3fn codes, round to nearest, ties to even (as torch's cast)."""
+    magnitude = np.abs(y)
+    code = np.searchsorted(_FP8_MIDPOINTS, magnitude, side="left")
+    # At an exact midpoint searchsorted picked the lower neighbour; ties go to the even code.
+    tie = magnitude == _FP8_MIDPOINTS[np.minimum(code, len(_FP8_MIDPOINTS) - 1)]
+    code = code + (tie & (code % 2 == 1))
+    return (code.astype(np.uint8) | (np.signbit(y).astype(np.uint8) << 7)).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------
+# numpy reference
+
+
+def _safe(scale: np.ndarray) -> np.ndarray:
+    """Scales to divide by: an all-zero row (scale 0) stores zeros."""
+    return np.where(scale > 0, scale, np.float32(1)).astype(np.float32)
+
+
+def quantise(x: np.ndarray, fmt: StoreFormat) -> tuple[np.ndarray, np.ndarray | None]:
+    """float32 [..., d] -> (codes [..., code_width(d)], scales [...] or [..., d / group] or None)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if fmt.name == "bfloat16":
+        bits = x.view(np.uint32)
+        rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+        return (rounded >> np.uint32(16)).astype(np.uint16), None
+    if fmt.name == "float16":
+        return x.astype(np.float16), None
+    if fmt.name == "fp8":
+        scale = (np.abs(x).max(axis=-1) / np.float32(FP8_MAX)).astype(np.float32)
+        y = np.clip(x / _safe(scale)[..., None], -FP8_MAX, FP8_MAX)
+        return fp8_encode(y), scale
+    if fmt.name == "int8":
+        scale = (np.abs(x).max(axis=-1) / np.float32(INT8_MAX)).astype(np.float32)
+        q = np.clip(np.rint(x / _safe(scale)[..., None]), -INT8_MAX, INT8_MAX)
+        return q.astype(np.int8), scale
+    if fmt.name == "int4":
+        d = x.shape[-1]
+        groups = x.reshape(*x.shape[:-1], d // int4_group(d), int4_group(d))
+        scale = _int4_scale(np.abs(groups).max(axis=-1))
+        q = np.clip(np.rint(groups / _safe(scale.astype(np.float32))[..., None]), -INT4_MAX, INT4_MAX).astype(np.int8) + 8
+        q = q.reshape(*x.shape[:-1], d // 2, 2).astype(np.uint8)
+        return (q[..., 0] | (q[..., 1] << 4)).astype(np.uint8), scale
+    raise ReadCacheError(f"unknown store format {fmt.name!r}")
+
+
+def _int4_scale(absmax: np.ndarray) -> np.ndarray:
+    if absmax.size and float(absmax.max()) / INT4_MAX > FLOAT16_MAX:
+        raise ReadCacheError(
+            f"a value of {float(absmax.max()):.3g} is beyond int4's float16 scales; store this model with --store-dtype fp8, int8 or bfloat16"
+        )
+    return (absmax / np.float32(INT4_MAX)).astype(np.float16)
+
+
+def dequantise(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored codes (+ scales) -> float32 [..., d]."""
+    if fmt.name == "bfloat16":
+        wide = np.empty(codes.shape, np.uint32) if out is None else out.view(np.uint32)
+        wide[...] = codes  # widen first: a shift in uint16 would drop the bits
+        wide <<= np.uint32(16)
+        return wide.view(np.float32)
+    if fmt.name == "float16":
+        return codes.astype(np.float32) if out is None else np.copyto(out, codes, casting="unsafe") or out
+    assert scale is not None, f"{fmt.name} codes need their scales"
+    if fmt.name == "fp8":
+        values = np.take(FP8_VALUES, codes, out=out)
+        return np.multiply(values, scale[..., None], out=values)
+    if fmt.name == "int8":
+        values = codes.astype(np.float32) if out is None else np.copyto(out, codes, casting="unsafe") or out
+        return np.multiply(values, scale[..., None], out=values)
+    if fmt.name == "int4":
+        d = codes.shape[-1] * 2
+        q = np.empty((*codes.shape, 2), np.int8)
+        np.bitwise_and(codes, 15, out=q[..., 0], casting="unsafe")
+        np.right_shift(codes, 4, out=q[..., 1], casting="unsafe")
+        q -= 8
+        values = q.reshape(*codes.shape[:-1], scale.shape[-1], -1).astype(np.float32)
+        values *= scale.astype(np.float32)[..., None]
+        values = values.reshape(*codes.shape[:-1], d)
+        if out is not None:
+            out[...] = values
+            return out
+        return values
+    raise ReadCacheError(f"unknown store format {fmt.name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# torch: quantise in the build (on the backbone's device), dequantise in the reader (on the GPU)
+
+
+def quantise_torch(x: Any, fmt: StoreFormat) -> tuple[np.ndarray, np.ndarray | None]:
+    """The numpy `quantise` in torch, on x's device; returns numpy (the store's input). Bit-identical."""
+    import torch
+
+    x = x.float()
+    if fmt.name == "bfloat16":
+        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
+    if fmt.name == "float16":
+        return x.to(torch.float16).cpu().numpy(), None
+    if fmt.name in ("fp8", "int8"):
+        top = FP8_MAX if fmt.name == "fp8" else float(INT8_MAX)
+        scale = x.abs().amax(dim=-1) / torch.tensor(top, dtype=torch.float32)
+        y = (x / torch.where(scale > 0, scale, 1.0)[..., None]).clamp(-top, top)
+        if fmt.name == "fp8":
+            codes = y.to(torch.float8_e4m3fn).view(torch.uint8)
+        else:
+            codes = torch.round(y).to(torch.int8)
+        return codes.cpu().numpy(), scale.cpu().numpy()
+    if fmt.name == "int4":
+        d = x.shape[-1]
+        groups = x.reshape(*x.shape[:-1], d // int4_group(d), int4_group(d))
+        absmax = groups.abs().amax(dim=-1)
+        if absmax.numel() and float(absmax.max()) / INT4_MAX > FLOAT16_MAX:
+            _int4_scale(absmax.cpu().numpy())  # raises the one-line error
+        scale = (absmax / torch.tensor(float(INT4_MAX))).to(torch.float16)
+        s = scale.float()
+        q = (torch.round(groups / torch.where(s > 0, s, 1.0)[..., None]).clamp(-INT4_MAX, INT4_MAX) + 8).to(torch.uint8)
+        q = q.reshape(*x.shape[:-1], d // 2, 2)
+        return (q[..., 0] | (q[..., 1] << 4)).cpu().numpy(), scale.cpu().numpy()
+    raise ReadCacheError(f"unknown store format {fmt.name!r}")
+
+
+def to_torch_codes(codes: np.ndarray) -> Any:
+    """Codes as a torch tensor of a type torch can move and view (uint16 bfloat16 bits -> int16)."""
+    import torch
+
+    return torch.from_numpy(codes.view(np.int16) if codes.dtype == np.uint16 else codes)
+
+
+def dequantise_torch(codes: Any, scale: Any | None, fmt: StoreFormat) -> Any:
+    """Codes (from `to_torch_codes`) + scales on any device -> float32 there."""
+    import torch
+
+    if fmt.name == "bfloat16":
+        return codes.view(torch.bfloat16).float()
+    if fmt.name == "float16":
+        return codes.float()
+    if fmt.name == "fp8":
+        return codes.view(torch.float8_e4m3fn).float() * scale[..., None]
+    if fmt.name == "int8":
+        return codes.float() * scale[..., None]
+    if fmt.name == "int4":
+        q = torch.stack([codes & 15, codes >> 4], dim=-1).to(torch.int8) - 8  # [..., d/2, 2]
+        values = q.reshape(*codes.shape[:-1], scale.shape[-1], -1).float() * scale.float()[..., None]
+        return values.reshape(*codes.shape[:-1], codes.shape[-1] * 2)
+    raise ReadCacheError(f"unknown store format {fmt.name!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reconstruction error, measured during the build
+
+
+@dataclasses.dataclass
+class ErrorStats:
+    """Running error sums of one array, per layer: what `inspect` shows and the ceilings check."""
+
+    err2: list[float]
+    """Sum over sampled rows of ||x - x'||^2, per layer."""
+    ref2: list[float]
+    """Sum over sampled rows of ||x||^2, per layer."""
+    worst_row: list[float]
+    """Largest ||x - x'|| / ||x|| of a sampled row, per layer."""
+    channel: list[float]
+    """Sum over sampled batches of the channel-weighted relative RMS error (each channel scaled to unit RMS)."""
+    batches: int = 0
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, layers: int) -> ErrorStats:
+        return cls([0.0] * layers, [0.0] * layers, [0.0] * layers, [0.0] * layers)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ErrorStats:
+        return cls(**{k: d[k] for k in ("err2", "ref2", "worst_row", "channel", "batches", "rows")})
+
+    def add(self, x: np.ndarray, approx: np.ndarray) -> ErrorStats:
+        """Add a sample: x and its reconstruction, [rows, layers, d]. Returns this sample's own stats."""
+        x, approx = x.astype(np.float64), approx.astype(np.float64)
+        err2_rows = ((x - approx) ** 2).sum(-1)  # [rows, layers]
+        ref2_rows = (x**2).sum(-1)
+        rel_rows = np.sqrt(err2_rows / np.maximum(ref2_rows, 1e-300))
+        channel_ms = np.maximum((x**2).mean(0), 1e-300)  # [layers, d]
+        channel = np.sqrt((((x - approx) ** 2).mean(0) / channel_ms).mean(-1))  # [layers]
+        own = ErrorStats(err2_rows.sum(0).tolist(), ref2_rows.sum(0).tolist(), rel_rows.max(0).tolist(), channel.tolist(), 1, len(x))
+        self.merge(own)
+        return own
+
+    def merge(self, other: ErrorStats) -> None:
+        self.err2 = [a + b for a, b in zip(self.err2, other.err2)]
+        self.ref2 = [a + b for a, b in zip(self.ref2, other.ref2)]
+        self.worst_row = [max(a, b) for a, b in zip(self.worst_row, other.worst_row)]
+        self.channel = [a + b for a, b in zip(self.channel, other.channel)]
+        self.batches += other.batches
+        self.rows += other.rows
+
+    @property
+    def rel_rms(self) -> list[float]:
+        return [math.sqrt(e / r) if r > 0 else 0.0 for e, r in zip(self.err2, self.ref2)]
+
+    @property
+    def channel_rel_rms(self) -> list[float]:
+        return [c / self.batches if self.batches else 0.0 for c in self.channel]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **dataclasses.asdict(self),
+            "rel_rms": self.rel_rms,
+            "worst_row_rel": self.worst_row,
+            "channel_rel_rms": self.channel_rel_rms,
+        }
+
+    def check(self, fmt: StoreFormat, array: str) -> None:
+        """Raise if any layer's error is above the format's ceiling."""
+        for layer, (rms, row) in enumerate(zip(self.rel_rms, self.worst_row), start=1):
+            if rms > fmt.ceiling_rms or row > fmt.ceiling_row:
+                raise ReadCacheError(
+                    f"--store-dtype {fmt.name} stores {array} layer {layer} with relative RMS error {rms:.2%} "
+                    f"(worst row {row:.2%}), above its ceiling ({fmt.ceiling_rms:.0%} / {fmt.ceiling_row:.0%}): this model's "
+                    "states have outliers the format cannot hold; delete the cache and rebuild with --store-dtype fp8 or bfloat16"
+                )
+
+
+def format_attrs(fmt: StoreFormat, d: int) -> dict[str, Any]:
+    """The attributes of a stored state array: enough to decode it with numpy alone."""
+    attrs: dict[str, Any] = {"float_dtype": fmt.name}
+    if fmt.compact:
+        attrs.update({"values_per_scale": fmt.group_size(d), "d": d})
+    return attrs
