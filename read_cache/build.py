@@ -395,6 +395,11 @@ def check_same_build(attrs: dict[str, Any], cfg: BuildConfig, out: Path, fingerp
             f"--out {out} already holds a cache of model {model!r} on task {task!r}; "
             "choose another --out (or delete that cache) to build a different model or task"
         )
+    stored = attrs["build"].get("float_dtype")
+    if stored != cfg.float_dtype:
+        raise ReadCacheError(
+            f"--out {out} holds a {stored} cache; resume it with --store-dtype {stored}, or choose another --out for a {cfg.float_dtype} cache"
+        )
     differing = [k for k, v in identity(cfg).items() if attrs["build"].get(k, IDENTITY_DEFAULTS.get(k)) != v]
     if differing:
         was = ", ".join(f"{k}={attrs['build'].get(k)!r}" for k in differing)
@@ -447,7 +452,12 @@ def check_disk(out: Path, geometry: Geometry, tokenized: dict[str, Tokenized], e
         if split not in done
     )
     free = free_bytes(out)
-    log.info("estimated cache size %.1f MB uncompressed (less on disk); %.1f MB free at %s", need / 1e6, free / 1e6, out)
+    tokens = sum(int(tok.offsets[-1]) for split, tok in tokenized.items() if split not in done)
+    examples = sum(len(tok.ids) for split, tok in tokenized.items() if split not in done)
+    log.info(
+        "estimated cache size (--store-dtype %s): %.1f MB on disk (projected), %.1f MB uncompressed; %.1f MB free at %s",
+        geometry.float_dtype, geometry.projected_disk_bytes(tokens, examples) / 1e6, need / 1e6, free / 1e6, out,
+    )
     if need > free and not force:
         raise ReadCacheError(
             f"the cache needs up to {need / 1e9:.2f} GB but {out} has {free / 1e9:.2f} GB free; free space, choose another --out, or pass --force"

@@ -143,7 +143,7 @@ def build(
     if dry_run:
         from read_cache.estimate import estimate_build, estimate_table
 
-        out_console.print(estimate_table(estimate_build(cfg)))
+        out_console.print(estimate_table(estimate_build(cfg)), markup=False, highlight=False, soft_wrap=True)
         return
     from read_cache.build import build_cache
 

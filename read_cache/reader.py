@@ -156,14 +156,19 @@ class Pool:
             arrays.update({"cross": (self.cross, None, decoding.cross), "dec": (self.dec, self.dec_scale, decoding.states)})
         for key, (codes, scale, fmt) in arrays.items():
             if decoding.on_device:
-                batch[key] = to_torch_codes(np.ascontiguousarray(codes)).pin_memory()
+                batch[key] = _pinned(to_torch_codes(np.ascontiguousarray(codes)))
                 if scale is not None:
-                    batch[f"{key}_scale"] = torch.from_numpy(np.ascontiguousarray(scale)).pin_memory()
+                    batch[f"{key}_scale"] = _pinned(torch.from_numpy(np.ascontiguousarray(scale)))
             else:
                 batch[key] = decode(codes, scale, fmt)
         if decoding.on_device:
             batch.decoding = decoding
         return batch
+
+
+def _pinned(t: torch.Tensor) -> torch.Tensor:
+    """Page-locked where CUDA is present, so the copy to the GPU is asynchronous (non_blocking)."""
+    return t.pin_memory() if torch.cuda.is_available() else t
 
 
 def decode(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat) -> torch.Tensor:

@@ -172,10 +172,23 @@ class Geometry:
         codes = self.n_encoder_layers * self.format.code_width(self.d_model) * np.dtype(self.format.code_dtype).itemsize
         return _pow2_at_most(self.chunk_bytes // codes)
 
+    def values(self, tokens: int, examples: int) -> tuple[int, int]:
+        """(hidden-state values, cross-attention values) of `tokens` tokens in `examples` examples."""
+        heads = self.n_heads if self.cross_attention == "heads" else 1
+        states = (tokens * self.n_encoder_layers + examples * self.n_decoder_layers) * self.d_model
+        cross = tokens * self.n_decoder_layers * heads if self.cross_attention else 0
+        return states, cross
+
+    def projected_disk_bytes(self, tokens: int, examples: int) -> int:
+        """Bytes on disk, from the measured bytes per stored value of the format (docs/storage.md)."""
+        states, cross = self.values(tokens, examples)
+        bf16 = get_format("bfloat16").disk_bytes_per_value
+        return int(states * self.format.disk_bytes_per_value + cross * bf16 + 4 * tokens + 16 * examples)
+
     def scale_shape(self) -> tuple[int, ...]:
         """Trailing shape of a (token or example, layer) scale array: () per row, (d/g,) per group."""
         fmt = self.format
-        return () if fmt.group_size(self.d_model) == self.d_model else (self.d_model // fmt.group_size(self.d_model),)
+        return (self.d_model // fmt.group_size(self.d_model),) if fmt.grouped else ()
 
     @property
     def example_chunk(self) -> int:

@@ -60,6 +60,11 @@ class StoreFormat:
     def compact(self) -> bool:
         return self.scale_dtype is not None
 
+    @property
+    def grouped(self) -> bool:
+        """Scales per group of values along d (int4), rather than one per row."""
+        return self.name == "int4"
+
     def group_size(self, d: int) -> int:
         """Values per scale along d: the whole row, or int4's groups."""
         return int4_group(d) if self.name == "int4" else d
