@@ -159,7 +159,12 @@ def markdown(report: dict[str, Any]) -> str:
     ratio_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in report["ratios"].items() if v is not None)
     gpu = report.get("gpu_prediction")
     gpu_text = f"\nPredicted online/cached total on a GPU: {gpu['online_over_cached_total']:.2f}x ({'; '.join(gpu['assumptions'])}).\n" if gpu else ""
-    return "\n".join(rows) + "\n\n| ratio | value |\n|---|---|\n" + ratio_rows + "\n" + gpu_text
+    text = "\n".join(rows) + "\n\n| ratio | value |\n|---|---|\n" + ratio_rows + "\n" + gpu_text
+    if "reader" in report["methods"]:
+        from read_cache.bench_reader import markdown as reader_markdown
+
+        text += "\n" + reader_markdown(report["methods"]["reader"])
+    return text
 
 
 def chart(report: dict[str, Any], path: Path) -> None:

@@ -7,6 +7,7 @@ cached_ram    E epochs of READ from the same data held in RAM
 interleaved   store and RAM epochs alternated in one process (the robust store/RAM ratio)
 online        E epochs of READ the paper's way: a backbone forward for every batch of every epoch
 full          E epochs of full fine-tuning: backpropagation through the whole backbone, same head
+reader        each store format's read rate (no training step), against the raw read+decode limit
 """
 
 from __future__ import annotations
@@ -328,3 +329,13 @@ def interleaved(cfg: BenchConfig, epochs: int = 3) -> dict[str, Any]:
     _, meter = metered(work)
     store, ram = statistics.median(seconds["stream"]), statistics.median(seconds["ram"])
     return _result(meter, baseline, epoch_seconds_store=store, epoch_seconds_ram=ram, epoch_seconds_all=seconds, store_over_ram=store / ram, epochs_each=epochs)
+
+
+# --------------------------------------------------------------------------------------------------
+# The store formats' read rate (read_cache.bench_reader)
+
+
+def reader(cfg: BenchConfig) -> dict[str, Any]:
+    from read_cache.bench_reader import reader as measure
+
+    return measure(cfg)

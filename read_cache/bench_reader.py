@@ -1,0 +1,154 @@
+"""`read-cache bench --methods reader`: how fast each store format feeds training, with no training step.
+
+For every format (bfloat16, fp8, int8, int4; each a transcode of the bench's cache, so the same
+states) and in one process, formats interleaved round by round so they share the machine's moods:
+
+  limit        read every chunk of the train split in order and decode it to float32 (read_block +
+               dequantise), on 1 and on 2 threads: what the bytes and the codec allow
+  stream / ram one shuffled epoch of `SplitReader` batches (float32 tensors, as training gets them),
+               from the store and from RAM, with 1 and 2 reader workers
+
+Reported: examples/s and decoded GB/s (float32 bytes delivered), medians over the rounds, and the
+ratios the issue asks for (reader / limit, 8-bit / bfloat16, 2 workers / 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from read_cache.config import BenchConfig
+from read_cache.errors import ReadCacheError
+from read_cache.reader import SplitReader, decode
+from read_cache.store import Split, open_cache, read_root_attrs
+from read_cache.store.transcode import transcode
+
+FORMATS = ("bfloat16", "fp8", "int8", "int4")
+WORKERS = (1, 2)
+
+
+def format_caches(source: Path, root: Path) -> dict[str, Path]:
+    """One cache per format, transcoded from `source` (kept between runs)."""
+    attrs = read_root_attrs(source)
+    if attrs is None:
+        raise ReadCacheError(f"{source} holds no cache; run `read-cache bench ... --methods build` first")
+    caches = {}
+    for fmt in FORMATS:
+        if attrs["float_dtype"] == fmt:
+            caches[fmt] = source
+            continue
+        dest = root / fmt
+        if not (dest / "zarr.json").is_file():
+            transcode(source, dest, fmt)
+        caches[fmt] = dest
+    return caches
+
+
+def _decoded_bytes(split: Split) -> int:
+    g = split.cache.geometry
+    states, cross = g.values(split.n_tokens, len(split))
+    return 4 * (states + cross)
+
+
+def limit(split: Split, threads: int) -> float:
+    """Seconds to read and decode every chunk of the split in order (the bytes' and codec's limit)."""
+    g = split.cache.geometry
+    cross_fmt = g.cross_dtype
+    from read_cache.store.formats import get_format
+
+    def one(bounds: tuple[int, int]) -> None:
+        block = split.read_block(*bounds)
+        decode(block.encoder_hidden, block.encoder_scale, g.format)
+        if block.decoder_hidden is not None:
+            decode(block.decoder_hidden, block.decoder_scale, g.format)
+            decode(block.cross_attention, None, get_format(cross_fmt))
+
+    bounds = split.block_bounds()
+    started = time.perf_counter()
+    if threads == 1:
+        for b in bounds:
+            one(b)
+    else:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, bounds))
+    return time.perf_counter() - started
+
+
+def epoch(reader: SplitReader) -> float:
+    started = time.perf_counter()
+    for _ in reader.epoch(1):
+        pass
+    return time.perf_counter() - started
+
+
+def reader(cfg: BenchConfig, rounds: int = 3) -> dict[str, Any]:
+    caches = format_caches(cfg.out / "cache", cfg.out / "reader-caches")
+    splits = {fmt: open_cache(path)["train"] for fmt, path in caches.items()}
+    readers = {}
+    for fmt, split in splits.items():
+        for workers in WORKERS:
+            for mode in ("stream", "ram"):
+                r = SplitReader(split, batch_size=cfg.batch_size, shuffle=True, seed=0, mode=mode, workers=workers, device="cpu")
+                if mode == "ram":
+                    r.load()
+                readers[fmt, mode, workers] = r
+    seconds: dict[str, list[float]] = {}
+    for round_ in range(rounds):
+        order = FORMATS[round_ % len(FORMATS) :] + FORMATS[: round_ % len(FORMATS)]
+        for fmt in order:
+            for workers in WORKERS:
+                seconds.setdefault(f"{fmt}/limit/{workers}", []).append(limit(splits[fmt], workers))
+                for mode in ("stream", "ram"):
+                    seconds.setdefault(f"{fmt}/{mode}/{workers}", []).append(epoch(readers[fmt, mode, workers]))
+    rows = {}
+    for key, values in seconds.items():
+        fmt = key.split("/")[0]
+        s = statistics.median(values)
+        split = splits[fmt]
+        rows[key] = {"seconds": s, "examples_per_second": len(split) / s, "decoded_gb_per_second": _decoded_bytes(split) / s / 1e9, "all_seconds": values}
+    ratios = {}
+    for fmt in FORMATS:
+        for workers in WORKERS:
+            ratios[f"{fmt} stream/limit, {workers} worker(s)"] = rows[f"{fmt}/stream/{workers}"]["examples_per_second"] / rows[f"{fmt}/limit/{workers}"]["examples_per_second"]
+        ratios[f"{fmt} stream 2 workers / 1"] = rows[f"{fmt}/stream/2"]["examples_per_second"] / rows[f"{fmt}/stream/1"]["examples_per_second"]
+        ratios[f"{fmt} stream / bfloat16 stream, 1 worker"] = rows[f"{fmt}/stream/1"]["examples_per_second"] / rows["bfloat16/stream/1"]["examples_per_second"]
+    disk = {fmt: {"disk_bytes": open_cache(path).disk_bytes("train"), "bytes_per_example": open_cache(path).disk_bytes("train") / len(splits[fmt])} for fmt, path in caches.items()}
+    return {
+        "meter": {"wall_seconds": sum(sum(v) for v in seconds.values()), "peak_rss_bytes": 0},
+        "total_seconds": sum(sum(v) for v in seconds.values()),
+        "rows": rows, "ratios": ratios, "disk": disk, "rounds": rounds,
+        "examples": len(next(iter(splits.values()))), "load_average": os.getloadavg(),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Reader throughput, train split ({result['examples']:,} examples), one epoch, no training step; "
+        f"medians of {result['rounds']} interleaved rounds; load average {', '.join(f'{x:.1f}' for x in result['load_average'])}",
+        "",
+        "| format | bytes/example on disk | source | workers | examples/s | decoded GB/s | of the limit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = result["rows"]
+    for fmt in FORMATS:
+        for workers in WORKERS:
+            lim = rows[f"{fmt}/limit/{workers}"]["examples_per_second"]
+            for source in ("limit", "stream", "ram"):
+                r = rows[f"{fmt}/{source}/{workers}"]
+                lines.append(
+                    f"| {fmt} | {result['disk'][fmt]['bytes_per_example']:,.0f} | {source} | {workers} | {r['examples_per_second']:,.0f} | "
+                    f"{r['decoded_gb_per_second']:.3f} | {r['examples_per_second'] / lim:.2f} |"
+                )
+    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(markdown(json.loads(Path(sys.argv[1]).read_text())))
