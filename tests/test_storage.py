@@ -50,6 +50,12 @@ def test_round_trip_error_is_within_the_documented_bound(name: str, outliers: bo
     stats.add(x, dequantise(codes, scale, fmt))
     assert max(stats.rel_rms) <= fmt.ceiling_rms and max(stats.worst_row) <= fmt.ceiling_row, stats.to_dict()
     assert max(stats.rel_rms) > 0  # a real rounding, not a copy
+    if outliers and name in ("int8", "int4"):
+        # A shared scale per row (group) leaves the small channels a few steps: the build refuses such states.
+        with pytest.raises(ReadCacheError, match="channel-weighted"):
+            stats.check(fmt, "encoder_hidden")
+    else:
+        stats.check(fmt, "encoder_hidden")
     if name == "int8":  # the per-value bound: half a step of the row's absmax / 127
         step = np.abs(x).max(-1, keepdims=True) / 127
         assert np.all(np.abs(dequantise(codes, scale, fmt) - x) <= step / 2 * (1 + 1e-5))
