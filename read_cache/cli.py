@@ -305,6 +305,14 @@ def inspect(
     for name, s in info["splits"].items():
         shapes = ", ".join(f"{k} {tuple(v)}" for k, v in s["shapes"].items() if k != "units_done")
         out_console.print(f"{name}: {shapes}", highlight=False)
+    for name, s in info["splits"].items():
+        for array, e in s.get("reconstruction_error", {}).items():
+            per_layer = " ".join(f"{x:.2%}" for x in e["rel_rms"])
+            out_console.print(
+                f"{name} {array} error ({e['rows']:,} sampled rows): relative RMS per layer {per_layer}; "
+                f"worst row {max(e['worst_row_rel']):.2%}; channel-weighted up to {max(e['channel_rel_rms']):.2%}",
+                highlight=False,
+            )
 
 
 @app.command()

@@ -32,6 +32,11 @@ def describe(cache: Cache) -> dict[str, Any]:
             "disk_bytes": disk,
             # Only a finished split has all its chunks on disk to compare with the raw size.
             "compression_ratio": raw / disk if disk and status.get("complete") else None,
+            # Per array, per layer, measured by the build on a sample (absent in version-1 caches).
+            "reconstruction_error": {
+                name: {k: e[k] for k in ("rel_rms", "worst_row_rel", "channel_rel_rms", "rows")}
+                for name, e in status.get("reconstruction_error", {}).items()
+            },
         }
     return {
         "path": str(cache.path),
