@@ -120,7 +120,7 @@ def build(
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu; default: CUDA when present.")] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass (grouped by length).")] = 64,
     cross_attention: Annotated[str, typer.Option(help="mean (over heads, the paper's) or heads.")] = "mean",
-    store_dtype: Annotated[str, typer.Option(help="Stored states: bfloat16, float16, fp8, int8 or int4 (docs/storage.md).")] = "bfloat16",
+    store_dtype: Annotated[str, typer.Option(help="Stored states: fp8 (8-bit floats + a scale per row), int8, int4, bfloat16 or float16 (docs/storage.md).")] = "fp8",
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model.")] = None,
     chunk_mb: Annotated[float, typer.Option(help="Target raw MiB per chunk of token rows.")] = 4.0,
     force: Annotated[bool, typer.Option(help="Build even if the size estimate exceeds free disk.")] = False,

@@ -21,8 +21,8 @@ import numpy as np
 from read_cache.errors import ReadCacheError
 from read_cache.paper import PAPER, check_preset
 from read_cache.store import CHUNK_BYTES
+from read_cache.store.formats import DEFAULT_STORE_DTYPE, STORE_DTYPES
 from read_cache.tasks import PROTOCOLS
-from read_cache.store.formats import STORE_DTYPES
 
 T = TypeVar("T")
 
@@ -60,7 +60,7 @@ class BuildConfig:
     """Examples per forward pass (batches are grouped by length)."""
     cross_attention: str = "mean"
     """'mean' over heads (the paper's single head) or 'heads' to keep every head."""
-    float_dtype: str = "bfloat16"
+    float_dtype: str = DEFAULT_STORE_DTYPE
     """`--store-dtype`: 'bfloat16' (T5's range), 'float16', or 8-/4-bit codes with scales 'fp8', 'int8', 'int4'
     (docs/storage.md measures their size, error and READ scores)."""
     revision: str | None = None

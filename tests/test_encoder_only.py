@@ -78,13 +78,13 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def sst2_bert(tiny_bert: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_quietly(tiny_bert, "sst2", glue_dir, tmp_path_factory.mktemp("bert-sst2") / "cache", limit=60)
+    return build_quietly(tiny_bert, "sst2", glue_dir, tmp_path_factory.mktemp("bert-sst2") / "cache", limit=60, float_dtype="bfloat16")
 
 
 @pytest.fixture(scope="session")
 def stsb_bert(tiny_bert: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Sentence pairs with small batches: padding, several batches and both segments are all exercised.
-    return build_quietly(tiny_bert, "stsb", glue_dir, tmp_path_factory.mktemp("bert-stsb") / "cache", limit=40, batch_size=7)
+    return build_quietly(tiny_bert, "stsb", glue_dir, tmp_path_factory.mktemp("bert-stsb") / "cache", limit=40, batch_size=7, float_dtype="bfloat16")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_real_minilm_builds_trains_and_predicts_the_same_online(tmp_path: Path) 
 
     folder = minilm_folder()
     glue = SHARED / "glue"
-    cache = build_quietly(folder, "mrpc", glue, tmp_path / "cache", limit=120)
+    cache = build_quietly(folder, "mrpc", glue, tmp_path / "cache", limit=120, float_dtype="bfloat16")
     attrs = open_cache(cache).attrs
     assert attrs["backbone"]["kind"] == "encoder" and attrs["backbone"]["pooling"] == "mean"  # a sentence-transformers model
     assert (attrs["backbone"]["n_encoder_layers"], attrs["backbone"]["d_model"]) == (6, 384)
