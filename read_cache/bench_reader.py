@@ -87,6 +87,13 @@ def epoch(reader: SplitReader) -> float:
 
 
 def reader(cfg: BenchConfig, rounds: int = 3) -> dict[str, Any]:
+    from read_cache.bench import metered
+
+    result, meter = metered(_measure, cfg, rounds)
+    return {"meter": meter, "total_seconds": meter["wall_seconds"], **result}
+
+
+def _measure(cfg: BenchConfig, rounds: int) -> dict[str, Any]:
     caches = format_caches(cfg.out / "cache", cfg.out / "reader-caches")
     splits = {fmt: open_cache(path)["train"] for fmt, path in caches.items()}
     readers = {}
@@ -119,8 +126,6 @@ def reader(cfg: BenchConfig, rounds: int = 3) -> dict[str, Any]:
         ratios[f"{fmt} stream / bfloat16 stream, 1 worker"] = rows[f"{fmt}/stream/1"]["examples_per_second"] / rows["bfloat16/stream/1"]["examples_per_second"]
     disk = {fmt: {"disk_bytes": open_cache(path).disk_bytes("train"), "bytes_per_example": open_cache(path).disk_bytes("train") / len(splits[fmt])} for fmt, path in caches.items()}
     return {
-        "meter": {"wall_seconds": sum(sum(v) for v in seconds.values()), "peak_rss_bytes": 0},
-        "total_seconds": sum(sum(v) for v in seconds.values()),
         "rows": rows, "ratios": ratios, "disk": disk, "rounds": rounds,
         "examples": len(next(iter(splits.values()))), "load_average": os.getloadavg(),
     }

@@ -30,13 +30,14 @@ SMALL_CHUNKS = 0.003  # MiB: 16-token chunks, so a few hundred examples make man
 
 def config(model: Path, glue: Path, out: Path, **kw) -> BuildConfig:
     kw.setdefault("dtype", "fp32")  # the same math as the fp32 reference forward passes, whatever this CPU's default
+    kw.setdefault("float_dtype", "bfloat16")  # this file's tests compare within bfloat16's rounding; test_storage covers the others
     return BuildConfig(model=str(model), task=kw.pop("task", "sst2"), data_dir=glue, out=out, progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
 def built(tiny_t5: Path, glue_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("built") / "cache"
-    build_cache(config(tiny_t5, glue_dir, out, batch_size=8, float_dtype="bfloat16"))  # compared within bfloat16's rounding
+    build_cache(config(tiny_t5, glue_dir, out, batch_size=8))
     return out
 
 
@@ -200,7 +201,7 @@ def write_unit(self, split, unit, tokens, examples):
 
 store.CacheWriter.write_unit = write_unit
 build_cache(BuildConfig(model=sys.argv[3], task="sst2", data_dir=Path(sys.argv[4]), out=Path(sys.argv[5]),
-                        chunk_mb=float(sys.argv[6]), batch_size=8, dtype="fp32", progress=False))
+                        chunk_mb=float(sys.argv[6]), batch_size=8, dtype="fp32", float_dtype="bfloat16", progress=False))
 """
 
 
@@ -227,7 +228,7 @@ def test_kill_9_from_outside_at_a_random_moment(crash_setup, tmp_path: Path) -> 
     model, glue, reference = crash_setup
     out = tmp_path / "cache"
     cmd = [sys.executable, "-m", "read_cache", "build", "--model", str(model), "--task", "sst2", "--data-dir", str(glue),
-           "--out", str(out), "--chunk-mb", str(SMALL_CHUNKS), "--batch-size", "8", "--dtype", "fp32", "--no-progress"]
+           "--out", str(out), "--chunk-mb", str(SMALL_CHUNKS), "--batch-size", "8", "--dtype", "fp32", "--store-dtype", "bfloat16", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 60
     while time.time() < deadline and not list((out / "train" / "units_done" / "c").glob("*")) if (out / "train").exists() else time.time() < deadline:
