@@ -99,6 +99,7 @@ def test_error_stats_see_outlier_damage_that_row_norms_hide() -> None:
     x = states(outliers=True)
     stats = ErrorStats.empty(x.shape[1])
     stats.add(x, dequantise(*quantise(x, fmt), fmt))
+    stats.close_unit()
     assert max(stats.rel_rms) < 0.05 and min(stats.channel_rel_rms) > 5 * max(stats.rel_rms)
 
 
@@ -222,7 +223,7 @@ def write_unit(self, *args):
     return original(self, *args)
 store.CacheWriter.write_unit = write_unit
 build_cache(BuildConfig(model=sys.argv[1], task="sst2", data_dir=Path(sys.argv[2]), out=Path(sys.argv[3]),
-                        chunk_mb=float(sys.argv[4]), batch_size=8, float_dtype="int4", progress=False))
+                        chunk_mb=float(sys.argv[4]), batch_size=8, float_dtype="int4", dtype="fp32", progress=False))
 """
 
 

@@ -292,6 +292,11 @@ def dequantise_torch(codes: Any, scale: Any | None, fmt: StoreFormat) -> Any:
 # Reconstruction error, measured during the build
 
 
+CHANNEL_MIN_ROWS = 64
+"""Rows a unit's sample needs before its channel-weighted error is checked: a channel's RMS from a
+handful of rows is noise (the value is still recorded)."""
+
+
 @dataclasses.dataclass
 class ErrorStats:
     """Running error sums of one array, per layer: what `inspect` shows and the ceilings check."""
@@ -303,9 +308,14 @@ class ErrorStats:
     worst_row: list[float]
     """Largest ||x - x'|| / ||x|| of a sampled row, per layer."""
     channel: list[float]
-    """Sum over sampled batches of the channel-weighted relative RMS error (each channel scaled to unit RMS)."""
-    batches: int = 0
+    """Sum over closed units of (channel-weighted relative RMS error x the unit's sampled rows), per layer:
+    within a unit, sqrt(mean over channels of sum err^2 / sum x^2), i.e. every channel scaled to unit RMS."""
+    channel_rows: int = 0
+    """Sampled rows behind `channel`."""
     rows: int = 0
+    _channel_err2: Any = dataclasses.field(default=None, repr=False)  # [layers, d] sums of the open unit
+    _channel_ref2: Any = dataclasses.field(default=None, repr=False)
+    _open_rows: int = 0
 
     @classmethod
     def empty(cls, layers: int) -> ErrorStats:
@@ -313,26 +323,44 @@ class ErrorStats:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ErrorStats:
-        return cls(**{k: d[k] for k in ("err2", "ref2", "worst_row", "channel", "batches", "rows")})
+        return cls(**{k: d[k] for k in ("err2", "ref2", "worst_row", "channel", "channel_rows", "rows")})
 
-    def add(self, x: np.ndarray, approx: np.ndarray) -> ErrorStats:
-        """Add a sample: x and its reconstruction, [rows, layers, d]. Returns this sample's own stats."""
+    def add(self, x: np.ndarray, approx: np.ndarray) -> None:
+        """Add a sample: x and its reconstruction, [rows, layers, d]; `close_unit` ends a unit."""
         x, approx = x.astype(np.float64), approx.astype(np.float64)
-        err2_rows = ((x - approx) ** 2).sum(-1)  # [rows, layers]
-        ref2_rows = (x**2).sum(-1)
+        diff2 = (x - approx) ** 2
+        err2_rows, ref2_rows = diff2.sum(-1), (x**2).sum(-1)  # [rows, layers]
         rel_rows = np.sqrt(err2_rows / np.maximum(ref2_rows, 1e-300))
-        channel_ms = np.maximum((x**2).mean(0), 1e-300)  # [layers, d]
-        channel = np.sqrt((((x - approx) ** 2).mean(0) / channel_ms).mean(-1))  # [layers]
-        own = ErrorStats(err2_rows.sum(0).tolist(), ref2_rows.sum(0).tolist(), rel_rows.max(0).tolist(), channel.tolist(), 1, len(x))
-        self.merge(own)
-        return own
+        self.err2 = [a + b for a, b in zip(self.err2, err2_rows.sum(0).tolist())]
+        self.ref2 = [a + b for a, b in zip(self.ref2, ref2_rows.sum(0).tolist())]
+        self.worst_row = [max(a, b) for a, b in zip(self.worst_row, rel_rows.max(0).tolist())]
+        self.rows += len(x)
+        if self._channel_err2 is None:
+            self._channel_err2, self._channel_ref2 = np.zeros(x.shape[1:]), np.zeros(x.shape[1:])
+        self._channel_err2 += diff2.sum(0)
+        self._channel_ref2 += (x**2).sum(0)
+        self._open_rows += len(x)
+
+    def close_unit(self) -> list[float] | None:
+        """Fold the open unit's per-channel sums into `channel`; returns its per-layer value (None if it had no rows)."""
+        if self._channel_err2 is None or not self._open_rows:
+            return None
+        ratio = self._channel_err2 / np.maximum(self._channel_ref2, 1e-300)
+        ratio[self._channel_ref2 == 0] = 0.0  # a channel that is always 0 is stored exactly
+        value = np.sqrt(ratio.mean(-1)).tolist()
+        self.channel = [a + b * self._open_rows for a, b in zip(self.channel, value)]
+        self.channel_rows += self._open_rows
+        self._channel_err2 = self._channel_ref2 = None
+        self._open_rows = 0
+        return value
 
     def merge(self, other: ErrorStats) -> None:
+        other.close_unit()
         self.err2 = [a + b for a, b in zip(self.err2, other.err2)]
         self.ref2 = [a + b for a, b in zip(self.ref2, other.ref2)]
         self.worst_row = [max(a, b) for a, b in zip(self.worst_row, other.worst_row)]
         self.channel = [a + b for a, b in zip(self.channel, other.channel)]
-        self.batches += other.batches
+        self.channel_rows += other.channel_rows
         self.rows += other.rows
 
     @property
@@ -341,19 +369,23 @@ class ErrorStats:
 
     @property
     def channel_rel_rms(self) -> list[float]:
-        return [c / self.batches if self.batches else 0.0 for c in self.channel]
+        return [c / self.channel_rows if self.channel_rows else 0.0 for c in self.channel]
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            **dataclasses.asdict(self),
+            **{k: v for k, v in dataclasses.asdict(self).items() if not k.startswith("_")},
             "rel_rms": self.rel_rms,
             "worst_row_rel": self.worst_row,
             "channel_rel_rms": self.channel_rel_rms,
         }
 
     def check(self, fmt: StoreFormat, array: str) -> None:
-        """Raise if any layer's error is above the format's ceiling."""
-        for layer, (rms, row, channel) in enumerate(zip(self.rel_rms, self.worst_row, self.channel_rel_rms), start=1):
+        """Close the open unit and raise if any layer's error is above the format's ceiling."""
+        rows = self._open_rows
+        unit_channel = self.close_unit() or [0.0] * len(self.err2)
+        if rows < CHANNEL_MIN_ROWS:
+            unit_channel = [0.0] * len(self.err2)
+        for layer, (rms, row, channel) in enumerate(zip(self.rel_rms, self.worst_row, unit_channel), start=1):
             if rms > fmt.ceiling_rms or row > fmt.ceiling_row or channel > fmt.ceiling_channel:
                 raise ReadCacheError(
                     f"--store-dtype {fmt.name} stores {array} layer {layer} with relative RMS error {rms:.2%} "
