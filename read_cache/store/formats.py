@@ -205,7 +205,8 @@ def dequantise(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat, ou
         return codes.astype(np.float32) if out is None else np.copyto(out, codes, casting="unsafe") or out
     assert scale is not None, f"{fmt.name} codes need their scales"
     if fmt.name == "fp8":
-        values = np.take(FP8_VALUES, codes, out=out)
+        # Fancy indexing, not np.take: measured ~3x faster on uint8 codes (take converts them to intp first).
+        values = FP8_VALUES[codes] if out is None else np.take(FP8_VALUES, codes, out=out)
         return np.multiply(values, scale[..., None], out=values)
     if fmt.name == "int8":
         values = codes.astype(np.float32) if out is None else np.copyto(out, codes, casting="unsafe") or out
