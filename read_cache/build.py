@@ -395,12 +395,12 @@ def check_same_build(attrs: dict[str, Any], cfg: BuildConfig, out: Path, fingerp
             f"--out {out} already holds a cache of model {model!r} on task {task!r}; "
             "choose another --out (or delete that cache) to build a different model or task"
         )
-    stored = attrs["build"].get("float_dtype")
-    if stored != cfg.float_dtype:
+    differing = [k for k, v in identity(cfg).items() if attrs["build"].get(k, IDENTITY_DEFAULTS.get(k)) != v]
+    if differing == ["float_dtype"]:
+        stored = attrs["build"]["float_dtype"]
         raise ReadCacheError(
             f"--out {out} holds a {stored} cache; resume it with --store-dtype {stored}, or choose another --out for a {cfg.float_dtype} cache"
         )
-    differing = [k for k, v in identity(cfg).items() if attrs["build"].get(k, IDENTITY_DEFAULTS.get(k)) != v]
     if differing:
         was = ", ".join(f"{k}={attrs['build'].get(k)!r}" for k in differing)
         raise ReadCacheError(f"--out {out} was built with {was}; rerun with those options to resume it, or choose another --out")

@@ -248,7 +248,7 @@ def test_bad_store_inputs_are_one_line_errors(tiny_t5: Path, caches: dict[str, P
     code, _, output = run_cli("build", "--model", tiny_t5, "--task", "sst2", "--store-dtype", "int3", "--no-progress")
     assert code == 2 and "int3" in one_error(output) and "int4" in one_error(output)
     before = _digest(caches["bfloat16"])
-    code, _, output = run_cli("build", "--model", tiny_t5, "--task", "sst2", "--data-dir", caches["glue"], "--out", caches["bfloat16"], "--store-dtype", "int8", "--no-progress")
+    code, _, output = run_cli("build", "--model", tiny_t5, "--task", "sst2", "--data-dir", caches["glue"], "--out", caches["bfloat16"], "--batch-size", "8", "--store-dtype", "int8", "--no-progress")
     assert code == 2 and "--store-dtype bfloat16" in one_error(output)
     assert _digest(caches["bfloat16"]) == before
     code, _, output = run_cli("train", "--cache", caches["int8"], "--reader-workers", "0", "--no-progress")
