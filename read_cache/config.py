@@ -274,9 +274,18 @@ class BenchConfig:
             raise ReadCacheError(f"--epochs {self.epochs} must be positive and --slow-epochs between 1 and --epochs")
         if self.limit <= 0:
             raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples")
-        unknown = set(self.methods) - set(METHODS)
+        if self.batch_size <= 0:
+            raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
+        from read_cache.methods import NAMES, is_method, parse_method
+
+        unknown = {m for m in self.methods if m not in METHODS and not is_method(m)}
         if unknown:
-            raise ReadCacheError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+            raise ReadCacheError(
+                f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)} or the baselines {', '.join(NAMES)} (NAME-SIZE: lora-32, prompt-10)"
+            )
+        for m in self.methods:
+            if m not in METHODS:
+                parse_method(m)  # a bad size is a one-line error now, not in the method's subprocess
 
 
 
