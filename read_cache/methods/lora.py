@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from read_cache.errors import ReadCacheError
-from read_cache.methods.model import Body
+from read_cache.methods.model import Body, quiet_peft
 
 ALPHA = 16
 """LoRA's scaling numerator (the update is scaled by alpha / r), as the LoRA paper's GLUE runs."""
@@ -30,7 +30,8 @@ def adapt(model: nn.Module, kind: str, size: int | None) -> Body:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=size, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=target_modules(model.config.model_type))
-    get_peft_model(model, config)  # injects the LoRA layers into `model` in place; we run `model` itself
+    with quiet_peft():
+        get_peft_model(model, config)  # injects the LoRA layers into `model` in place; we run `model` itself
     return Body(model, kind)
 
 

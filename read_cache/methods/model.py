@@ -12,7 +12,10 @@ BERT classifiers) and a new linear head reads it; STS-B gets a linear head with 
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -129,3 +132,11 @@ def head_parameters(backbone: Backbone, task: TaskSpec) -> int:
 def backbone_parameters(model: nn.Module) -> int:
     """The backbone's own weights (tied ones once), before any method adds to it."""
     return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def quiet_peft() -> Iterator[None]:
+    """peft 0.21 asks transformers 5 a deprecated question on every wrap; the FutureWarning is theirs, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from read_cache.methods.model import run_backbone
+from read_cache.methods.model import quiet_peft, run_backbone
 
 
 class PromptBody(nn.Module):
@@ -25,7 +25,8 @@ class PromptBody(nn.Module):
         config = PromptTuningConfig(
             task_type=task_type, num_virtual_tokens=n_tokens, num_transformer_submodules=1, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB
         )
-        wrapped = get_peft_model(model, config)
+        with quiet_peft():
+            wrapped = get_peft_model(model, config)
         self.prompt = wrapped.prompt_encoder[wrapped.active_adapter]  # PromptEmbedding: [n, d]
         self.model, self.kind, self.n_tokens = model, kind, n_tokens
         self.register_buffer("prompt_ids", torch.arange(n_tokens), persistent=False)
