@@ -220,9 +220,9 @@ class MethodConfig:
     progress: bool = True
 
     def validate(self) -> None:
-        from read_cache.methods import parse_method  # torch-free: names and sizes only
+        from read_cache.methods import check_installed, parse_method  # torch-free: names and sizes only
 
-        parse_method(self.method)
+        check_installed(parse_method(self.method))
         _check_task(self.task)
         if self.limit is not None and self.limit <= 0:
             raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples per split (or left out)")
@@ -276,7 +276,7 @@ class BenchConfig:
             raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples")
         if self.batch_size <= 0:
             raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
-        from read_cache.methods import NAMES, is_method, parse_method
+        from read_cache.methods import NAMES, check_installed, is_method, parse_method
 
         unknown = {m for m in self.methods if m not in METHODS and not is_method(m)}
         if unknown:
@@ -285,7 +285,7 @@ class BenchConfig:
             )
         for m in self.methods:
             if m not in METHODS:
-                parse_method(m)  # a bad size is a one-line error now, not in the method's subprocess
+                check_installed(parse_method(m))  # a bad size is a one-line error now, not in the method's subprocess
 
 
 

@@ -23,6 +23,7 @@ CLI can check a method name before anything heavy loads.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any, NamedTuple
 
 from read_cache.errors import ReadCacheError
@@ -75,6 +76,12 @@ def parse_method(text: str) -> MethodSpec:
     if size <= 0:
         raise ReadCacheError(f"--method {text!r}: the {SIZE_NAMES[name]} after '-' must be a positive whole number, e.g. {name}-{DEFAULT_SIZE[name]}")
     return MethodSpec(name, size)
+
+
+def check_installed(spec: MethodSpec) -> None:
+    """LoRA and prompt tuning come from peft (the `baselines` extra); say so before anything loads."""
+    if spec.name in ("lora", "prompt") and importlib.util.find_spec("peft") is None:
+        raise ReadCacheError(f"--method {spec.label} needs peft; install it with: pip install 'read-cache[baselines]'")
 
 
 def is_method(text: str) -> bool:
