@@ -170,7 +170,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     backbone = backbone_size(report["methods"])
-    for name, r in report["methods"].items():
+    for name, r in with_read_total(report["methods"]).items():
         m = r["meter"]
         energy = f"{m['energy_joules']:.0f} J" if m.get("energy_joules") is not None else "unavailable"
         cuda = f"{m['cuda_max_allocated_bytes'] / 2**20:,.0f}" if m.get("cuda_max_allocated_bytes") else "-"
@@ -188,6 +188,22 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(rows) + "\n\n| ratio | value |\n|---|---|\n" + ratio_rows + "\n" + gpu_text
 
 
+def with_read_total(methods: dict[str, Any]) -> dict[str, Any]:
+    """The rows plus READ's whole cost, build + cached training (what a user of the cache pays once), for comparison."""
+    if "build" not in methods or "cached_store" not in methods:
+        return methods
+    build, cached = methods["build"], methods["cached_store"]
+    joules = [r["meter"].get("energy_joules") for r in (build, cached)]
+    cuda = [r["meter"].get("cuda_max_allocated_bytes") or 0 for r in (build, cached)]
+    meter = {
+        "energy_joules": sum(joules) if None not in joules else None,
+        "peak_rss_bytes": max(build["meter"]["peak_rss_bytes"], cached["meter"]["peak_rss_bytes"]),
+        "cuda_max_allocated_bytes": max(cuda) or None,
+    }
+    total = {**cached, "meter": meter, "total_seconds": build["total_seconds"] + cached["total_seconds"], "epoch_seconds": None}
+    return {**methods, "READ = build + cached_store": total}
+
+
 def backbone_size(methods: dict[str, Any]) -> int | None:
     """The backbone's parameter count, as any baseline measured it (READ's rows share the backbone)."""
     return next((r["backbone_parameters"] for r in methods.values() if r.get("backbone_parameters")), None)
@@ -199,8 +215,9 @@ def score_chart(report: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    scored = {n: r for n, r in report["methods"].items() if isinstance(r.get("test"), dict)}
+    scored = {n: r for n, r in with_read_total(report["methods"]).items() if isinstance(r.get("test"), dict) and n != "cached_store"}
     if not scored:
         return
     energy_known = all(r["meter"].get("energy_joules") is not None for r in scored.values())
@@ -216,6 +233,8 @@ def score_chart(report: dict[str, Any], path: Path) -> None:
             ax.scatter(cost(r), r["test"]["score"], s=40)
             ax.annotate(name, (cost(r), r["test"]["score"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel(f"test {next(iter(scored.values()))['test']['metric']}")
     fig.suptitle(f"{report['config']['task']} on {Path(report['config']['model']).name}: score against cost")
