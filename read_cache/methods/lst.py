@@ -11,8 +11,9 @@ LST's memory saving. For T5 the side copy has an encoder and a decoder; the side
 cross-attends to the side encoder and is fed the backbone decoder's states at position 0 (the start
 token), so its output takes READ's place before the frozen LM head.
 
-Differences from the paper, stated: the side copy starts from the library's random initialisation
-(LST initialises it from a structurally pruned backbone) and keeps every layer (LST can drop some).
+The side copy starts from the backbone's weights, structurally pruned (`prune_into`: each Linear keeps
+its rows, then columns, of largest L1 norm), as LST initialises it. Difference from the paper, stated:
+every layer is kept (LST can drop some).
 """
 
 from __future__ import annotations
@@ -86,6 +87,11 @@ class LadderSideBody(nn.Module):
         for stack, layers in blocks.items():
             for i, layer in enumerate(layers):
                 layer.register_forward_hook(self.ladders[stack].hook(i))
+        if kind == "t5":
+            prune_into(self.side_encoder, model.encoder)
+            prune_into(self.side_decoder, model.decoder)
+        else:
+            prune_into(self.side_encoder, model.encoder)
         self.up = nn.Linear(d_side, d)
 
     def forward(self, input_ids: torch.Tensor, mask: torch.Tensor, types: torch.Tensor | None) -> Any:
@@ -112,6 +118,34 @@ class LadderSideBody(nn.Module):
             encoder_hidden_states=side_enc, encoder_attention_mask=mask, use_cache=False,
         ).last_hidden_state
         return self.up(side_dec[:, 0])  # [B, d]
+
+
+@torch.no_grad()
+def prune_into(side: nn.Module, backbone: nn.Module) -> None:
+    """Initialise the side copy from the backbone's weights, structurally pruned (LST, after Li et al. 2017).
+
+    Every Linear keeps the backbone's rows with the largest L1 norm, then of those the columns with the
+    largest L1 norm (its bias follows the rows); norms keep their first entries; same-shaped weights
+    (T5's relative position buckets) are copied. Layers are matched by name: the side copy is the same
+    classes as the backbone's stack.
+    """
+    source = dict(backbone.named_modules())
+    for name, module in side.named_modules():
+        original = source.get(name)
+        if original is None or module is side:
+            continue
+        if isinstance(module, nn.Linear) and isinstance(original, nn.Linear):
+            rows = original.weight.abs().sum(1).topk(module.out_features).indices.sort().values
+            kept = original.weight[rows]
+            cols = kept.abs().sum(0).topk(module.in_features).indices.sort().values
+            module.weight.copy_(kept[:, cols])
+            if module.bias is not None and original.bias is not None:
+                module.bias.copy_(original.bias[rows])
+        elif isinstance(module, nn.Embedding) and module.weight.shape == original.weight.shape:
+            module.weight.copy_(original.weight)
+        elif not list(module.children()):  # norms: their first entries (scales ~1, biases small)
+            for leaf, p in module.named_parameters(recurse=False):
+                p.copy_(getattr(original, leaf).reshape(-1)[: p.numel()].reshape(p.shape))
 
 
 def side_config(config: Any, kind: str, reduction: int) -> dict[str, Any]:
