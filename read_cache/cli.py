@@ -258,9 +258,10 @@ def _train_method(method: str | None, model: str | None, task: str | None, cache
     out_console.print(table)
     out_console.print(
         f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['wall_seconds']:.1f} s, "
-        f"peak RSS {summary['meter']['peak_rss_bytes'] / 2**20:,.0f} MiB; run saved to {summary['run_dir']}",
+        f"peak RSS {summary['meter']['peak_rss_bytes'] / 2**20:,.0f} MiB; run saved to {summary['run_dir']}. Label new text with:",
         highlight=False,
     )
+    print_command(f"read-cache predict --run {summary['run_dir']} \"TEXT\"")
 
 
 @app.command()

@@ -60,4 +60,4 @@ def predict_method(run_dir: str | Path, examples: list[tuple[str, ...]], model: 
     if task.is_regression:
         return Predictions([float(x) for x in logits], None, logits)
     ids = logits.argmax(axis=-1)
-    return Predictions([task.label_words[i] for i in ids], ids, logits)
+    return Predictions([task.label_words[i] for i in ids], ids, logits, list(task.label_words))
