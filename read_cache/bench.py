@@ -232,12 +232,14 @@ def score_chart(report: dict[str, Any], path: Path) -> None:
         for name, r in scored.items():
             ax.scatter(cost(r), r["test"]["score"], s=40)
             ax.annotate(name, (cost(r), r["test"]["score"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        costs = [cost(r) for r in scored.values()]
+        if min(costs) > 0 and max(costs) / min(costs) > 20:  # a log axis only where costs span orders of magnitude
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
         ax.set_xlabel(label)
         ax.set_ylabel(f"test {next(iter(scored.values()))['test']['metric']}")
-    fig.suptitle(f"{report['config']['task']} on {Path(report['config']['model']).name}: score against cost")
+    model = "/".join(Path(report["config"]["model"]).parts[-2:])  # a package's `.../name/model` says more than `model`
+    fig.suptitle(f"{report['config']['task']} on {model}: test score against cost, one point per method")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
