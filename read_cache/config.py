@@ -26,7 +26,7 @@ from read_cache.tasks import PROTOCOLS
 T = TypeVar("T")
 
 METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "online", "full")
-"""What `read-cache bench --methods` takes."""
+"""What `read-cache bench --methods` takes, besides the baselines of `read_cache.methods` (lora-8, prompt-20, ...)."""
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 RNN_KINDS = ("gru", "lstm", "rnn", "none")
 HEADS = ("lm", "linear")

@@ -120,15 +120,15 @@ class Trainer:
             type_ids = pad([types[r] for r in rows], 0)[0].to(self.device) if types is not None else None
             yield rows, input_ids.to(self.device), mask.to(self.device), type_ids
 
-    def epoch(self, epoch: int, progress: bool = False) -> tuple[float, int, float]:
-        """One pass over train (0-based `epoch` seeds its order); returns (mean loss, examples, seconds)."""
+    def epoch(self, epoch: int, progress: bool = False, epochs: int | None = None) -> tuple[float, int, float]:
+        """One pass over train (0-based `epoch` seeds its order; `epochs` only labels the bar); returns (mean loss, examples, seconds)."""
         from read_cache.train import EpochBar
 
         started, total, n = time.perf_counter(), 0.0, 0
         order = bucketed_order(self.splits.ids["train"], self.batch_size, np.random.default_rng([self.seed, epoch]))
         labels = torch.as_tensor(self.splits.labels["train"])
         self.module.train()
-        with EpochBar(progress, epoch + 1, epoch + 1, len(order), None) as advance:
+        with EpochBar(progress, epoch + 1, epochs or epoch + 1, len(order), None) as advance:
             for rows, input_ids, mask, types in self.batches("train", order):
                 loss = self.loss(self.module(input_ids, mask, types), labels[torch.from_numpy(rows)].to(self.device))
                 self.optimizer.zero_grad(set_to_none=True)
@@ -214,7 +214,7 @@ def fit(trainer: Trainer, cfg: MethodConfig, out: Path) -> tuple[list[dict[str, 
     best_score, best_epoch, best_state, history = -math.inf, 0, module.trainable_state(), []
     (out / METRICS).write_text("")
     for epoch in range(1, cfg.epochs + 1):
-        loss, n, seconds = trainer.epoch(epoch - 1, cfg.progress)
+        loss, n, seconds = trainer.epoch(epoch - 1, cfg.progress, cfg.epochs)
         validation = trainer.validate()
         record = {"epoch": epoch, "loss": loss, "validation": validation, "examples_per_second": n / seconds, "seconds": seconds}
         history.append(record)
