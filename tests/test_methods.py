@@ -189,3 +189,31 @@ def test_lora_on_pretrained_minilm_learns_sst2(tmp_path: Path) -> None:
     summary = train_method(MethodConfig(method="lora-8", model=gt.get_model_path(), task="sst2", data_dir=SHARED / "glue", limit=300,
                                         epochs=1, batch_size=16, out=tmp_path / "run", progress=False))
     assert summary["test"]["score"] > summary["test_majority_baseline"]["score"]
+
+
+def test_t5_scores_label_words_as_reads_lm_head(tiny_t5: Path) -> None:
+    """Untrained BitFit (zero biases: still the backbone) scores exactly as T5's LM head and as READ's `lm` head."""
+    from read_cache.backbone import load_backbone
+    from read_cache.methods.model import build_task_model
+    from read_cache.side_network import SideNetwork, SideNetworkConfig
+
+    task = get_task("sst2")
+    backbone = load_backbone(str(tiny_t5), device="cpu", dtype="fp32")
+    module = build_task_model(backbone, task, parse_method("bitfit")).eval()
+    ids = torch.randint(10, 40, (3, 6))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    with torch.no_grad():
+        ours = module(ids, mask)
+        start = torch.full((3, 1), backbone.config.decoder_start_token_id)
+        hf = backbone.model(input_ids=ids, attention_mask=mask, decoder_input_ids=start).logits[:, 0, module.label_ids]
+    lm = backbone.lm_head(task.label_words)
+    states = backbone.forward(ids, mask)
+    read = SideNetwork(
+        SideNetworkConfig(rnn="none", d_model=backbone.d_model, n_encoder_layers=backbone.n_encoder_layers,
+                          n_decoder_layers=backbone.n_decoder_layers, head="lm", output_scale=lm["output_scale"]),
+        torch.from_numpy(lm["rows"]),
+    )(enc=states.encoder_hidden, token_example=torch.repeat_interleave(torch.arange(3), mask.sum(1)), n_examples=3,
+      cross=states.cross_attention, dec=states.decoder_hidden)
+    torch.testing.assert_close(ours, hf, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, read, rtol=1e-5, atol=1e-5)
