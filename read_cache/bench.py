@@ -1,11 +1,14 @@
-"""The benchmark: cached READ against the paper's online READ and full fine-tuning, on the same examples.
+"""The benchmark: cached READ against the paper's online READ, full fine-tuning and the baselines of Table 1, on the same examples.
 
     read-cache bench --model ./t5-small-random --task sst2 --data-dir ../shared/glue --limit 2000 --epochs 10 --out bench/
 
 Each method runs in a fresh subprocess (`python -m read_cache.bench METHOD SPEC`), so its peak memory
 is its own and not the leftovers of the method before it. Every method is metered the same way
 (`read_cache.energy.Meter`): wall and CPU seconds, energy where a counter exists, peak RSS and CUDA
-memory. Online READ and full fine-tuning repeat identical epochs, so `--slow-epochs K` times K of
+memory, and the test score where the method trains one. `--methods` also takes the baselines of
+`read_cache.methods` (lora-8, lora-32, prompt-20, adapter-64, bitfit, lst-8, ...): one row each in
+bench.json and bench.md, and a point each in bench-scores.png (score against energy and against peak
+memory, the paper's Figure 1). Online READ and the methods on the live backbone repeat identical epochs, so `--slow-epochs K` times K of
 them and scales to `--epochs` (flagged in bench.json) when E full epochs would take too long.
 """
 
@@ -43,8 +46,9 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
         log.warning("--epochs %d: one epoch reads the cache once, so it cannot show a saving over the online method; "
                     "the saving grows with the epochs (the paper trains up to 30)", cfg.epochs)
     results: dict[str, Any] = {}
-    for method in METHODS:
-        if method not in cfg.methods:
+    wanted = bench_names(cfg.methods)
+    for method in [*METHODS, *baselines_in(cfg.out, wanted)]:
+        if method not in wanted:
             # Re-measuring a subset keeps the other methods' figures from an earlier run in --out.
             earlier = cfg.out / f"{method}.json"
             if earlier.is_file():
@@ -67,7 +71,24 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
     (cfg.out / "bench.json").write_text(json.dumps(report, indent=2))
     (cfg.out / "bench.md").write_text(markdown(report))
     chart(report, cfg.out / "bench.png")
+    score_chart(report, cfg.out / "bench-scores.png")
     return report
+
+
+def bench_names(methods: tuple[str, ...]) -> list[str]:
+    """--methods entries under their file names: bench's own as they are, baselines canonical ('lora' -> 'lora-8')."""
+    from read_cache.methods import parse_method
+
+    return [m if m in METHODS else parse_method(m).label for m in methods]
+
+
+def baselines_in(out: Path, wanted: list[str]) -> list[str]:
+    """The baselines to report: those asked for, then those an earlier run left in --out (kept, as bench's own are)."""
+    from read_cache.methods import is_method
+
+    asked = [m for m in wanted if m not in METHODS]
+    earlier = sorted(p.stem for p in out.glob("*.json") if is_method(p.stem) and p.stem not in METHODS and p.stem not in asked)
+    return asked + earlier
 
 
 def ratios(results: dict[str, Any], epochs: int) -> dict[str, float | None]:
@@ -129,7 +150,7 @@ def main(method: str, spec_path: str) -> None:
     cfg = BenchConfig(**{**spec, "out": Path(spec["out"]), "data_dir": Path(spec["data_dir"]) if spec["data_dir"] else None, "methods": tuple(spec["methods"])})
     from read_cache import bench_methods
 
-    result = getattr(bench_methods, method)(cfg)
+    result = getattr(bench_methods, method)(cfg) if method in METHODS else bench_methods.baseline(cfg, method)
     (cfg.out / f"{method}.json").write_text(json.dumps(result, indent=2))
 
 
@@ -144,18 +165,23 @@ def metered(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def markdown(report: dict[str, Any]) -> str:
-    rows = ["| method | wall s | epochs run | s / epoch | energy | peak RSS MB | CUDA peak MB | trainable params |", "|---|---|---|---|---|---|---|---|"]
-    for name, r in report["methods"].items():
+    rows = [
+        "| method | test score | trainable params | % of backbone | wall s | epochs run | s / epoch | energy | peak RSS MB | CUDA peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    backbone = backbone_size(report["methods"])
+    for name, r in with_read_total(report["methods"]).items():
         m = r["meter"]
         energy = f"{m['energy_joules']:.0f} J" if m.get("energy_joules") is not None else "unavailable"
         cuda = f"{m['cuda_max_allocated_bytes'] / 2**20:,.0f}" if m.get("cuda_max_allocated_bytes") else "-"
         per_epoch = f"{r['epoch_seconds']:.2f}" if r.get("epoch_seconds") else "-"
-        rows.append(
-            f"| {name} | {r['total_seconds']:.1f}{' (scaled)' if r.get('scaled_from_epochs') else ''} | {r.get('epochs_run', '-')} | "
-            f"{per_epoch} | {energy} | {m['peak_rss_bytes'] / 2**20:,.0f} | {cuda} | {r.get('trainable_parameters', '-'):,} |"
-            if isinstance(r.get("trainable_parameters"), int)
-            else f"| {name} | {r['total_seconds']:.1f} | - | - | {energy} | {m['peak_rss_bytes'] / 2**20:,.0f} | {cuda} | - |"
-        )
+        test = r.get("test")
+        score_text = f"{test['score']:.4f} ({test['metric']})" if isinstance(test, dict) else "-"
+        n = r.get("trainable_parameters")
+        params = f"{n:,}" if isinstance(n, int) else "-"
+        share = f"{100 * n / backbone:.3f}%" if isinstance(n, int) and backbone else "-"
+        wall = f"{r['total_seconds']:.1f}{' (scaled)' if r.get('scaled_from_epochs') else ''}"
+        rows.append(f"| {name} | {score_text} | {params} | {share} | {wall} | {r.get('epochs_run', '-')} | {per_epoch} | {energy} | {m['peak_rss_bytes'] / 2**20:,.0f} | {cuda} |")
     ratio_rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in report["ratios"].items() if v is not None)
     gpu = report.get("gpu_prediction")
     gpu_text = f"\nPredicted online/cached total on a GPU: {gpu['online_over_cached_total']:.2f}x ({'; '.join(gpu['assumptions'])}).\n" if gpu else ""
@@ -165,6 +191,63 @@ def markdown(report: dict[str, Any]) -> str:
 
         text += "\n" + reader_markdown(report["methods"]["reader"])
     return text
+
+
+def with_read_total(methods: dict[str, Any]) -> dict[str, Any]:
+    """The rows plus READ's whole cost, build + cached training (what a user of the cache pays once), for comparison."""
+    if "build" not in methods or "cached_store" not in methods:
+        return methods
+    build, cached = methods["build"], methods["cached_store"]
+    joules = [r["meter"].get("energy_joules") for r in (build, cached)]
+    cuda = [r["meter"].get("cuda_max_allocated_bytes") or 0 for r in (build, cached)]
+    meter = {
+        "energy_joules": sum(joules) if None not in joules else None,
+        "peak_rss_bytes": max(build["meter"]["peak_rss_bytes"], cached["meter"]["peak_rss_bytes"]),
+        "cuda_max_allocated_bytes": max(cuda) or None,
+    }
+    total = {**cached, "meter": meter, "total_seconds": build["total_seconds"] + cached["total_seconds"], "epoch_seconds": None}
+    return {**methods, "READ = build + cached_store": total}
+
+
+def backbone_size(methods: dict[str, Any]) -> int | None:
+    """The backbone's parameter count, as any baseline measured it (READ's rows share the backbone)."""
+    return next((r["backbone_parameters"] for r in methods.values() if r.get("backbone_parameters")), None)
+
+
+def score_chart(report: dict[str, Any], path: Path) -> None:
+    """The paper's Figure 1: test score against energy (wall time where no counter exists) and against peak memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    scored = {n: r for n, r in with_read_total(report["methods"]).items() if isinstance(r.get("test"), dict) and n != "cached_store"}
+    if not scored:
+        return
+    energy_known = all(r["meter"].get("energy_joules") is not None for r in scored.values())
+    cuda_known = all(r["meter"].get("cuda_max_allocated_bytes") for r in scored.values())
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, cost, label in (
+        (axes[0], (lambda r: r["meter"]["energy_joules"]) if energy_known else (lambda r: r["total_seconds"]),
+         "energy (J)" if energy_known else "wall time (s; no energy counter here)"),
+        (axes[1], (lambda r: r["meter"]["cuda_max_allocated_bytes"] / 2**20) if cuda_known else (lambda r: r["meter"]["peak_rss_bytes"] / 2**20),
+         "CUDA peak memory (MiB)" if cuda_known else "peak RSS (MiB)"),
+    ):
+        for name, r in scored.items():
+            ax.scatter(cost(r), r["test"]["score"], s=40)
+            ax.annotate(name, (cost(r), r["test"]["score"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        costs = [cost(r) for r in scored.values()]
+        if min(costs) > 0 and max(costs) / min(costs) > 20:  # a log axis only where costs span orders of magnitude
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"test {next(iter(scored.values()))['test']['metric']}")
+    model = "/".join(Path(report["config"]["model"]).parts[-2:])  # a package's `.../name/model` says more than `model`
+    fig.suptitle(f"{report['config']['task']} on {model}: test score against cost, one point per method")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def chart(report: dict[str, Any], path: Path) -> None:

@@ -168,7 +168,7 @@ def train(
     dim: Annotated[int, typer.Option(help="RNN hidden size r (the paper: 128 or 256).")] = 256,
     head: Annotated[Optional[str], typer.Option(help="lm (frozen LM head over the label words) or linear; default: lm for T5 classification, else linear.")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Encoder-only caches: mean or first token; default: the model family's way, as the cache records it.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate; default 1e-3, or Table 9's with --preset paper.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate; default 1e-3, or Table 9's with --preset paper; with --method, the method's own.")] = None,
     weight_decay: WeightDecay = 0.0,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default and the paper: 96).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Most epochs (default and the paper: 30).")] = None,
@@ -186,8 +186,18 @@ def train(
     seeds: Seeds = 1,
     reader_workers: ReaderWorkers = None,
     no_progress: NoProgress = False,
+    method: Annotated[Optional[str], typer.Option(help="Train a baseline on the live backbone instead: full, lora, prompt, adapter, bitfit, lst (NAME-SIZE: lora-32, prompt-10...).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="With --method: hub id or local folder of the backbone.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="With --method: the GLUE task.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="With --method: local GLUE folder; default: the hub.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="With --method: at most this many examples per split, as build --limit.")] = None,
 ) -> None:
-    """Stage two: train READ's side network and a head from a cache; the backbone is never loaded."""
+    """Stage two: train READ's side network and a head from a cache (the backbone is never loaded), or with
+    --method a baseline (LoRA, prompt tuning, adapters, BitFit, LST, full) on the backbone itself."""
+    if method is not None or model is not None or task is not None:
+        return _train_method(method, model, task, cache, data_dir=data_dir, limit=limit, pooling=pooling, lr=lr, weight_decay=weight_decay,
+                             batch_size=batch_size or 96, epochs=epochs or 30, patience=patience or 5, seed=seed, out=out, overwrite=overwrite,
+                             device=device, threads=threads, progress=not no_progress)
     from read_cache.config import TrainConfig, with_preset
 
     values = with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience)
@@ -227,6 +237,37 @@ def train(
     out_console.print(
         f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['examples_per_second']:,.0f} examples/s, "
         f"{summary['wall_seconds']:.1f} s; run saved to {summary['run_dir']}. Label new text with:",
+        highlight=False,
+    )
+    print_command(f"read-cache predict --run {summary['run_dir']} \"TEXT\"")
+
+
+def _train_method(method: str | None, model: str | None, task: str | None, cache: Path | None, **options: Any) -> None:
+    """`train --method`: a baseline needs the backbone and the task, not a cache."""
+    from read_cache.config import MethodConfig
+
+    if method is None:
+        raise ReadCacheError("--model and --task train a baseline: pass --method NAME too (full, lora, prompt, adapter, bitfit, lst); READ trains from a --cache")
+    if cache is not None:
+        raise ReadCacheError("--method trains on the live backbone and reads no cache; drop --cache and pass --model and --task")
+    if model is None or task is None:
+        raise ReadCacheError(f"--method {method} needs the backbone and the task: pass --model M --task T")
+    cfg = MethodConfig(method=method, model=model, task=task, **options)
+    cfg.validate()  # before torch and transformers load
+    from read_cache.methods.train import train_method
+
+    summary = train_method(cfg)
+    table = Table(title=f"{summary['task']}: {summary['method']}, {summary['trainable_parameters']:,} trainable parameters ({summary['trainable_percent']:.3f}% of the backbone)")
+    for col in ("split", "metric", "score"):
+        table.add_column(col)
+    for split in ("validation", "test"):
+        table.add_row(split, summary[split]["metric"], f"{summary[split]['score']:.4f}")
+    base = summary["test_majority_baseline"]
+    table.add_row("test baseline", base["metric"], f"{base['score']:.4f}")
+    out_console.print(table)
+    out_console.print(
+        f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['wall_seconds']:.1f} s, "
+        f"peak RSS {summary['meter']['peak_rss_bytes'] / 2**20:,.0f} MiB; run saved to {summary['run_dir']}. Label new text with:",
         highlight=False,
     )
     print_command(f"read-cache predict --run {summary['run_dir']} \"TEXT\"")
@@ -364,22 +405,23 @@ def bench(
     dim: Annotated[int, typer.Option(help="Side network size r.")] = 256,
     lr: Annotated[float, typer.Option(help="Side network learning rate.")] = 1e-3,
     full_lr: Annotated[float, typer.Option(help="Full fine-tuning learning rate.")] = 1e-4,
+    batch_size: BatchSize = 96,
     device: Annotated[Optional[str], typer.Option(help="cuda or cpu; default: CUDA when present.")] = None,
-    methods: Annotated[str, typer.Option(help="Comma-separated subset of the methods (default all); others are kept from an earlier run in --out.")] = ",".join(METHODS),
+    methods: Annotated[str, typer.Option(help="Comma-separated subset of the methods (default all), and baselines: lora-8, lora-32, prompt-20, adapter-64, bitfit, lst-8...; others are kept from an earlier run in --out.")] = ",".join(METHODS),
 ) -> None:
-    """Cached READ against online READ and full fine-tuning: time, energy, memory, and the ratios."""
+    """Cached READ against online READ, full fine-tuning and the baselines of the paper's Table 1: score, time, energy, memory."""
     from read_cache.config import BenchConfig
 
     cfg = BenchConfig(
         model=model, task=task, out=out, data_dir=data_dir, limit=limit, epochs=epochs, slow_epochs=slow_epochs,
-        rnn=rnn, dim=dim, lr=lr, full_lr=full_lr, device=device, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
+        rnn=rnn, dim=dim, lr=lr, full_lr=full_lr, batch_size=batch_size, device=device, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
     )
     cfg.validate()
     from read_cache.bench import run_bench
 
     run_bench(cfg)
     out_console.print((out / "bench.md").read_text(), markup=False, highlight=False)
-    out_console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}")
+    out_console.print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}, {out / 'bench.png'}, {out / 'bench-scores.png'}")
 
 
 @app.command()

@@ -27,7 +27,7 @@ from read_cache.tasks import PROTOCOLS
 T = TypeVar("T")
 
 METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "online", "full", "reader")
-"""What `read-cache bench --methods` takes."""
+"""What `read-cache bench --methods` takes, besides the baselines of `read_cache.methods` (lora-8, prompt-20, ...)."""
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 RNN_KINDS = ("gru", "lstm", "rnn", "none")
 HEADS = ("lm", "linear")
@@ -196,6 +196,61 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
+class MethodConfig:
+    """What `read-cache train --method NAME` takes: a baseline trained on the live backbone (read_cache.methods)."""
+
+    method: str
+    """lora, prompt, adapter, bitfit, lst or full, optionally with its size: lora-32, prompt-10, adapter-32, lst-8."""
+    model: str
+    """Hub id or local folder of the backbone (these methods need it at every step, so no cache)."""
+    task: str
+    """GLUE task."""
+    data_dir: Path | None = None
+    """Local GLUE folder; None reads the hub."""
+    limit: int | None = None
+    """Cap on the examples of each split (after the split recipe), as `build --limit`."""
+    max_length: int = 256
+    """Longer inputs are truncated to this many tokens, as the build does."""
+    pooling: str | None = None
+    """Encoders: 'mean' or 'first'; None: the model family's way."""
+    lr: float | None = None
+    """AdamW learning rate; None: the method's default (`read_cache.methods.DEFAULT_LR`)."""
+    weight_decay: float = 0.0
+    batch_size: int = 96
+    epochs: int = 30
+    patience: int = 5
+    seed: int = 0
+    out: Path | None = None
+    """Run folder; None means ./runs/<task>-<method>-<time>."""
+    overwrite: bool = False
+    device: str | None = None
+    threads: int | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        from read_cache.methods import check_installed, parse_method  # torch-free: names and sizes only
+
+        check_installed(parse_method(self.method))
+        _check_task(self.task)
+        if self.limit is not None and self.limit <= 0:
+            raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples per split (or left out)")
+        if self.max_length < 2:
+            raise ReadCacheError(f"--max-length {self.max_length} must be at least 2 tokens")
+        if self.pooling is not None and self.pooling not in ("mean", "first"):
+            raise ReadCacheError(f"--pooling {self.pooling!r} is not mean or first (or leave it out for the model family's way)")
+        if self.lr is not None and (not self.lr > 0 or not math.isfinite(self.lr)):
+            raise ReadCacheError(f"--lr {self.lr} must be a positive learning rate (or left out for the method's default)")
+        for flag, value in (("--epochs", self.epochs), ("--patience", self.patience), ("--batch-size", self.batch_size)):
+            if value <= 0:
+                raise ReadCacheError(f"{flag} {value} must be at least 1")
+        if self.threads is not None and self.threads <= 0:
+            raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass
 class BenchConfig:
     """What `read-cache bench` takes."""
 
@@ -227,9 +282,18 @@ class BenchConfig:
             raise ReadCacheError(f"--epochs {self.epochs} must be positive and --slow-epochs between 1 and --epochs")
         if self.limit <= 0:
             raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples")
-        unknown = set(self.methods) - set(METHODS)
+        if self.batch_size <= 0:
+            raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
+        from read_cache.methods import NAMES, check_installed, is_method, parse_method
+
+        unknown = {m for m in self.methods if m not in METHODS and not is_method(m)}
         if unknown:
-            raise ReadCacheError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+            raise ReadCacheError(
+                f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)} or the baselines {', '.join(NAMES)} (NAME-SIZE: lora-32, prompt-10)"
+            )
+        for m in self.methods:
+            if m not in METHODS:
+                check_installed(parse_method(m))  # a bad size is a one-line error now, not in the method's subprocess
 
 
 

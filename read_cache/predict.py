@@ -13,6 +13,7 @@ before the side network sees them, so online outputs equal the cached path's.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -69,6 +70,11 @@ def predict(
     `model` defaults to the backbone the run's cache was built from; another model is refused unless
     it has the same weights. `batch_size` defaults to the build's (same batches -> bit-equal states).
     """
+    from read_cache.methods.predict import is_method_run, predict_method
+
+    if is_method_run(run_dir):  # a baseline of `train --method`: backbone + method weights, no cache
+        run_task = get_task(json.loads((Path(run_dir) / "config.json").read_text())["task"])
+        return predict_method(run_dir, _as_tuples(run_task, texts), model, batch_size=batch_size or 64, device=device)
     net, config = load_run(run_dir)
     cache = config["cache"]
     task = get_task(cache["task"])

@@ -1,0 +1,258 @@
+"""Train one baseline on the live backbone: READ's splits, label words and metric, a run folder `predict` takes.
+
+    read-cache train --method lora-8 --model t5-small --task sst2 --data-dir ../shared/glue --limit 5000
+
+`train_method(MethodConfig(...))` is the library call: load the backbone and the task's splits
+(`load_glue` + the build's prompt and tokenizer step, so the examples are the ones a cache holds),
+adapt the backbone, fit with AdamW and early stopping on the validation metric (the best trainable
+state restored), score validation and test, and write
+
+    RUN/
+      config.json          method, backbone identity, task, tokenization, this MethodConfig (written first)
+      metrics.jsonl        one JSON line per epoch
+      method.safetensors   the trainable parameters only (the backbone is reloaded from --model)
+      summary.json         scores, parameter counts, time, memory (written last: its presence means done)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from read_cache.backbone import Backbone, load_backbone
+from read_cache.config import MethodConfig
+from read_cache.data import load_glue
+from read_cache.energy import Meter
+from read_cache.errors import ReadCacheError
+from read_cache.methods import MethodSpec, parse_method
+from read_cache.methods.model import TaskModel, backbone_parameters, build_task_model, head_parameters
+from read_cache.metrics import majority_baseline, score
+from read_cache.tasks import TaskSpec, get_task
+from read_cache.train import torch_threads, write_json
+
+log = logging.getLogger(__name__)
+
+WEIGHTS = "method.safetensors"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+
+
+# --------------------------------------------------------------------------------------------------
+# The examples, tokenized the way the build tokenizes them
+
+
+@dataclasses.dataclass
+class Splits:
+    """Token ids, segment ids (BERT pairs; else None) and labels of train, validation and test."""
+
+    ids: dict[str, list[list[int]]]
+    types: dict[str, list[list[int]] | None]
+    labels: dict[str, np.ndarray]
+    pad_id: int
+
+
+def load_splits(backbone: Backbone, task: TaskSpec, data_dir: Path | None, limit: int | None, max_length: int = 256) -> Splits:
+    from read_cache.build import model_inputs, tokenize
+
+    data = load_glue(task, data_dir, limit)
+    ids, types = {}, {}
+    for split, d in data.items():
+        tok = tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, d.texts), max_length)
+        ids[split], types[split] = tok.ids, tok.type_ids if backbone.uses_token_types else None
+    return Splits(ids, types, {s: np.asarray(d.labels) for s, d in data.items()}, backbone.tokenizer.pad_token_id or 0)
+
+
+def bucketed_order(ids: list[list[int]], batch_size: int, rng: np.random.Generator, window_batches: int = 50) -> np.ndarray:
+    """A shuffled epoch whose batches hold examples of similar length: the backbone then computes on
+    little padding (on SST-2, random batches are ~3.8x padding), as the build's length-grouped batches do.
+    Windows of `window_batches` random batches are sorted by length, cut, and the batches shuffled."""
+    order = rng.permutation(len(ids))
+    lengths = np.array([len(x) for x in ids])
+    window = batch_size * window_batches
+    batches = []
+    for w in range(0, len(order), window):
+        chunk = order[w : w + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    return np.concatenate([batches[b] for b in rng.permutation(len(batches))])
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop every method on the live backbone shares (online READ in `bench` too)
+
+
+class Evaluation(NamedTuple):
+    logits: np.ndarray
+    """[n, C] logits, or [n] scores for regression, in split order."""
+    predictions: np.ndarray
+    labels: np.ndarray
+
+
+class Trainer:
+    """Shuffled, length-bucketed batches of token ids through `module(ids, mask, types) -> logits`, AdamW."""
+
+    def __init__(self, module: torch.nn.Module, task: TaskSpec, splits: Splits, *, lr: float, batch_size: int = 96,
+                 weight_decay: float = 0.0, seed: int = 0, device: str | torch.device = "cpu"):
+        self.module, self.task, self.splits, self.batch_size, self.seed = module, task, splits, batch_size, seed
+        self.device = torch.device(device)
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.trainable = sum(p.numel() for p in self.params)
+
+    def batches(self, split: str, order: np.ndarray) -> Any:
+        """(rows, input_ids [B, L], mask [B, L], token_type_ids [B, L] or None) per batch of `order`, on the device."""
+        from read_cache.build import pad
+
+        ids, types = self.splits.ids[split], self.splits.types[split]
+        for i in range(0, len(order), self.batch_size):
+            rows = order[i : i + self.batch_size]
+            input_ids, mask = pad([ids[r] for r in rows], self.splits.pad_id)
+            type_ids = pad([types[r] for r in rows], 0)[0].to(self.device) if types is not None else None
+            yield rows, input_ids.to(self.device), mask.to(self.device), type_ids
+
+    def epoch(self, epoch: int, progress: bool = False, epochs: int | None = None) -> tuple[float, int, float]:
+        """One pass over train (0-based `epoch` seeds its order; `epochs` only labels the bar); returns (mean loss, examples, seconds)."""
+        from read_cache.train import EpochBar
+
+        started, total, n = time.perf_counter(), 0.0, 0
+        order = bucketed_order(self.splits.ids["train"], self.batch_size, np.random.default_rng([self.seed, epoch]))
+        labels = torch.as_tensor(self.splits.labels["train"])
+        self.module.train()
+        with EpochBar(progress, epoch + 1, epochs or epoch + 1, len(order), None) as advance:
+            for rows, input_ids, mask, types in self.batches("train", order):
+                loss = self.loss(self.module(input_ids, mask, types), labels[torch.from_numpy(rows)].to(self.device))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                total, n = total + loss.item() * len(rows), n + len(rows)
+                advance(len(rows), total / n, n / (time.perf_counter() - started))
+        return total / max(n, 1), n, time.perf_counter() - started
+
+    @torch.no_grad()
+    def evaluate(self, split: str) -> Evaluation:
+        self.module.eval()
+        ids = self.splits.ids[split]
+        order = np.argsort([len(x) for x in ids], kind="stable")  # by length: little padding
+        outputs = [self.module(input_ids, mask, types).float().cpu() for _, input_ids, mask, types in self.batches(split, order)]
+        logits = torch.empty_like(stacked := torch.cat(outputs))
+        logits[torch.from_numpy(order)] = stacked  # back in split order, beside the labels
+        predictions = logits.squeeze(-1) if self.task.is_regression else logits.argmax(-1)
+        return Evaluation(logits.squeeze(-1).numpy() if self.task.is_regression else logits.numpy(), predictions.numpy(), self.splits.labels[split])
+
+    def validate(self, split: str = "validation") -> dict[str, Any]:
+        """GLUE's metric on `split` (validation, or test once training is over)."""
+        ev = self.evaluate(split)
+        return score(self.task, ev.predictions, ev.labels)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.task.is_regression:
+            return torch.nn.functional.mse_loss(logits.squeeze(-1), labels.float())
+        return torch.nn.functional.cross_entropy(logits, labels.long())
+
+
+# --------------------------------------------------------------------------------------------------
+# The verb
+
+
+def train_method(cfg: MethodConfig) -> dict[str, Any]:
+    """Adapt the backbone with `cfg.method`, fit, score, write the run folder; returns the summary."""
+    cfg.validate()
+    spec, task = parse_method(cfg.method), get_task(cfg.task)
+    started = time.perf_counter()
+    with torch_threads(cfg.threads):
+        backbone = load_backbone(cfg.model, device=cfg.device, dtype="fp32")
+        splits = load_splits(backbone, task, cfg.data_dir, cfg.limit, cfg.max_length)
+        counts = {"backbone_parameters": backbone_parameters(backbone.model)}
+        module = build_task_model(backbone, task, spec, pooling=cfg.pooling, seed=cfg.seed).to(backbone.device)
+        counts |= parameter_counts(module, backbone, task, spec, counts["backbone_parameters"])
+        out = claim_run_dir(cfg, task, spec)
+        write_json(out / CONFIG, run_config(cfg, spec, backbone, task, module))
+        lr = cfg.lr or spec.default_lr
+        log.info("training %s on %s (%s): %s trainable parameters (%.3f%% of the backbone), lr %g",
+                 spec.label, cfg.model, task.name, f"{counts['trainable_parameters']:,}", counts["trainable_percent"], lr)
+        trainer = Trainer(module, task, splits, lr=lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, seed=cfg.seed, device=backbone.device)
+        with Meter() as meter:
+            history, best_epoch = fit(trainer, cfg, out)
+        validation, test = trainer.evaluate("validation"), trainer.evaluate("test")
+    summary = {
+        "method": spec.label, "task": task.name, "model": backbone.info["model"], "run_dir": str(out), "lr": lr,
+        "batch_size": cfg.batch_size, "seed": cfg.seed, **counts, "epochs_run": len(history), "best_epoch": best_epoch,
+        "validation": score(task, validation.predictions, validation.labels),
+        "test": score(task, test.predictions, test.labels),
+        "test_majority_baseline": majority_baseline(task, splits.labels["train"], test.labels),
+        "wall_seconds": time.perf_counter() - started, "device": str(backbone.device), "meter": meter.reading.to_dict(),
+    }
+    save_file(module.trainable_state(), str(out / WEIGHTS))
+    write_json(out / SUMMARY, summary)
+    log.info("%s: best epoch %d, validation %s %.4f, test %.4f; run saved to %s", spec.label, best_epoch,
+             summary["validation"]["metric"], summary["validation"]["score"], summary["test"]["score"], out)
+    return summary
+
+
+def parameter_counts(module: TaskModel, backbone: Backbone, task: TaskSpec, spec: MethodSpec, n_backbone: int) -> dict[str, Any]:
+    """Trainable parameters, the method's formula for them, and their share of the backbone."""
+    trainable = sum(p.numel() for p in module.trainable().values())
+    expected = spec.module().expected_parameters(backbone.config, backbone.kind, spec.size, backbone.model) + head_parameters(backbone, task)
+    if trainable != expected:
+        log.warning("%s has %d trainable parameters, its formula says %d", spec.label, trainable, expected)
+    return {"trainable_parameters": trainable, "expected_parameters": expected, "trainable_percent": 100 * trainable / n_backbone}
+
+
+def fit(trainer: Trainer, cfg: MethodConfig, out: Path) -> tuple[list[dict[str, Any]], int]:
+    """Up to --epochs, stopping after --patience epochs without a better validation score; the best state restored."""
+    module: TaskModel = trainer.module  # type: ignore[assignment]
+    best_score, best_epoch, best_state, history = -math.inf, 0, module.trainable_state(), []
+    (out / METRICS).write_text("")
+    for epoch in range(1, cfg.epochs + 1):
+        loss, n, seconds = trainer.epoch(epoch - 1, cfg.progress, cfg.epochs)
+        validation = trainer.validate()
+        record = {"epoch": epoch, "loss": loss, "validation": validation, "examples_per_second": n / seconds, "seconds": seconds}
+        history.append(record)
+        with (out / METRICS).open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("epoch %d: loss %.3f, validation %s %.4f, %.0f ex/s", epoch, loss, validation["metric"], validation["score"], n / seconds)
+        current = validation["score"] if math.isfinite(validation["score"]) else -math.inf
+        if current > best_score or best_epoch == 0:
+            best_score, best_epoch, best_state = current, epoch, module.trainable_state()
+        elif epoch - best_epoch >= cfg.patience:
+            log.info("no better validation score for %d epochs: stopping early", cfg.patience)
+            break
+    module.load_trainable_state(best_state)
+    return history, best_epoch
+
+
+def claim_run_dir(cfg: MethodConfig, task: TaskSpec, spec: MethodSpec) -> Path:
+    """Refuse a non-empty --out unless --overwrite (which replaces only the run's own files)."""
+    out = Path(cfg.out) if cfg.out is not None else Path("runs") / f"{task.name}-{spec.label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and not out.is_dir():
+        raise ReadCacheError(f"--out {out} is a file; choose a folder for the run")
+    if out.is_dir() and any(out.iterdir()):
+        if not cfg.overwrite:
+            raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
+        for name in (WEIGHTS, CONFIG, METRICS, SUMMARY):
+            (out / name).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_config(cfg: MethodConfig, spec: MethodSpec, backbone: Backbone, task: TaskSpec, module: TaskModel) -> dict[str, Any]:
+    """What `predict` needs to rebuild the model: the method, the backbone's identity, the task and tokenization."""
+    return {
+        "method": {"name": spec.name, "size": spec.size, "label": spec.label},
+        "backbone": {"model": backbone.info["model"], "fingerprint": backbone.info["fingerprint"], "kind": backbone.kind},
+        "task": task.name,
+        "label_words": list(task.label_words),
+        "max_length": cfg.max_length,
+        "pooling": module.pooling,
+        "train": cfg.to_dict(),
+    }
