@@ -32,6 +32,7 @@ import torch
 from read_cache.config import READER_MODES
 from read_cache.errors import ReadCacheError
 from read_cache.store import Block, Cache, Split, decode_floats, token_rows
+from read_cache.store.readahead import default_inflight, read_ahead
 
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -165,6 +166,7 @@ class SplitReader:
         block_tokens: int | None = None,
         shuffle_blocks: int | None = None,
         prefetch: int = PREFETCH_BATCHES,
+        inflight: int | None = None,
     ):
         if mode not in ("ram", "stream"):
             raise ValueError(f"mode must be 'ram' or 'stream', got {mode!r}")
@@ -174,6 +176,8 @@ class SplitReader:
         self.seed = seed
         self.mode = mode
         self.prefetch = prefetch
+        self.inflight = inflight or default_inflight(split)
+        """Block reads kept in flight while streaming: 1 on disk, many from an object store (store.readahead)."""
         self.float_dtype = split.cache.geometry.float_dtype
         per_token = split.cache.geometry.bytes_per_token
         self.block_tokens = block_tokens or split.token_chunk * max(1, round(BLOCK_BYTES / (split.token_chunk * per_token)))
@@ -214,9 +218,10 @@ class SplitReader:
     def _stream_batches(self, windows: list[Window]) -> Iterator[Batch]:
         carry: Pool | None = None
         pool: Pool | None = None
+        ahead = read_ahead(self.split, [self.bounds[b] for w in windows for b in w.blocks], self.inflight)
         for window in windows:
             pool = None  # let the last window go before the next is read: one window in memory at a time
-            blocks = [Pool.from_block(self.split.read_block(*self.bounds[b])) for b in window.blocks]
+            blocks = [Pool.from_block(next(ahead)) for _ in window.blocks]
             pool = Pool.concat(([carry] if carry is not None else []) + blocks)
             del blocks  # the concatenated copy is all this window needs
             pending = np.concatenate([carry.rows, window.order]) if carry is not None else window.order
