@@ -33,7 +33,6 @@ from read_cache.store import (
     CacheWriter,
     Geometry,
     Unit,
-    BuildLock,
     check_format_version,
     clear_cache_dir,
     codec_description,
@@ -45,6 +44,8 @@ from read_cache.store import (
     token_rows,
 )
 from read_cache.store.formats import ErrorStats, dequantise, quantise_torch
+from read_cache.store.lease import build_lock
+from read_cache.store.location import Location, translated
 from read_cache.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,8 @@ class SplitReport:
 
 @dataclasses.dataclass
 class BuildReport:
-    path: Path
+    path: Path | Location
+    """The cache folder, or its Location in an object store (prints as the URL)."""
     splits: list[SplitReport]
     wall_seconds: float
     forward_seconds: float
@@ -316,7 +318,7 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
     pick_device(cfg.device)
     require_hub_for(cfg.model, data_dir=cfg.data_dir, revision=cfg.revision)
     task = get_task(cfg.task)
-    out = Path(cfg.out) if cfg.out else paths.default_cache_path(cfg.model, task.name)
+    out = Location.parse(cfg.out or paths.default_cache_path(cfg.model, task.name), cfg.storage_options)
     prepare_cache_dir(out)
     existing = read_root_attrs(out)
     if existing is not None and not cfg.overwrite:
@@ -331,7 +333,7 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
         split: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, data[split].texts, cfg.protocol), cfg.max_length)
         for split in SPLITS
     }
-    with BuildLock(out):
+    with build_lock(out) as lock, translated(out):
         existing = read_root_attrs(out)  # re-read under the lock
         if existing is not None and cfg.overwrite:
             log.info("--overwrite: deleting the cache at %s", out)
@@ -348,11 +350,12 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
             writer = CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), lm["rows"] if lm else None)
         else:
             writer = CacheWriter(out, geometry)
+        writer.guard = lock.check  # in a bucket: stop writing once the lease is lost
         forward_seconds = [0.0]
         reports = [build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds) for split in SPLITS]
     if cfg.remember:
         paths.record_last_cache(out)
-    return BuildReport(out, reports, time.perf_counter() - started, forward_seconds[0])
+    return BuildReport(out.path or out, reports, time.perf_counter() - started, forward_seconds[0])
 
 
 def make_geometry(backbone: Backbone, cfg: BuildConfig, task: TaskSpec) -> Geometry:
@@ -387,7 +390,7 @@ IDENTITY_DEFAULTS = {"protocol": "t5", "drop_last_layers": 0}
 """What a cache built before these options existed was built with."""
 
 
-def check_same_build(attrs: dict[str, Any], cfg: BuildConfig, out: Path, fingerprint: str | None) -> None:
+def check_same_build(attrs: dict[str, Any], cfg: BuildConfig, out: Location, fingerprint: str | None) -> None:
     """Refuse to mix two builds in one folder; name what differs and how to proceed."""
     model, task = attrs["backbone"]["model"], attrs["task"]["name"]
     if model != model_reference(cfg.model) or task != cfg.task or (fingerprint and attrs["backbone"]["fingerprint"] != fingerprint):
@@ -443,7 +446,7 @@ def root_attributes(cfg: BuildConfig, task: TaskSpec, backbone: Backbone, lm: di
     }
 
 
-def check_disk(out: Path, geometry: Geometry, tokenized: dict[str, Tokenized], existing: dict | None, force: bool) -> None:
+def check_disk(out: Location, geometry: Geometry, tokenized: dict[str, Tokenized], existing: dict | None, force: bool) -> None:
     """Print the estimate before building; refuse a build that cannot fit unless forced."""
     done = {s for s, st in (existing or {}).get("splits", {}).items() if st.get("complete")}
     need = sum(
@@ -454,9 +457,16 @@ def check_disk(out: Path, geometry: Geometry, tokenized: dict[str, Tokenized], e
     free = free_bytes(out)
     tokens = sum(int(tok.offsets[-1]) for split, tok in tokenized.items() if split not in done)
     examples = sum(len(tok.ids) for split, tok in tokenized.items() if split not in done)
+    projected = geometry.projected_disk_bytes(tokens, examples) / 1e6
+    if free is None:
+        log.info(
+            "estimated cache size (--store-dtype %s): %.1f MB stored (projected), %.1f MB uncompressed; %s is an object store: no free-space check",
+            geometry.float_dtype, projected, need / 1e6, out,
+        )
+        return
     log.info(
         "estimated cache size (--store-dtype %s): %.1f MB on disk (projected), %.1f MB uncompressed; %.1f MB free at %s",
-        geometry.float_dtype, geometry.projected_disk_bytes(tokens, examples) / 1e6, need / 1e6, free / 1e6, out,
+        geometry.float_dtype, projected, need / 1e6, free / 1e6, out,
     )
     if need > free and not force:
         raise ReadCacheError(

@@ -36,7 +36,11 @@ out_console = Console()
 
 
 # Options shared by several commands.
-CacheArg = Annotated[Optional[Path], typer.Option("--cache", help="Cache folder; default: the last one built.")]
+CacheArg = Annotated[Optional[str], typer.Option("--cache", help="Cache folder or URL (s3://bucket/prefix, gs://, az://...); default: the last one built.")]
+StorageOptions = Annotated[
+    Optional[str],
+    typer.Option("--storage-options", help="JSON options for a cache URL (obstore's from_url keys for s3/gs/az, fsspec's for others); credentials usually come from the environment."),
+]
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars (logs stay).")]
 WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Examples per step (the paper: 96).")]
@@ -113,7 +117,7 @@ def build(
     model: Annotated[str, typer.Option(help="Hub id (t5-base) or local model folder.")],
     task: Annotated[str, typer.Option(help="GLUE task: cola sst2 mrpc qqp stsb mnli qnli rte wnli.")],
     data_dir: Annotated[Optional[Path], typer.Option(help="Local GLUE folder (original TSV layout or the hub's parquet); default: the hub.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Cache folder; default: $READ_CACHE_HOME/caches/<model>/<task>.")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Cache folder or URL (s3://bucket/prefix, gs://, az://...); default: $READ_CACHE_HOME/caches/<model>/<task>.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many examples per split (after the split recipe).")] = None,
     max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens (truncations are counted).")] = 256,
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype bf16|fp16|fp32; default: fast on this device.")] = None,
@@ -128,16 +132,19 @@ def build(
     protocol: ProtocolOpt = "t5",
     drop_last_layers: DropLayers = 0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Tokenise only (no weights loaded), print examples, tokens and projected size per --store-dtype, exit.")] = False,
+    storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Stage one: run the frozen backbone once over every split and cache its states."""
     from read_cache.config import BuildConfig
+    from read_cache.store.location import parse_storage_options
 
     cfg = BuildConfig(
         model=model, task=task, data_dir=data_dir, out=out, limit=limit, max_length=max_length, dtype=dtype,
         device=device, batch_size=batch_size, cross_attention=cross_attention, float_dtype=store_dtype,
         revision=revision, chunk_mb=chunk_mb, force=force, overwrite=overwrite, dry_run=dry_run, progress=not no_progress, protocol=protocol,
         drop_last_layers=drop_last_layers,
+        storage_options=parse_storage_options(storage_options),
     )
     cfg.validate()  # before the heavy imports below: a bad flag is rejected in well under a second
     if dry_run:
@@ -185,6 +192,7 @@ def train(
     preset: Preset = None,
     seeds: Seeds = 1,
     reader_workers: ReaderWorkers = None,
+    storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
     method: Annotated[Optional[str], typer.Option(help="Train a baseline on the live backbone instead: full, lora, prompt, adapter, bitfit, lst (NAME-SIZE: lora-32, prompt-10...).")] = None,
     model: Annotated[Optional[str], typer.Option(help="With --method: hub id or local folder of the backbone.")] = None,
@@ -199,12 +207,14 @@ def train(
                              batch_size=batch_size or 96, epochs=epochs or 30, patience=patience or 5, seed=seed, out=out, overwrite=overwrite,
                              device=device, threads=threads, progress=not no_progress)
     from read_cache.config import TrainConfig, with_preset
+    from read_cache.store.location import parse_storage_options
 
     values = with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience)
     cfg = TrainConfig(
         cache=cache, rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
         overwrite=overwrite, reader=reader, memory_budget_gb=memory_budget, device=device, dtype=dtype, threads=threads, reader_workers=reader_workers,
         progress=not no_progress, recurrence=not no_recurrence, preset=preset, **values,
+        storage_options=parse_storage_options(storage_options),
     )
     cfg.validate()
     if seeds <= 0:
@@ -318,14 +328,16 @@ def read_text_file(file: Path) -> str:
 @app.command()
 @user_errors
 def inspect(
-    cache: Annotated[Optional[Path], typer.Argument(help="Cache folder; default: the last one built.")] = None,
+    cache: Annotated[Optional[str], typer.Argument(help="Cache folder or URL; default: the last one built.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    storage_options: StorageOptions = None,
 ) -> None:
     """Show what a cache holds: splits, sizes, shapes, types, completeness."""
     from read_cache.describe import describe
     from read_cache.store import open_cache
+    from read_cache.store.location import parse_storage_options
 
-    info = describe(open_cache(resolve_cache(cache)))
+    info = describe(open_cache(resolve_cache(cache), parse_storage_options(storage_options)))
     if as_json:
         out_console.print_json(json.dumps(info))
         return
@@ -455,14 +467,17 @@ def sweep(
     dtype: Dtype = None,
     threads: Threads = None,
     reader_workers: ReaderWorkers = None,
+    storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Train many side networks from one read of the cache; select by validation, report that run's test score."""
     from read_cache.config import SearchConfig, SweepConfig, TrainConfig, parse_list, parse_range, with_preset
+    from read_cache.store.location import parse_storage_options
 
     shared = TrainConfig(
         cache=cache, pooling=pooling, weight_decay=weight_decay, seed=seed, reader=reader, memory_budget_gb=memory_budget,
         device=device, dtype=dtype, threads=threads, reader_workers=reader_workers, progress=not no_progress, recurrence=not no_recurrence, preset=preset,
+        storage_options=parse_storage_options(storage_options),
         **with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience),
     )
     shared.validate()
@@ -609,7 +624,7 @@ def _mean_std(spread: dict[str, Any]) -> str:
     return f"{spread['mean']:.4f} ± {spread['std']:.4f}"
 
 
-def resolve_cache(cache: Path | None) -> Path:
+def resolve_cache(cache: Path | str | None) -> Path | str:
     """The cache the user named, or the last one built (and say which)."""
     from read_cache import paths
 

@@ -23,6 +23,7 @@ from read_cache.paper import PAPER, check_preset
 from read_cache.store import CHUNK_BYTES
 from read_cache.store.formats import DEFAULT_STORE_DTYPE, STORE_DTYPES
 from read_cache.tasks import PROTOCOLS
+from read_cache.store.location import check_location, redact_options
 
 T = TypeVar("T")
 
@@ -46,8 +47,9 @@ class BuildConfig:
     """GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)."""
     data_dir: Path | None = None
     """Local GLUE folder (TSV or parquet layout); None reads the hub."""
-    out: Path | None = None
-    """Cache folder; None means `$READ_CACHE_HOME/caches/<model>/<task>`."""
+    out: Path | str | None = None
+    """Cache folder or object-store URL (s3://bucket/prefix, gs://, az://, memory://...); None means
+    `$READ_CACHE_HOME/caches/<model>/<task>`."""
     limit: int | None = None
     """Cap on the examples of each split (after the split recipe)."""
     max_length: int = 256
@@ -80,6 +82,9 @@ class BuildConfig:
     """'t5' (this package's splits, T5's label words) or 'lst' (Ladder Side-Tuning's splits, label digits)."""
     drop_last_layers: int = 0
     """Drop the model's last K encoder and decoder layers before the forward pass (READ-large: 4 of T5-large's 24)."""
+    storage_options: dict[str, Any] | None = None
+    """Options for the object store at a URL --out (`--storage-options JSON`): obstore's `from_url` keys for
+    s3://, gs://, az://, fsspec's for other URLs; None: the service's environment variables alone."""
 
     def validate(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -101,6 +106,7 @@ class BuildConfig:
         _check_task(self.task)
         if self.float_dtype not in STORE_DTYPES:
             raise ReadCacheError(f"--store-dtype {self.float_dtype!r} is not one of {', '.join(STORE_DTYPES)} (see docs/storage.md)")
+        check_location("--out", self.out, self.storage_options)
 
 
 
@@ -108,8 +114,8 @@ class BuildConfig:
 class TrainConfig:
     """Everything `read-cache train` takes."""
 
-    cache: Path | None = None
-    """Cache folder; None means the last cache `read-cache build` finished."""
+    cache: Path | str | None = None
+    """Cache folder or URL (s3://bucket/prefix, ...); None means the last cache `read-cache build` finished."""
     rnn: str = "gru"
     """'gru', 'lstm', 'rnn' (Elman), or 'none' (no side network: a probe on the frozen states)."""
     dim: int = 256
@@ -157,6 +163,8 @@ class TrainConfig:
     """False (`--no-recurrence`): a separate RNN cell per layer instead of one shared cell (the paper's Table 2)."""
     preset: str | None = None
     """'paper': Table 9's learning rate for the cache's task where --lr is left out (see `read_cache.paper`)."""
+    storage_options: dict[str, Any] | None = None
+    """Options for the object store at a URL --cache (see BuildConfig.storage_options)."""
 
     def validate(self) -> None:
         check_preset(self.preset)
@@ -189,9 +197,13 @@ class TrainConfig:
         for flag, value in (("--block-tokens", self.block_tokens), ("--shuffle-blocks", self.shuffle_blocks)):
             if value is not None and value <= 0:
                 raise ReadCacheError(f"{flag} {value} must be positive (or left out)")
+        check_location("--cache", self.cache, self.storage_options)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        """JSON-friendly, with secrets in the storage options masked (this goes into the run's config.json)."""
+        out = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        out["storage_options"] = redact_options(self.storage_options)
+        return out
 
 
 

@@ -40,6 +40,7 @@ from read_cache.config import READER_MODES
 from read_cache.errors import ReadCacheError
 from read_cache.store import Block, Cache, Split, token_rows
 from read_cache.store.formats import StoreFormat, dequantise, dequantise_torch, get_format, to_torch_codes
+from read_cache.store.readahead import default_inflight, read_ahead
 
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -237,6 +238,7 @@ class SplitReader:
         prefetch: int = PREFETCH_BATCHES,
         workers: int | None = None,
         device: str | torch.device | None = None,
+        inflight: int | None = None,
     ):
         if mode not in ("ram", "stream"):
             raise ValueError(f"mode must be 'ram' or 'stream', got {mode!r}")
@@ -248,6 +250,8 @@ class SplitReader:
         self.prefetch = prefetch
         self.workers = workers or default_workers(device)
         self.decoding = Decoding.of(split, device)
+        self.inflight = inflight or default_inflight(split)
+        """Block reads kept in flight while streaming: 1 on disk, many from an object store (store.readahead)."""
         per_token = split.cache.geometry.bytes_per_token
         self.block_tokens = block_tokens or split.token_chunk * max(1, round(BLOCK_BYTES / (split.token_chunk * per_token)))
         self.bounds = split.block_bounds(self.block_tokens)
@@ -296,9 +300,15 @@ class SplitReader:
         carry: Pool | None = None
         pool: Pool | None = None
         read = lambda b: Pool.from_block(self.split.read_block(*self.bounds[b]))  # noqa: E731
+        # From an object store, `inflight` block reads stay under way across windows (latency-bound reads);
+        # from a disk, the decoding workers read each window's blocks in parallel (decode-bound reads).
+        ahead = read_ahead(self.split, [self.bounds[b] for w in windows for b in w.blocks], self.inflight) if self.inflight > 1 else None
         for window in windows:
             pool = None  # let the last window go before the next is read: one window in memory at a time
-            blocks = list(executor.map(read, window.blocks)) if executor is not None else [read(b) for b in window.blocks]
+            if ahead is not None:
+                blocks = [Pool.from_block(next(ahead)) for _ in window.blocks]
+            else:
+                blocks = list(executor.map(read, window.blocks)) if executor is not None else [read(b) for b in window.blocks]
             pool = Pool.concat(([carry] if carry is not None else []) + blocks)
             del blocks  # the concatenated copy is all this window needs
             pending = np.concatenate([carry.rows, window.order]) if carry is not None else window.order

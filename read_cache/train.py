@@ -173,7 +173,7 @@ def setup(cfg: TrainConfig) -> Run:
 
 def open_task_cache(cfg: TrainConfig) -> tuple[Cache, TaskSpec]:
     """The --cache (or the last one built), refused unless every split is complete, and its task."""
-    cache = open_cache(_cache_path(cfg))
+    cache = open_cache(_cache_path(cfg), cfg.storage_options)
     cache.require_complete()
     return cache, get_task(cache.task)
 
@@ -204,9 +204,9 @@ def make_readers(cfg: TrainConfig, cache: Cache) -> dict[str, SplitReader]:
     }
 
 
-def _cache_path(cfg: TrainConfig) -> Path:
+def _cache_path(cfg: TrainConfig) -> Path | str:
     if cfg.cache is not None:
-        return Path(cfg.cache)
+        return cfg.cache  # a folder or a URL: open_cache tells them apart
     last = paths.last_cache()
     if last is None:
         raise ReadCacheError("no --cache given and no cache built yet; pass --cache PATH or run `read-cache build` first")

@@ -231,6 +231,6 @@ def test_ctrl_c_says_what_the_same_command_resumes(command: tuple, module: str, 
         raise KeyboardInterrupt
 
     monkeypatch.setattr(f"{module}.{function}", interrupted)
-    monkeypatch.setattr("read_cache.store.open_cache", lambda path: None)
+    monkeypatch.setattr("read_cache.store.open_cache", lambda path, *options: None)
     code, _, output = run_cli(*command)
     assert code == 130 and output.strip().splitlines()[-1] == says

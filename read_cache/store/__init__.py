@@ -36,6 +36,9 @@ Why it looks like this:
   are fsynced, and a split is `complete` in the root attributes only after every unit is done.
 - Every chunk ends in a CRC32C checksum, so a flipped byte is an error naming the array, never
   silently wrong numbers.
+- The same tree lives in an object store (s3://, gs://, az://, fsspec URLs): `store.location` picks the
+  zarr store for a path or URL, `store.lease` replaces the flock there, `store.readahead` keeps many
+  block reads in flight (docs/object-storage.md).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 
 from read_cache.errors import CacheCorruptError, ReadCacheError
 from read_cache.store.formats import STORE_DTYPES, StoreFormat, dequantise, format_attrs, get_format
+from read_cache.store.location import Location, is_storage_failure, storage_error, translated
 
 log = logging.getLogger(__name__)
 
@@ -251,18 +255,19 @@ def choose_unit_examples(geometry: Geometry, n_examples: int, n_tokens: int) -> 
 # Root attributes
 
 
-def read_root_attrs(path: Path) -> dict[str, Any] | None:
-    """The root attributes of a cache at `path`, or None where there is no cache."""
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return None
+def read_root_attrs(path: Path | str | Location) -> dict[str, Any] | None:
+    """The root attributes of a cache at `path` (a folder or URL), or None where there is no cache."""
+    location = Location.parse(path)
     try:
-        return json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, json.JSONDecodeError) as e:
-        raise CacheCorruptError(f"{meta} is not readable JSON ({e}); the cache is damaged: delete it and rebuild") from e
+        if location.path is not None and not (location.path / "zarr.json").is_file():
+            return None
+        raw = location.read_bytes("zarr.json")
+        return None if raw is None else json.loads(raw).get("attributes", {})
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheCorruptError(f"{location.child('zarr.json')} is not readable JSON ({e}); the cache is damaged: delete it and rebuild") from e
 
 
-def check_format_version(attrs: dict[str, Any], path: Path) -> None:
+def check_format_version(attrs: dict[str, Any], path: Path | Location) -> None:
     version = attrs.get("format_version")
     if version is None:
         raise ReadCacheError(f"{path} is a zarr group but not a read-cache cache (no format_version attribute)")
@@ -304,8 +309,16 @@ class BuildLock:
             os.close(self._fd)
 
 
-def prepare_cache_dir(path: Path) -> None:
-    """Check --out can hold a cache and create the folder."""
+def prepare_cache_dir(where: Path | Location) -> None:
+    """Check --out can hold a cache and create the folder (in a bucket: check it is reachable and fit)."""
+    location = Location.parse(where)
+    if location.path is None:
+        location.check_reachable()
+        keys = [k for k in location.keys() if k != "build.lease"]
+        if keys and "zarr.json" not in keys:
+            raise ReadCacheError(f"--out {location} holds objects but no cache; choose an empty or new prefix")
+        return
+    path = location.path
     if path.exists() and not path.is_dir():
         raise ReadCacheError(f"--out {path} is a file, not a folder; choose a folder path for the cache")
     if path.is_dir() and any(path.iterdir()) and not (path / "zarr.json").is_file():
@@ -313,9 +326,14 @@ def prepare_cache_dir(path: Path) -> None:
     path.mkdir(parents=True, exist_ok=True)
 
 
-def clear_cache_dir(path: Path) -> None:
-    """Delete a cache's contents but keep its folder: the build's lock is held on the folder itself."""
-    for child in path.iterdir():
+def clear_cache_dir(where: Path | Location) -> None:
+    """Delete a cache's contents but keep its folder: the build's lock is held on the folder itself
+    (in a bucket: every object under the prefix but the build's lease)."""
+    location = Location.parse(where)
+    if location.path is None:
+        location.delete_keys([k for k in location.keys() if k != "build.lease"])
+        return
+    for child in location.path.iterdir():
         shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
 
@@ -325,10 +343,13 @@ def is_cache(path: Path) -> bool:
     return meta.is_file() and '"format_version"' in meta.read_text(errors="replace")
 
 
-def remove_partial_files(path: Path) -> int:
-    """Delete zarr's temporary `*.partial` files left behind by a killed writer."""
+def remove_partial_files(where: Path | Location) -> int:
+    """Delete zarr's temporary `*.partial` files left behind by a killed writer (none in a bucket: PUTs are atomic)."""
+    location = Location.parse(where)
+    if location.path is None:
+        return 0
     removed = 0
-    for leftover in path.rglob("*.partial"):
+    for leftover in location.path.rglob("*.partial"):
         leftover.unlink(missing_ok=True)
         removed += 1
     return removed
@@ -337,19 +358,28 @@ def remove_partial_files(path: Path) -> int:
 class CacheWriter:
     """Creates a cache and writes units of its splits; used by stage one only."""
 
-    def __init__(self, path: Path, geometry: Geometry):
-        self.path = path
+    def __init__(self, path: Path | Location, geometry: Geometry):
+        self.location = Location.parse(path)
+        self.path = self.location.path or self.location  # a Path on disk, else the Location (prints as its URL)
         self.geometry = geometry
-        self.group = zarr.open_group(str(path), mode="a", zarr_format=3)
+        self.group = zarr.open_group(self.location.store(), mode="a", zarr_format=3)
+        self.guard: Any = None
+        """Called before each write; the build sets it to its lease's `check` (see store.lease)."""
 
     @classmethod
-    def create(cls, path: Path, geometry: Geometry, attrs: dict[str, Any], lm_head_rows: np.ndarray | None) -> CacheWriter:
+    def create(cls, path: Path | Location, geometry: Geometry, attrs: dict[str, Any], lm_head_rows: np.ndarray | None) -> CacheWriter:
         attrs = {**attrs, "format_version": FORMAT_VERSION, "geometry": geometry.to_dict(), "splits": {}}
-        # Never mode="w": that deletes and recreates the folder, and the build's flock (held on the
-        # folder itself) would stay on the deleted one, letting a second build in.
-        group = zarr.create_group(str(path), zarr_format=3, attributes=attrs, overwrite=False)
+        location = Location.parse(path)
+        if location.is_local:
+            # Never mode="w": that deletes and recreates the folder, and the build's flock (held on the
+            # folder itself) would stay on the deleted one, letting a second build in.
+            group = zarr.create_group(location.store(), zarr_format=3, attributes=attrs, overwrite=False)
+        else:
+            # The prefix already holds the build's lease object, which create_group would refuse (and
+            # mode "w" delete); prepare_cache_dir made sure nothing else is there.
+            group = zarr.open_group(location.store(), mode="a", zarr_format=3, attributes=attrs)
         if lm_head_rows is not None:
-            group.create_array("lm_head_rows", data=lm_head_rows.astype(np.float32))
+            group.create_array("lm_head_rows", data=lm_head_rows.astype(np.float32), overwrite=True)
         return cls(path, geometry)
 
     # --- split creation --------------------------------------------------------------------------
@@ -385,7 +415,8 @@ class CacheWriter:
             self._states(sg, "decoder_hidden", n, ec, g.n_decoder_layers)
         # Created last: its presence says the skeleton above is complete.
         self._empty(sg, "units_done", (n_units,), (1,), "uint8", {})
-        _fsync_tree(self.path / split)
+        if self.location.path is not None:  # in a bucket every PUT is already durable
+            _fsync_tree(self.location.path / split)
 
     def _states(self, group: zarr.Group, name: str, rows: int, chunk: int, layers: int) -> None:
         """A hidden-state array in the cache's format, and its scales beside it (compact formats)."""
@@ -425,6 +456,8 @@ class CacheWriter:
     # --- units -----------------------------------------------------------------------------------
     def write_unit(self, split: str, unit: Unit, tokens: dict[str, np.ndarray], examples: dict[str, np.ndarray]) -> None:
         """Write one unit's rows, make them durable, then mark the unit done."""
+        if self.guard is not None:
+            self.guard()
         sg = self.group[split]
         t0, t1 = unit.tokens
         e0, e1 = unit.examples
@@ -435,20 +468,26 @@ class CacheWriter:
         for name, block in examples.items():
             sg[name][e0:e1] = block
             touched.append((sg[name], e0, e1))
-        for arr, start, stop in touched:
-            _fsync_chunks(self.path / split / arr.basename, arr, start, stop)
+        local = self.location.path
+        if local is not None:  # in a bucket a PUT is acknowledged only once durable
+            for arr, start, stop in touched:
+                _fsync_chunks(local / split / arr.basename, arr, start, stop)
         sg["units_done"][unit.index] = 1
-        _fsync_chunks(self.path / split / "units_done", sg["units_done"], unit.index, unit.index + 1)
+        if local is not None:
+            _fsync_chunks(local / split / "units_done", sg["units_done"], unit.index, unit.index + 1)
 
     # --- attributes --------------------------------------------------------------------------------
     def split_status(self, split: str) -> dict[str, Any]:
         return dict(self.group.attrs.get("splits", {}).get(split, {}))
 
     def update_split_status(self, split: str, status: dict[str, Any]) -> None:
+        if self.guard is not None:
+            self.guard()
         splits = dict(self.group.attrs.get("splits", {}))
         splits[split] = {**splits.get(split, {}), **status}
         self.group.attrs["splits"] = splits
-        _fsync_file(self.path / "zarr.json")
+        if self.location.path is not None:
+            _fsync_file(self.location.path / "zarr.json")
 
 
 def _fsync_chunks(array_dir: Path, arr: zarr.Array, start: int, stop: int) -> None:
@@ -532,6 +571,7 @@ class Split:
         self.cache = cache
         self.name = name
         self._group = group
+        self._arrays: dict[str, zarr.Array] = {}  # opened once: each opening is a metadata GET in a bucket
         self.attrs: dict[str, Any] = dict(group.attrs)
         self.offsets: np.ndarray = self._read("offsets", slice(None))
         self.labels: np.ndarray = self._read("label", slice(None))
@@ -556,7 +596,9 @@ class Split:
         return self.array("encoder_hidden").chunks[0]
 
     def array(self, name: str) -> zarr.Array:
-        return open_node(self._group, name, self.cache.path / self.name)
+        if name not in self._arrays:
+            self._arrays[name] = open_node(self._group, name, self.cache.path / self.name)
+        return self._arrays[name]
 
     def array_names(self) -> list[str]:
         """Names of the arrays stored for this split."""
@@ -578,6 +620,8 @@ class Split:
         except KeyError as e:
             raise CacheCorruptError(f"array {self.name}/{name} is missing from {self.cache.path}: the cache is damaged; rebuild it") from e
         except Exception as e:  # zarr raises ValueError for checksum mismatches, others for bad codecs
+            if not self.cache.location.is_local and is_storage_failure(e):
+                raise storage_error(e, self.cache.location.child(f"{self.name}/{name}")) from e
             raise CacheCorruptError(
                 f"array {self.name}/{name} of {self.cache.path} has a corrupt or truncated chunk ({e}); "
                 "delete the cache and rebuild it"
@@ -636,6 +680,8 @@ def open_node(group: zarr.Group, name: str, where: Path) -> Any:
     except KeyError:
         raise
     except Exception as e:  # zarr raises JSONDecodeError, ValueError or TypeError for unreadable metadata
+        if is_storage_failure(e):  # the store could not be reached: say so, not "damaged"
+            raise storage_error(e, where / name) from e
         raise CacheCorruptError(
             f"{where / name / 'zarr.json'} is damaged ({type(e).__name__}: {e}); the cache is damaged: delete it and rebuild"
         ) from e
@@ -652,15 +698,19 @@ def has_node(group: zarr.Group, name: str, where: Path) -> bool:
 class Cache:
     """A read-only view of a cache; `read_cache.open_cache(path)` returns one."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        attrs = read_root_attrs(path)
+    def __init__(self, path: Path | Location):
+        self.location = Location.parse(path)
+        self.path: Path | Location = self.location.path or self.location
+        """The folder (a Path) of a local cache, else its Location (prints as the URL)."""
+        self.location.check_reachable()
+        attrs = read_root_attrs(self.location)
         if attrs is None:
-            raise ReadCacheError(f"{path} holds no cache (no zarr.json); build one with `read-cache build` or pass its path")
-        check_format_version(attrs, path)
+            raise ReadCacheError(f"{self.path} holds no cache (no zarr.json); build one with `read-cache build` or pass its path")
+        check_format_version(attrs, self.path)
         self.attrs = attrs
         self.geometry = Geometry(**attrs["geometry"])
-        self._group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        with translated(self.location):
+            self._group = zarr.open_group(self.location.store(read_only=True), mode="r", zarr_format=3)
         self._splits: dict[str, Split] = {}
 
     def __repr__(self) -> str:
@@ -706,22 +756,25 @@ class Cache:
                     "rerun the same `read-cache build` command to finish it"
                 )
 
+    @property
+    def url(self) -> str:
+        """The cache's absolute path, or its URL."""
+        return str(self.location)
+
     def disk_bytes(self, split: str | None = None) -> int:
-        root = self.path / split if split else self.path
-        return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+        """Bytes stored: file sizes on disk, object sizes in a bucket."""
+        return self.location.total_bytes(f"{split}/" if split and not self.location.is_local else split or "")
 
     def raw_bytes(self, split: str) -> int:
         s = self[split]
         return sum(s.array(name).nbytes for name in s.array_names())
 
 
-def open_cache(path: str | os.PathLike[str]) -> Cache:
-    """Open a cache folder for reading (`~` is expanded)."""
-    return Cache(Path(path).expanduser())
+def open_cache(path: str | os.PathLike[str] | Location, storage_options: dict[str, Any] | None = None) -> Cache:
+    """Open a cache for reading: a folder (`~` is expanded), or a URL (s3://bucket/prefix, gs://, az://, memory://, ...)."""
+    return Cache(Location.parse(path, storage_options))
 
 
-def free_bytes(path: Path) -> int:
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
+def free_bytes(path: Path | Location) -> int | None:
+    """Free disk space where a cache goes; None in an object store (nothing to check)."""
+    return Location.parse(path).free_bytes()
