@@ -21,7 +21,7 @@ from read_cache.reader import CodedBatch, Decoding, SplitReader, batch_to
 from read_cache.store import FORMAT_VERSION
 from read_cache.store import formats as F
 from read_cache.store.formats import COMPACT_DTYPES, STORE_DTYPES, ErrorStats, dequantise, dequantise_torch, get_format, quantise, quantise_torch, to_torch_codes
-from tests.conftest import build_quietly, one_error, run_cli, write_glue
+from conftest import build_quietly, one_error, run_cli, write_glue
 
 SMALL_CHUNKS = 0.01  # MiB: several units even for a tiny split
 
