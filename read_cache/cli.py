@@ -225,6 +225,8 @@ def train(
     from read_cache.train import train as train_side_network
 
     summary = train_side_network(cfg)
+    if not is_main_rank():
+        return
     table = Table(title=f"{summary['task']}: {summary['rnn']}/{summary['dim']} {summary['head']} head, {summary['trainable_parameters']:,} trainable parameters")
     for col in ("split", "metric", "score", "components"):
         table.add_column(col)
@@ -465,6 +467,8 @@ def sweep(
     from read_cache.sweep import sweep as run_sweep
 
     report = run_sweep(cfg)
+    if not is_main_rank():
+        return
     best = report["best"]
     table = Table(title=f"{report['task']}: {report['configurations']} configurations ({report['search']}), ranked by validation {best['validation']['metric']}")
     for col in ("#", "configuration", "parameters", "epochs", "ended", "validation", "test"):
