@@ -94,9 +94,23 @@ def rank_device(device: str | None, launch: Launch) -> torch.device:
 # Collectives (each a local no-op for one process)
 
 
+@contextlib.contextmanager
+def _peers_alive(launch: Launch) -> Iterator[None]:
+    """A collective that fails because another rank died becomes one clear line, not a gloo/nccl traceback."""
+    try:
+        yield
+    except RuntimeError as e:  # DistBackendError and gloo's "Connection closed by peer" are RuntimeErrors
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise ReadCacheError(
+            f"{launch.describe()}: another rank of this launch stopped ({reason[-160:]}); its own output says why. "
+            "What a build wrote is durable: rerun the same command to resume"
+        ) from e
+
+
 def barrier(launch: Launch) -> None:
     if launch.distributed:
-        dist.barrier()
+        with _peers_alive(launch):
+            dist.barrier()
 
 
 def gather(launch: Launch, value: T) -> list[T]:
@@ -104,7 +118,8 @@ def gather(launch: Launch, value: T) -> list[T]:
     if not launch.distributed:
         return [value]
     values: list[Any] = [None] * launch.world_size
-    dist.all_gather_object(values, value)
+    with _peers_alive(launch):
+        dist.all_gather_object(values, value)
     return values
 
 
@@ -113,7 +128,8 @@ def broadcast(launch: Launch, value: T) -> T:
     if not launch.distributed:
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    with _peers_alive(launch):
+        dist.broadcast_object_list(box, src=0)
     return box[0]
 
 
