@@ -89,6 +89,8 @@ class Run:
     """This process's rank under torchrun; rank 0 alone writes the run folder."""
     ddp: torch.nn.Module | None = None
     """`net` wrapped in DistributedDataParallel under torchrun (steps go through it), else None."""
+    rank_examples: list[list[int]] = dataclasses.field(default_factory=list)
+    """Per epoch, the train examples each rank read (one entry per rank)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,6 +141,7 @@ def summarize(run: Run, fitted: Fitted, validation: Evaluation, test: Evaluation
         "autocast": str(run.amp).removeprefix("torch.") if run.amp else "fp32",
         "meter": meter,
         "world_size": run.launch.world_size,
+        "train_examples_per_rank": run.rank_examples,
     }
 
 
@@ -412,9 +415,9 @@ def train_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, last: di
                 total_loss, n = total_loss + loss * b, n + b
                 advance(b, total_loss / n, n / (time.perf_counter() - started))
     own.close()
-    if run.launch.distributed:  # the epoch's numbers over every rank
-        every = distributed.gather(run.launch, (total_loss, n))
-        total_loss, n = sum(t for t, _ in every), sum(k for _, k in every)
+    every = distributed.gather(run.launch, (total_loss, n))  # the epoch's numbers over every rank
+    run.rank_examples.append([k for _, k in every])
+    total_loss, n = sum(t for t, _ in every), sum(k for _, k in every)
     return total_loss / max(n, 1), n, time.perf_counter() - started
 
 

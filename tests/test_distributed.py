@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -353,3 +354,18 @@ def test_store_digest_helper_sees_a_flipped_byte(setup, tmp_path: Path) -> None:
     with pytest.raises((AssertionError, ValueError)):  # zarr's checksum or our comparison, whichever looks first
         assert_identical(copy, reference)
     assert files(copy) != files(reference)
+
+
+def test_rank_zero_counts_the_units_other_ranks_make_durable() -> None:
+    """The poller reports each watched unit once, as the store marks it done, and the rest after the barrier."""
+    from read_cache.distributed import UnitPoller
+
+    done = np.zeros(6, dtype=np.uint8)
+    seen: list[list[int]] = []
+    with UnitPoller(lambda: done.copy(), [1, 3, 5], seen.append, every=0.01) as poller:
+        done[[0, 1]] = 1  # unit 0 is rank 0's own: not watched
+        deadline = time.time() + 10
+        while not seen and time.time() < deadline:
+            time.sleep(0.01)
+        done[[3, 5]] = 1
+    assert seen[0] == [1] and sorted(u for batch in seen for u in batch) == [1, 3, 5] and not poller.waiting
