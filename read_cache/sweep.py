@@ -98,6 +98,9 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def _sweep(cfg: SweepConfig, launch: distributed.Launch, started: float) -> dict[str, Any]:
+    distributed.check_same_arguments(launch, dataclasses.asdict(cfg))
+    if not launch.is_main:  # one progress bar per launch: rank 0's
+        cfg = dataclasses.replace(cfg, shared=dataclasses.replace(cfg.shared, progress=False))
     with torch_threads(cfg.shared.threads):
         members = setup(cfg, launch)
         with Meter() as meter:
@@ -138,7 +141,6 @@ def setup(cfg: SweepConfig, launch: distributed.Launch = distributed.SINGLE) -> 
     and reads the cache itself; rank 0 claims --out.
     """
     cfg.validate()
-    distributed.check_same_arguments(launch, dataclasses.asdict(cfg))
     configs = [cfg.train_config(trial) for trial in cfg.configurations()]
     for config in configs:
         config.validate()

@@ -102,7 +102,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     with distributed.session(cfg.device) as launch, torch_threads(cfg.threads):
         run = setup(cfg, launch)
-        with Meter() as meter:
+        with Meter() as meter, distributed.peers_alive(launch):
             fitted = fit(run)
         validation = fitted.validation if fitted.validation is not None else evaluate(run, "validation")
         test = evaluate(run, "test")

@@ -23,7 +23,7 @@ from read_cache.distributed.env import SINGLE, Launch, cpu_threads_per_rank, det
 
 _LAZY = {
     "session": "group", "rank_device": "group", "barrier": "group", "gather": "group", "broadcast": "group",
-    "any_rank": "group", "agree": "group", "on_main": "group", "check_same_arguments": "group", "RankError": "group",
+    "any_rank": "group", "peers_alive": "group", "agree": "group", "on_main": "group", "check_same_arguments": "group", "RankError": "group",
     "round_robin": "shard", "balanced": "shard", "launch_lock": "lock", "LAUNCH_RECORD": "lock", "UnitPoller": "progress",
 }
 

@@ -100,11 +100,24 @@ def _peers_alive(launch: Launch) -> Iterator[None]:
     try:
         yield
     except RuntimeError as e:  # DistBackendError and gloo's "Connection closed by peer" are RuntimeErrors
+        if not peer_failure(e):
+            raise
         reason = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise ReadCacheError(
             f"{launch.describe()}: another rank of this launch stopped ({reason[-160:]}); its own output says why. "
             "What a build wrote is durable: rerun the same command to resume"
         ) from e
+
+
+def peer_failure(error: BaseException) -> bool:
+    """Whether a collective failed because another rank went away (not a bug in this one)."""
+    text = str(error).lower()
+    return isinstance(error, dist.DistBackendError) or any(s in text for s in ("closed by peer", "connection reset", "broken pipe", "timed out"))
+
+
+def peers_alive(launch: Launch) -> contextlib.AbstractContextManager[None]:
+    """Around work that runs collectives of its own (DDP's gradient all-reduce): a dead peer becomes one line."""
+    return _peers_alive(launch) if launch.distributed else contextlib.nullcontext()
 
 
 def barrier(launch: Launch) -> None:
