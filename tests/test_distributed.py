@@ -57,16 +57,21 @@ def rank_env(rank: int, world: int, port: int) -> dict[str, str]:
     }
 
 
-def launch(argv_of_rank, world: int = 2, cwd_of_rank=None) -> list[subprocess.CompletedProcess]:
-    """Start `world` ranks (argv_of_rank(rank) each) the way torchrun does, wait for all; kill all on timeout."""
+def start(argv_of_rank, world: int = 2, cwd_of_rank=None, **popen) -> list[subprocess.Popen]:
+    """Start `world` ranks (argv_of_rank(rank) each) the way torchrun does."""
     port = free_port()
-    procs = [
+    return [
         subprocess.Popen(
             [sys.executable, *map(str, argv_of_rank(rank))], env=rank_env(rank, world, port), cwd=cwd_of_rank(rank) if cwd_of_rank else None,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            **({"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True} | popen),
         )
         for rank in range(world)
     ]
+
+
+def launch(argv_of_rank, world: int = 2, cwd_of_rank=None) -> list[subprocess.CompletedProcess]:
+    """Start `world` ranks and wait for all; kill all on timeout."""
+    procs = start(argv_of_rank, world, cwd_of_rank)
     try:
         outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
     finally:
@@ -186,6 +191,25 @@ def test_a_killed_launch_resumes_in_one_process_byte_identical(setup, tmp_path: 
     with one_thread():
         report = build_cache(BuildConfig(model=str(model), task="sst2", data_dir=glue, out=out, chunk_mb=SMALL_CHUNKS, batch_size=8, dtype="fp32", progress=False))
     assert report.splits[0].units_written == len(done) - done.sum()  # what was durable is never recomputed
+    assert_identical(out, reference)
+
+
+def test_a_launch_killed_whole_resumes_with_the_same_command(setup, tmp_path: Path) -> None:
+    """Every rank SIGKILLed from outside, wherever the build is; the same launch again finishes it byte-identical."""
+    model, glue, reference = setup
+    out = tmp_path / "cache"
+    argv = lambda rank: cli(*BUILD, "--model", model, "--data-dir", glue, "--out", out)  # noqa: E731
+    procs = start(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    flags = out / "train" / "units_done" / "c"
+    deadline = time.time() + TIMEOUT
+    while time.time() < deadline and not (flags.is_dir() and any(flags.iterdir())) and all(p.poll() is None for p in procs):
+        time.sleep(0.005)
+    for p in procs:
+        p.kill()
+        p.wait()
+    assert not read_cache.open_cache(out).split_status("test").get("complete")  # killed before the end
+    ranks = launch(argv)
+    assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-3000:]
     assert_identical(out, reference)
 
 

@@ -40,12 +40,13 @@ def launch_lock(launch: Launch, path: Path, prepare: Callable[[], None]) -> Iter
     lock = BuildLock(path)
     if not launch.distributed:
         with lock:
+            (path / LAUNCH_RECORD).unlink(missing_ok=True)  # a killed launch's, if any
             prepare()
             yield
         return
     on_main(launch, lock.__enter__)
     try:
-        on_main(launch, prepare)
+        on_main(launch, lambda: ((path / LAUNCH_RECORD).unlink(missing_ok=True), prepare()))
         token = on_main(launch, lambda: write_record(path, launch))
         agree(launch, lambda: check_record(path, token, launch))
         yield
