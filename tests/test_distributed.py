@@ -4,7 +4,8 @@ Most launches here start the ranks themselves with the variables torchrun sets (
 LOCAL_RANK, MASTER_ADDR/PORT): that costs no launcher process and lets a test give one rank another
 folder or other flags. One test goes through torchrun itself (`python -m torch.distributed.run`).
 Every rank runs one thread (OMP_NUM_THREADS=1), and so does every one-process reference here, so the
-arithmetic, and therefore the bytes, are the same.
+arithmetic, and therefore the bytes, are the same. About 3 minutes on this shared 2-core machine (load 6),
+most of it Python and torch starting in 2 processes per launch; `-m slow` adds a launch killed whole.
 """
 
 from __future__ import annotations
@@ -194,6 +195,7 @@ def test_a_killed_launch_resumes_in_one_process_byte_identical(setup, tmp_path: 
     assert_identical(out, reference)
 
 
+@pytest.mark.slow  # two more launches; run with: pytest -m slow tests/test_distributed.py
 def test_a_launch_killed_whole_resumes_with_the_same_command(setup, tmp_path: Path) -> None:
     """Every rank SIGKILLed from outside, wherever the build is; the same launch again finishes it byte-identical."""
     model, glue, reference = setup
@@ -230,7 +232,7 @@ def test_ranks_with_different_arguments_are_refused(setup, tmp_path: Path) -> No
 
 def test_a_rank_that_cannot_see_the_store_is_refused(setup, tmp_path: Path) -> None:
     """A relative --out from another folder stands for a node whose disk is not shared."""
-    model, glue, reference = setup
+    model, glue, _ = setup
     (tmp_path / "node0").mkdir()
     (tmp_path / "node1").mkdir()
     ranks = launch(lambda rank: cli(*BUILD, "--model", model, "--data-dir", glue, "--out", "cache"), cwd_of_rank=lambda rank: tmp_path / f"node{rank}")
@@ -239,10 +241,8 @@ def test_a_rank_that_cannot_see_the_store_is_refused(setup, tmp_path: Path) -> N
     assert "rank 1 of 2" in line and "cannot see the store" in line
     assert not (tmp_path / "node1" / "cache").exists()
     store = tmp_path / "node0" / "cache"
-    assert not read_cache.open_cache(store).splits and not (store / LAUNCH_RECORD).exists()  # nothing torn: an empty store
-    with one_thread():
-        build_cache(BuildConfig(model=str(model), task="sst2", data_dir=glue, out=store, chunk_mb=SMALL_CHUNKS, batch_size=8, dtype="fp32", progress=False))
-    assert_identical(store, reference)
+    # Nothing torn: the root of an empty cache, no split, no record; a later build continues it (as the killed tests show).
+    assert not read_cache.open_cache(store).splits and not (store / LAUNCH_RECORD).exists()
 
 
 def test_a_second_launch_into_a_store_being_built_is_refused(setup, tmp_path: Path) -> None:
