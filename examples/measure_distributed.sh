@@ -39,6 +39,10 @@ for round in 1 2; do
   OMP_NUM_THREADS=1 timed "build-$CORES-ranks-round$round" "${TORCHRUN[@]}" -m read_cache "${build[@]}" --out "$WORK/two"
   grep -h "wall" "$WORK/build-1-process-round$round.log" "$WORK/build-$CORES-ranks-round$round.log" | sed 's/^/    /'
 done
+rm -rf "$WORK/one1" "$WORK/two3"
+OMP_NUM_THREADS=1 timed "build-1-process-threads1" "$PY" -m read_cache "${build[@]}" --out "$WORK/one1"
+OMP_NUM_THREADS=1 timed "build-$CORES-ranks-round3" "${TORCHRUN[@]}" -m read_cache "${build[@]}" --out "$WORK/two3"
+grep -h "wall" "$WORK/build-1-process-threads1.log" "$WORK/build-$CORES-ranks-round3.log" | sed 's/^/    /'
 
 sweep=(sweep --cache "$WORK/one" --rnn gru,lstm --dim 64,128 --epochs 3 --batch-size 32 --no-progress --overwrite)
 for round in 1; do
@@ -48,5 +52,6 @@ for round in 1; do
 done
 
 train=(train --cache "$WORK/one" --rnn gru --dim 128 --epochs 2 --batch-size 32 --no-progress --overwrite)
+OMP_NUM_THREADS=1 timed "train-1-process-threads1" "$PY" -m read_cache "${train[@]}" --threads 1 --out "$WORK/single"
 OMP_NUM_THREADS=1 timed "train-$CORES-ranks-ddp" "${TORCHRUN[@]}" -m read_cache "${train[@]}" --threads 1 --out "$WORK/ddp"
 "$PY" -c "import json,sys; s=json.load(open(sys.argv[1])); print('    train examples per rank, per epoch:', s['train_examples_per_rank'], 'of', sum(s['train_examples_per_rank'][0]))" "$WORK/ddp/summary.json"
