@@ -9,6 +9,7 @@ A rerun of the same command resumes from the units already durable (see `read_ca
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import queue
@@ -21,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from read_cache import paths
+from read_cache import distributed, paths
 from read_cache.backbone import Backbone, BackboneStates, check_finite, load_backbone, model_reference, package_versions
 from read_cache.config import BuildConfig
 from read_cache.data import SplitData, load_glue, split_recipe
@@ -70,6 +71,8 @@ class BuildReport:
     splits: list[SplitReport]
     wall_seconds: float
     forward_seconds: float
+    world_size: int = 1
+    """Processes that built it (torchrun's WORLD_SIZE); forward_seconds sums every rank's."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -312,20 +315,33 @@ class UnitWriter:
 
 
 def build_cache(cfg: BuildConfig) -> BuildReport:
-    """Run stage one; resumes a cache that an earlier run of the same command left incomplete."""
+    """Run stage one; resumes a cache that an earlier run of the same command left incomplete.
+
+    Under torchrun every rank runs this with the same config: rank 0 creates the store, each rank
+    computes its share of every split's units on its own device (see docs/distributed.md).
+    """
     started = time.perf_counter()
     cfg.validate()
-    pick_device(cfg.device)
+    with distributed.session(cfg.device) as launch:
+        distributed.check_same_arguments(launch, dataclasses.asdict(cfg))
+        return _build(cfg, launch, started)
+
+
+def _build(cfg: BuildConfig, launch: distributed.Launch, started: float) -> BuildReport:
+    pick_device(launch.device or cfg.device)
     require_hub_for(cfg.model, data_dir=cfg.data_dir, revision=cfg.revision)
     task = get_task(cfg.task)
     out = Location.parse(cfg.out or paths.default_cache_path(cfg.model, task.name), cfg.storage_options)
-    prepare_cache_dir(out)
-    existing = read_root_attrs(out)
-    if existing is not None and not cfg.overwrite:
-        check_format_version(existing, out)
-        check_same_build(existing, cfg, out, fingerprint=None)
+    if launch.distributed and out.path is None:
+        raise ReadCacheError(
+            f"--out {out}: a torchrun build needs a folder every rank mounts; build an object-storage cache with one "
+            "process (`read-cache build` without torchrun), or build to a shared folder and copy it to the bucket"
+        )
+    distributed.on_main(launch, lambda: check_out(cfg, out))
     data = load_glue(task, cfg.data_dir, cfg.limit, cfg.protocol)
-    backbone = load_backbone(cfg.model, dtype=cfg.dtype, device=cfg.device, revision=cfg.revision, drop_last_layers=cfg.drop_last_layers)
+    backbone = load_backbone(
+        cfg.model, dtype=cfg.dtype, device=launch.device or cfg.device, revision=cfg.revision, drop_last_layers=cfg.drop_last_layers
+    )
     if backbone.kind == "encoder" and cfg.cross_attention == "heads":
         log.info("--cross-attention heads ignored: encoder-only backbones have no cross-attention")
     geometry = make_geometry(backbone, cfg, task)
@@ -333,29 +349,58 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
         split: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, data[split].texts, cfg.protocol), cfg.max_length)
         for split in SPLITS
     }
-    with build_lock(out) as lock, translated(out):
-        existing = read_root_attrs(out)  # re-read under the lock
-        if existing is not None and cfg.overwrite:
-            log.info("--overwrite: deleting the cache at %s", out)
-            clear_cache_dir(out)
-            existing = None
-        if existing is not None:
-            check_same_build(existing, cfg, out, fingerprint=backbone.info["fingerprint"])
-            removed = remove_partial_files(out)
-            log.info("resuming %s (%d leftover partial files removed)", out, removed)
-        check_disk(out, geometry, tokenized, existing, cfg.force)
-        if existing is None:
-            targets = task.targets(cfg.protocol)
-            lm = backbone.lm_head(targets) if backbone.kind == "t5" and targets else None
-            writer = CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), lm["rows"] if lm else None)
-        else:
-            writer = CacheWriter(out, geometry)
-        writer.guard = lock.check  # in a bucket: stop writing once the lease is lost
+    with store_lock(launch, out, lambda: open_store(cfg, out, task, backbone, geometry, tokenized)) as guard:
+        writer = CacheWriter(out, geometry)
+        writer.guard = guard  # in a bucket: stop writing once the lease is lost
         forward_seconds = [0.0]
-        reports = [build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds) for split in SPLITS]
-    if cfg.remember:
+        reports = [build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds, launch) for split in SPLITS]
+        forward_seconds[0] = sum(distributed.gather(launch, forward_seconds[0]))
+    if launch.is_main and cfg.remember:
         paths.record_last_cache(out)
-    return BuildReport(out.path or out, reports, time.perf_counter() - started, forward_seconds[0])
+    return BuildReport(out.path or out, reports, time.perf_counter() - started, forward_seconds[0], launch.world_size)
+
+
+@contextlib.contextmanager
+def store_lock(launch: distributed.Launch, out: Location, prepare: Callable[[], None]) -> Iterator[Callable[[], None] | None]:
+    """Hold the build lock (the launch's flock, or a lease in a bucket), run `prepare` on rank 0 under it.
+
+    Yields what the writer checks before each write: the lease's check in a bucket, else nothing."""
+    if launch.distributed:
+        with distributed.launch_lock(launch, out.path, prepare):
+            yield None
+        return
+    with build_lock(out) as lock, translated(out):
+        if out.path is not None:
+            (out.path / distributed.LAUNCH_RECORD).unlink(missing_ok=True)  # a killed torchrun launch's, if any
+        prepare()
+        yield lock.check
+
+
+def check_out(cfg: BuildConfig, out: Location) -> None:
+    """Before loading anything: --out can hold this cache (or already holds an earlier run of it)."""
+    prepare_cache_dir(out)
+    existing = read_root_attrs(out)
+    if existing is not None and not cfg.overwrite:
+        check_format_version(existing, out)
+        check_same_build(existing, cfg, out, fingerprint=None)
+
+
+def open_store(cfg: BuildConfig, out: Location, task: TaskSpec, backbone: Backbone, geometry: Geometry, tokenized: dict[str, Tokenized]) -> None:
+    """Under the build lock: create the store, or check the one there and tidy it for resuming."""
+    existing = read_root_attrs(out)  # re-read under the lock
+    if existing is not None and cfg.overwrite:
+        log.info("--overwrite: deleting the cache at %s", out)
+        clear_cache_dir(out)
+        existing = None
+    if existing is not None:
+        check_same_build(existing, cfg, out, fingerprint=backbone.info["fingerprint"])
+        removed = remove_partial_files(out)
+        log.info("resuming %s (%d leftover partial files removed)", out, removed)
+    check_disk(out, geometry, tokenized, existing, cfg.force)
+    if existing is None:
+        targets = task.targets(cfg.protocol)
+        lm = backbone.lm_head(targets) if backbone.kind == "t5" and targets else None
+        CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), lm["rows"] if lm else None)
 
 
 def make_geometry(backbone: Backbone, cfg: BuildConfig, task: TaskSpec) -> Geometry:
@@ -474,10 +519,63 @@ def check_disk(out: Location, geometry: Geometry, tokenized: dict[str, Tokenized
         )
 
 
-def build_split(writer: CacheWriter, backbone: Backbone, split: str, data: SplitData, tokenized: Tokenized, cfg: BuildConfig, forward_seconds: list[float]) -> SplitReport:
+def build_split(
+    writer: CacheWriter, backbone: Backbone, split: str, data: SplitData, tokenized: Tokenized, cfg: BuildConfig,
+    forward_seconds: list[float], launch: distributed.Launch = distributed.SINGLE,
+) -> SplitReport:
+    """Compute and write this rank's share of the split's pending units; rank 0 marks it complete once all are durable."""
     offsets = tokenized.offsets
+    resumed, pending = distributed.on_main(launch, lambda: open_split(writer, split, data, tokenized))
+    distributed.agree(launch, lambda: check_skeleton(writer, split, data, offsets))
+    units = plan_units(offsets, writer.group[split].attrs["unit_examples"], writer.geometry.token_chunk)
+    mine = [units[u] for u in distributed.round_robin(pending, launch.rank, launch.world_size)]
+    status = {"n_examples": len(offsets) - 1, "n_tokens": int(offsets[-1]), "truncated": tokenized.truncated, "source": data.source}
+    started = time.perf_counter()
+    written = [0, len(offsets) - 1 - sum(units[u].examples[1] - units[u].examples[0] for u in pending)]
+    # The measured reconstruction error of the durable units: a resumed build continues the recorded one.
+    errors = {name: ErrorStats.from_dict(d) for name, d in writer.split_status(split).get("reconstruction_error", {}).items()} if launch.is_main else {}
+    if launch.is_main:
+        writer.update_split_status(split, {**status, "examples_written": written[1], "complete": not pending})
+    with BuildProgress(cfg.progress and launch.is_main, split, len(offsets) - 1, written[1]) as progress:
+
+        def on_written(unit: Unit, nbytes: int, unit_errors: dict[str, ErrorStats]) -> None:
+            written[0] += nbytes
+            written[1] += unit.examples[1] - unit.examples[0]
+            progress.written(nbytes)
+            merge_errors(errors, unit_errors)  # only durable units count towards the recorded error
+            if not launch.distributed:  # under torchrun rank 0's poller records the count of every rank
+                writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False, **error_status(errors)})
+
+        others = sorted(set(pending) - {u.index for u in mine}) if launch.is_main else []
+        with others_progress(writer, split, units, others, progress, status, written):
+            unit_writer = UnitWriter(writer, split, on_written)
+            try:
+                for unit in mine:
+                    t = time.perf_counter()
+                    tokens, examples, unit_errors = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
+                    forward_seconds[0] += time.perf_counter() - t
+                    unit_writer.put(unit, tokens, examples, unit_errors)
+            finally:
+                unit_writer.close()
+            distributed.barrier(launch)  # every rank's units are durable now
+    ours = distributed.gather(launch, (len(mine), written[0], errors))
+    for _, _, rank_errors in ours[1:]:
+        merge_errors(errors, rank_errors)
+    distributed.on_main(launch, lambda: finish_split(writer, split, units, {**status, **error_status(errors)}))
+    return SplitReport(
+        split, len(offsets) - 1, int(offsets[-1]), tokenized.truncated, sum(n for n, _, _ in ours), time.perf_counter() - started,
+        sum(b for _, b, _ in ours), resumed,
+    )
+
+
+def open_split(writer: CacheWriter, split: str, data: SplitData, tokenized: Tokenized) -> tuple[bool, list[int]]:
+    """Create the split's skeleton unless a resumed build made it; returns (resumed, the pending units' indices).
+
+    Under torchrun rank 0 alone calls this and hands the pending list to every rank, so all of them share
+    out the same units (a rank reading units_done itself might see another's first unit already done)."""
     resumed = writer.has_split(split)
     if not resumed:
+        offsets = tokenized.offsets
         writer.create_split(
             split,
             offsets=offsets,
@@ -486,37 +584,44 @@ def build_split(writer: CacheWriter, backbone: Backbone, split: str, data: Split
             index=np.asarray(data.index),
             info={"source": data.source, "truncated": tokenized.truncated},
         )
+    done = writer.group[split]["units_done"][...]
+    return resumed, [int(u) for u in np.flatnonzero(done == 0)]
+
+
+def check_skeleton(writer: CacheWriter, split: str, data: SplitData, offsets: np.ndarray) -> None:
     skeleton = writer.split_skeleton(split)
     if not np.array_equal(skeleton["offsets"], offsets) or not np.array_equal(skeleton["label"], np.asarray(data.labels, skeleton["label"].dtype)):
         raise ReadCacheError(f"split {split!r} of {writer.path} was built from other data or another tokenizer; choose another --out")
-    units = plan_units(offsets, writer.group[split].attrs["unit_examples"], writer.geometry.token_chunk)
-    pending = [u for u in units if not skeleton["units_done"][u.index]]
-    status = {"n_examples": len(offsets) - 1, "n_tokens": int(offsets[-1]), "truncated": tokenized.truncated, "source": data.source}
-    started = time.perf_counter()
-    written = [0, sum(u.examples[1] - u.examples[0] for u in units if skeleton["units_done"][u.index])]
-    errors = {name: ErrorStats.from_dict(d) for name, d in writer.split_status(split).get("reconstruction_error", {}).items()}
-    writer.update_split_status(split, {**status, "examples_written": written[1], "complete": not pending})
-    with BuildProgress(cfg.progress, split, len(offsets) - 1, written[1]) as progress:
 
-        def on_written(unit: Unit, nbytes: int, unit_errors: dict[str, ErrorStats]) -> None:
-            written[0] += nbytes
-            written[1] += unit.examples[1] - unit.examples[0]
-            progress.written(nbytes)
-            for name, stats in unit_errors.items():  # only durable units count towards the recorded error
-                errors.setdefault(name, ErrorStats.empty(len(stats.err2))).merge(stats)
-            writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False, **error_status(errors)})
 
-        unit_writer = UnitWriter(writer, split, on_written)
-        try:
-            for unit in pending:
-                t = time.perf_counter()
-                tokens, examples, unit_errors = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
-                forward_seconds[0] += time.perf_counter() - t
-                unit_writer.put(unit, tokens, examples, unit_errors)
-        finally:
-            unit_writer.close()
-    writer.update_split_status(split, {**status, "examples_written": len(offsets) - 1, "complete": True, **error_status(errors)})
-    return SplitReport(split, len(offsets) - 1, int(offsets[-1]), tokenized.truncated, len(pending), time.perf_counter() - started, written[0], resumed)
+def finish_split(writer: CacheWriter, split: str, units: list[Unit], status: dict[str, Any]) -> None:
+    """Mark the split complete, after checking every unit is durable (re-read, not assumed)."""
+    done = writer.group[split]["units_done"][...]
+    missing = [u.index for u in units if not done[u.index]]
+    if missing:
+        raise ReadCacheError(f"split {split!r} of {writer.path} still misses units {missing[:5]} after every rank finished; rerun the same command to resume")
+    writer.update_split_status(split, {**status, "examples_written": status["n_examples"], "complete": True})
+
+
+def others_progress(writer: CacheWriter, split: str, units: list[Unit], others: list[int], progress: BuildProgress, status: dict, written: list[int]) -> Any:
+    """On rank 0 of a launch: count the units other ranks make durable into the bar and the split's status."""
+    if not others:
+        return contextlib.nullcontext()
+    per_token, per_example = writer.geometry.bytes_per_token, writer.geometry.bytes_per_example
+
+    def on_done(indices: list[int]) -> None:
+        examples = sum(units[u].examples[1] - units[u].examples[0] for u in indices)
+        progress.computed(examples)
+        progress.written(sum((units[u].tokens[1] - units[u].tokens[0]) * per_token for u in indices) + examples * per_example)
+        written[1] += examples
+        writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False})
+
+    return distributed.UnitPoller(lambda: writer.group[split]["units_done"][...], others, on_done)
+
+
+def merge_errors(errors: dict[str, ErrorStats], more: dict[str, ErrorStats]) -> None:
+    for name, stats in more.items():
+        errors.setdefault(name, ErrorStats.empty(len(stats.err2))).merge(stats)
 
 
 def error_status(errors: dict[str, ErrorStats]) -> dict[str, Any]:

@@ -74,7 +74,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except ReadCacheError as e:
-            console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            if not _quiet_rank(e):
+                console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             how = RESUMES.get(command.__name__)
@@ -84,9 +85,25 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _quiet_rank(error: ReadCacheError) -> bool:
+    """Under torchrun, an error every rank agreed on is printed by rank 0 alone."""
+    from read_cache.distributed import detect
+
+    group = sys.modules.get("read_cache.distributed.group")  # loaded by then wherever ranks can agree
+    return group is not None and isinstance(error, group.RankError) and not detect().is_main
+
+
+def is_main_rank() -> bool:
+    """False on every torchrun rank but 0: they log only warnings and print no tables."""
+    from read_cache.distributed import detect
+
+    return detect().is_main
+
+
 def setup_logging(verbose: bool = False) -> None:
     handler = RichHandler(console=console, show_path=False, show_time=False, markup=False)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    level = logging.DEBUG if verbose else logging.INFO if is_main_rank() else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -155,6 +172,8 @@ def build(
     from read_cache.build import build_cache
 
     report = build_cache(cfg)
+    if not is_main_rank():
+        return
     # Short headers: the table must fit 80 columns without truncating a number.
     table = Table(title=f"cache {report.path}", title_justify="left")
     for col in ("split", "examples", "tokens", "cut", "units", "s", "ex/s", "MB"):
@@ -163,7 +182,8 @@ def build(
         rate = (s.examples if s.units_written else 0) / s.seconds if s.seconds else 0
         table.add_row(s.split, f"{s.examples:,}", f"{s.tokens:,}", f"{s.truncated:,}", str(s.units_written), f"{s.seconds:.1f}", f"{rate:,.0f}", f"{s.bytes_written / 1e6:,.1f}")
     out_console.print(table)
-    out_console.print(f"wall {report.wall_seconds:.1f} s (backbone {report.forward_seconds:.1f} s; cut = truncated inputs). Train from it with:", highlight=False)
+    ranks = f" summed over {report.world_size} ranks" if report.world_size > 1 else ""
+    out_console.print(f"wall {report.wall_seconds:.1f} s (backbone {report.forward_seconds:.1f} s{ranks}; cut = truncated inputs). Train from it with:", highlight=False)
     print_command(f"read-cache train --cache {report.path}")
 
 
@@ -234,6 +254,8 @@ def train(
     from read_cache.train import train as train_side_network
 
     summary = train_side_network(cfg)
+    if not is_main_rank():
+        return
     table = Table(title=f"{summary['task']}: {summary['rnn']}/{summary['dim']} {summary['head']} head, {summary['trainable_parameters']:,} trainable parameters")
     for col in ("split", "metric", "score", "components"):
         table.add_column(col)
@@ -520,6 +542,8 @@ def sweep(
     from read_cache.sweep import sweep as run_sweep
 
     report = run_sweep(cfg)
+    if not is_main_rank():
+        return
     best = report["best"]
     table = Table(title=f"{report['task']}: {report['configurations']} configurations ({report['search']}), ranked by validation {best['validation']['metric']}")
     for col in ("#", "configuration", "parameters", "epochs", "ended", "validation", "test"):

@@ -10,7 +10,6 @@ matmul runs ~30x slower than fp32 (measured on the 2-core EPYC build machines: 1
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -40,11 +39,9 @@ def training_threads() -> int:
     On the 2-core build machines torch's default (one per core) makes every small op wait for a
     descheduled OpenMP thread whenever anything else runs: measured 47 ex/s against 550 with one thread.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    from read_cache.distributed.env import cpu_threads_per_rank, detect
+
+    return max(1, cpu_threads_per_rank(detect().local_world_size) - 1)  # under torchrun: this rank's share of the cores
 
 
 def pick_device(device: str | None) -> torch.device:

@@ -204,15 +204,27 @@ class Window:
     """The rows of those blocks' examples, in the order the epoch yields them."""
 
 
-def epoch_windows(bounds: list[tuple[int, int]], *, shuffle: bool, seed: int, epoch: int, shuffle_blocks: int) -> list[Window]:
-    """Shuffled block order, cut into windows of `shuffle_blocks` whose examples are permuted together."""
-    if not shuffle:
-        return [Window([b], np.arange(start, stop)) for b, (start, stop) in enumerate(bounds)]
+def epoch_windows(
+    bounds: list[tuple[int, int]], *, shuffle: bool, seed: int, epoch: int, shuffle_blocks: int, rank: int = 0, world_size: int = 1
+) -> list[Window]:
+    """Shuffled block order, cut into windows of `shuffle_blocks` whose examples are permuted together.
+
+    Under data-parallel training (`world_size` > 1) the epoch's block order is dealt into disjoint shares
+    of about equal examples (`distributed.balanced`), and this rank windows only its own share: the
+    ranks together read the whole split once, each only its blocks. One process gets every block, in
+    the same order as without sharding.
+    """
     rng = np.random.default_rng([seed, epoch])
-    block_order = rng.permutation(len(bounds))
+    order = rng.permutation(len(bounds)) if shuffle else np.arange(len(bounds))
+    if world_size > 1:
+        from read_cache.distributed.shard import balanced
+
+        order = order[balanced([bounds[b][1] - bounds[b][0] for b in order], world_size)[rank]]
+    if not shuffle:
+        return [Window([int(b)], np.arange(*bounds[b])) for b in order]
     windows = []
-    for w in range(0, len(block_order), shuffle_blocks):
-        blocks = [int(b) for b in block_order[w : w + shuffle_blocks]]
+    for w in range(0, len(order), shuffle_blocks):
+        blocks = [int(b) for b in order[w : w + shuffle_blocks]]
         rows = np.concatenate([np.arange(*bounds[b]) for b in blocks])
         windows.append(Window(blocks, rng.permutation(rows)))
     return windows
@@ -239,6 +251,7 @@ class SplitReader:
         workers: int | None = None,
         device: str | torch.device | None = None,
         inflight: int | None = None,
+        shard: tuple[int, int] = (0, 1),
     ):
         if mode not in ("ram", "stream"):
             raise ValueError(f"mode must be 'ram' or 'stream', got {mode!r}")
@@ -257,6 +270,9 @@ class SplitReader:
         self.bounds = split.block_bounds(self.block_tokens)
         self.shuffle_blocks = shuffle_blocks or max(2, SHUFFLE_BYTES // (self.block_tokens * per_token))
         self._ram: Pool | None = None
+        self.rank, self.world_size = shard
+        """This rank's share of every epoch (see `epoch_windows`); (0, 1) reads everything."""
+        self._blocks: dict[int, Pool] = {}
 
     def __len__(self) -> int:
         """Batches per epoch (the last one may be short)."""
@@ -269,8 +285,25 @@ class SplitReader:
     def __iter__(self) -> Iterator[Batch]:
         return self.epoch(0)
 
+    def windows(self, epoch: int) -> list[Window]:
+        return epoch_windows(
+            self.bounds, shuffle=self.shuffle, seed=self.seed, epoch=epoch, shuffle_blocks=self.shuffle_blocks,
+            rank=self.rank, world_size=self.world_size,
+        )
+
+    def share(self, epoch: int) -> np.ndarray:
+        """The rows this rank yields in `epoch`, in order (every row of the split for one process)."""
+        windows = self.windows(epoch)
+        return np.concatenate([w.order for w in windows]) if windows else np.zeros(0, dtype=np.int64)
+
+    def batches_in(self, epoch: int) -> int:
+        """Batches this rank yields in `epoch` (its share may be a few examples more or less than another's)."""
+        return math.ceil(len(self.share(epoch)) / self.batch_size)
+
     def epoch(self, epoch: int) -> Iterator[Batch]:
-        windows = epoch_windows(self.bounds, shuffle=self.shuffle, seed=self.seed, epoch=epoch, shuffle_blocks=self.shuffle_blocks)
+        windows = self.windows(epoch)
+        if self.mode == "ram" and self.world_size > 1:
+            return prefetch(lambda: self._ram_share_batches(windows), self.prefetch)
         if self.mode == "ram":
             return run_jobs(lambda executor: self._ram_jobs(windows, executor), self.workers, self.prefetch)
         return run_jobs(lambda executor: self._stream_jobs(windows, executor), self.workers, self.prefetch)
@@ -294,6 +327,18 @@ class SplitReader:
         order = np.concatenate([w.order for w in windows])
         for i in range(0, len(order), self.batch_size):
             yield self._job(pool, order[i : i + self.batch_size])
+
+    def _ram_share_batches(self, windows: list[Window]) -> Iterator[Batch]:
+        """RAM mode for one rank's share: blocks are decoded once, when the rank first needs them."""
+        for window in windows:
+            for b in window.blocks:
+                if b not in self._blocks:
+                    self._blocks[b] = Pool.from_block(self.split.read_block(*self.bounds[b]))
+        pool = Pool.concat([self._blocks[b] for w in windows for b in w.blocks]) if windows else None
+        order = np.concatenate([w.order for w in windows]) if windows else np.zeros(0, dtype=np.int64)
+        positions = _positions(pool.rows, order) if pool is not None else order
+        for i in range(0, len(order), self.batch_size):
+            yield pool.take(positions[i : i + self.batch_size]).to_batch(self.float_dtype)
 
     # --- streaming: one window of blocks (plus < one batch carried over) in memory --------------------
     def _stream_jobs(self, windows: list[Window], executor: Executor | None) -> Iterator[Callable[[], Batch]]:

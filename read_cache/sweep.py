@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from read_cache import checkpoint
+from read_cache import checkpoint, distributed
 from read_cache.config import Search, SweepConfig, TrainConfig
 from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
@@ -86,15 +86,25 @@ class Member:
     optimizer: torch.optim.Optimizer | None
     ended: str | None = None
     """Why it left the pass: 'early stop', 'halved', 'last epoch' or 'nothing to train'; None while training."""
+    index: int = 0
+    """Its place in the grid (under torchrun a rank holds only some configurations)."""
 
 
 def sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Train every configuration from one read of the cache, write each run folder and sweep.json; returns the report."""
     started = time.perf_counter()
+    with distributed.session(cfg.shared.device) as launch:
+        return _sweep(cfg, launch, started)
+
+
+def _sweep(cfg: SweepConfig, launch: distributed.Launch, started: float) -> dict[str, Any]:
+    distributed.check_same_arguments(launch, dataclasses.asdict(cfg))
+    if not launch.is_main:  # one progress bar per launch: rank 0's
+        cfg = dataclasses.replace(cfg, shared=dataclasses.replace(cfg.shared, progress=False))
     with torch_threads(cfg.shared.threads):
-        members = setup(cfg)
+        members = setup(cfg, launch)
         with Meter() as meter:
-            timeline = fit_all(members, cfg)
+            timeline = fit_all(members, cfg, launch)
         fitted = [member.stopping.finish() for member in members]  # each network back at its best epoch
         scoring = time.perf_counter()
         validations, tests = score_all(members, fitted)
@@ -105,8 +115,13 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
         summary = summarize(member.run, result, validation, test, wall_seconds=wall, meter=reading)
         save_run(member.run, summary)
         entries.append(_entry(member, summary))
+    if launch.distributed:  # every rank's configurations, in the grid's order
+        entries = sorted((e for part in distributed.gather(launch, entries) for e in part), key=lambda e: e["index"])
     report = _report(cfg, members, entries, wall, reading, timeline)
+    report["world_size"] = launch.world_size
     out = Path(cfg.out)
+    if not launch.is_main:
+        return report
     chart(report, out / CHART)
     write_json(out / REPORT, report)
     checkpoint.finished(out)
@@ -119,32 +134,41 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
     return report
 
 
-def setup(cfg: SweepConfig) -> list[Member]:
-    """Validate every configuration first, then open the cache once, claim --out, and build every network."""
+def setup(cfg: SweepConfig, launch: distributed.Launch = distributed.SINGLE) -> list[Member]:
+    """Validate every configuration first, then open the cache once, claim --out, and build every network.
+
+    Under torchrun each rank builds only its share of the configurations (round robin over the grid)
+    and reads the cache itself; rank 0 claims --out.
+    """
     cfg.validate()
     configs = [cfg.train_config(trial) for trial in cfg.configurations()]
     for config in configs:
         config.validate()
-    cache, task = open_task_cache(cfg.shared)
-    device = pick_device(cfg.shared.device)
+    cache, task = distributed.agree(launch, lambda: open_task_cache(cfg.shared))
+    device = pick_device(launch.device or cfg.shared.device)
     amp = autocast_dtype(device, cfg.shared.dtype)
     unique = {}
     for config in configs:  # refuses a head the task cannot use, before anything is written
         net_cfg = side_network_config(config, cache, task)
         unique.setdefault((config.rnn, config.dim, config.lr, net_cfg.head), (config, net_cfg))
+    if launch.world_size > len(unique):
+        raise distributed.RankError(f"{len(unique)} configurations cannot keep {launch.world_size} ranks busy; launch at most {len(unique)} processes")
     readers = make_readers(cfg.shared, cache)
-    out = claim_sweep_dir(cfg, {"sweep": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "cache": cache_record(cache)})
-    resuming = (out / checkpoint.CHECKPOINT).is_file()  # its members may be finished already: they are redone
+    record = {"sweep": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "cache": cache_record(cache)}
+    out = distributed.on_main(launch, lambda: claim_sweep_dir(cfg, record))
+    resuming = distributed.broadcast(launch, (out / checkpoint.CHECKPOINT).is_file())  # its members may be finished already: they are redone
     width = len(str(len(unique) - 1))
     members = []
     for i, (config, net_cfg) in enumerate(unique.values()):
+        if i % launch.world_size != launch.rank:  # round robin: another rank trains this one
+            continue
         size = "" if config.rnn == RNNKind.NONE else str(config.dim)
         name = f"{i:0{width}d}-{config.rnn}{size}-{net_cfg.head}-lr{config.lr:.3g}"
         config = dataclasses.replace(config, out=out / RUNS / name, overwrite=cfg.overwrite or resuming)
         run_dir = claim_run_dir(config, task.name, net_cfg, run_config(config, net_cfg, cache))
         write_run_config(run_dir, config, net_cfg, cache)
         run = Run(config, cache, task, build_network(config, net_cfg, cache, device), readers, device, amp, run_dir)
-        members.append(Member(name, run, EarlyStopping(run, name), make_optimizer(run) if trainable(run.net) else None))
+        members.append(Member(name, run, EarlyStopping(run, name), make_optimizer(run) if trainable(run.net) else None, index=i))
     log.info(
         "sweep of %d configurations (%s) on %s (%s): readers %s; %s",
         len(members), cfg.search, cache.path, task.name, ", ".join(f"{s} {r.mode}" for s, r in readers.items()),
@@ -174,7 +198,7 @@ def claim_sweep_dir(cfg: SweepConfig, record: dict[str, Any]) -> Path:
 # The pass
 
 
-def fit_all(members: list[Member], cfg: SweepConfig) -> list[dict[str, Any]]:
+def fit_all(members: list[Member], cfg: SweepConfig, launch: distributed.Launch = distributed.SINGLE) -> list[dict[str, Any]]:
     """Epochs of the shared pass: train every active network, validate them together, retire the stopped.
 
     Returns where each epoch's time went: the pass over train (and within it the networks' own steps) and validation.
@@ -184,11 +208,15 @@ def fit_all(members: list[Member], cfg: SweepConfig) -> list[dict[str, Any]]:
         if member.optimizer is None:
             member.ended = "nothing to train"
     out = Path(cfg.out)
-    first = checkpoint.resume_sweep(out, members, timeline, shared.epochs)  # 1, unless an interrupted sweep goes on
+    first = 1 if launch.distributed else checkpoint.resume_sweep(out, members, timeline, shared.epochs)  # 1, unless an interrupted sweep goes on
     for epoch in range(first, shared.epochs + 1):
         active = [m for m in members if m.ended is None]
-        if not active:
+        if not distributed.any_rank(launch, bool(active)):
             break
+        if not active:  # this rank's configurations have all stopped; others still train (and may halve)
+            if epoch in rungs:
+                halve(members, epoch, cfg.eta, launch)
+            continue
         started = time.perf_counter()
         results = train_epoch_many(active, epoch, shared)
         trained = time.perf_counter()
@@ -204,8 +232,9 @@ def fit_all(members: list[Member], cfg: SweepConfig) -> list[dict[str, Any]]:
             elif epoch == shared.epochs:
                 member.ended = "last epoch"
         if epoch in rungs:
-            halve(members, epoch, cfg.eta)
-        checkpoint.save_sweep(out, epoch, members, timeline)
+            halve(members, epoch, cfg.eta, launch)
+        if not launch.distributed:  # under torchrun a rerun starts the sweep over (each rank holds only its members)
+            checkpoint.save_sweep(out, epoch, members, timeline)
         left = sum(m.ended is None for m in members)
         log.info(
             "epoch %d: trained %d in %.1f s (their steps %.1f s), validated them in %.1f s; %d go on",
@@ -251,15 +280,18 @@ def halving_rungs(cfg: SweepConfig) -> set[int]:
     return rungs
 
 
-def halve(members: list[Member], epoch: int, eta: int) -> None:
-    """Of the configurations still training, only the best 1/eta by validation so far go on."""
-    alive = [m for m in members if m.ended is None]
-    keep = math.ceil(len(alive) / eta)
-    ranked = sorted(alive, key=lambda m: -m.stopping.best_score)  # stable: ties keep the grid's order
-    for member in ranked[keep:]:
-        member.ended = "halved"
-    if alive:
-        log.info("epoch %d: successive halving keeps %d of %d: %s", epoch, keep, len(alive), ", ".join(m.name for m in ranked[:keep]))
+def halve(members: list[Member], epoch: int, eta: int, launch: distributed.Launch = distributed.SINGLE) -> None:
+    """Of the configurations still training (on every rank), only the best 1/eta by validation so far go on."""
+    alive = [(m.index, m.stopping.best_score, m.name) for m in members if m.ended is None]
+    everyone = sorted(a for part in distributed.gather(launch, alive) for a in part)  # the grid's order
+    keep = math.ceil(len(everyone) / eta)
+    ranked = sorted(everyone, key=lambda a: -a[1])  # stable: ties keep the grid's order
+    kept = {index for index, _, _ in ranked[:keep]}
+    for member in members:
+        if member.ended is None and member.index not in kept:
+            member.ended = "halved"
+    if everyone:
+        log.info("epoch %d: successive halving keeps %d of %d: %s", epoch, keep, len(everyone), ", ".join(name for _, _, name in ranked[:keep]))
 
 
 def score_all(members: list[Member], fitted: list[Fitted]) -> tuple[list[Evaluation], list[Evaluation]]:
@@ -282,7 +314,7 @@ def score_all(members: list[Member], fitted: list[Fitted]) -> tuple[list[Evaluat
 def _entry(member: Member, summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("rnn", "dim", "lr", "head", "validation", "test", "trainable_parameters", "epochs_run", "best_epoch", "run_dir")
     curve = [record["validation"]["score"] for record in member.stopping.history]
-    return {"name": member.name, **{k: summary[k] for k in keys}, "ended": member.ended, "validation_curve": curve}
+    return {"name": member.name, "index": member.index, **{k: summary[k] for k in keys}, "ended": member.ended, "validation_curve": curve}
 
 
 def select(entries: list[dict[str, Any]]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from read_cache import checkpoint, paths
+from read_cache import checkpoint, distributed, paths
 from read_cache.config import TrainConfig
 from read_cache.device import autocast_dtype, pick_device, training_threads
 from read_cache.energy import Meter
@@ -58,6 +58,8 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 ARTIFACTS = (WEIGHTS, CONFIG, METRICS, SUMMARY)
+SHARE_BLOCKS = 8
+"""Under torchrun, a split of fewer than this many blocks per rank is read in chunk-sized blocks instead."""
 
 
 class Evaluation(NamedTuple):
@@ -83,6 +85,12 @@ class Run:
     device: torch.device
     amp: torch.dtype | None
     out: Path
+    launch: distributed.Launch = distributed.SINGLE
+    """This process's rank under torchrun; rank 0 alone writes the run folder."""
+    ddp: torch.nn.Module | None = None
+    """`net` wrapped in DistributedDataParallel under torchrun (steps go through it), else None."""
+    rank_examples: list[list[int]] = dataclasses.field(default_factory=list)
+    """Per epoch, the train examples each rank read (one entry per rank)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -92,9 +100,9 @@ class Run:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a side network from a cache, score it, write the run folder; returns the summary."""
     started = time.perf_counter()
-    with torch_threads(cfg.threads):
-        run = setup(cfg)
-        with Meter() as meter:
+    with distributed.session(cfg.device) as launch, torch_threads(cfg.threads):
+        run = setup(cfg, launch)
+        with Meter() as meter, distributed.peers_alive(launch):
             fitted = fit(run)
         validation = fitted.validation if fitted.validation is not None else evaluate(run, "validation")
         test = evaluate(run, "test")
@@ -132,11 +140,15 @@ def summarize(run: Run, fitted: Fitted, validation: Evaluation, test: Evaluation
         "threads": cfg.threads or training_threads(),
         "autocast": str(run.amp).removeprefix("torch.") if run.amp else "fp32",
         "meter": meter,
+        "world_size": run.launch.world_size,
+        "train_examples_per_rank": run.rank_examples,
     }
 
 
 def save_run(run: Run, summary: dict[str, Any]) -> None:
-    """Write the weights, then summary.json (last: its presence means the run is done)."""
+    """Write the weights, then summary.json (last: its presence means the run is done); rank 0 only."""
+    if not run.launch.is_main:
+        return
     save_file({k: v.detach().cpu().contiguous() for k, v in run.net.state_dict().items()}, str(run.out / WEIGHTS))
     write_json(run.out / SUMMARY, summary)
     checkpoint.finished(run.out)
@@ -151,24 +163,44 @@ def save_run(run: Run, summary: dict[str, Any]) -> None:
 # setup
 
 
-def setup(cfg: TrainConfig) -> Run:
-    """Validate everything, then open the cache, build the network and readers, and claim --out."""
+def setup(cfg: TrainConfig, launch: distributed.Launch = distributed.SINGLE) -> Run:
+    """Validate everything, then open the cache, build the network and readers, and claim --out.
+
+    Under torchrun every rank opens the cache and builds the same network (same seed); rank 0 alone
+    claims --out and writes the run folder; each rank reads its share of every split.
+    """
     cfg.validate()
-    cache, task = open_task_cache(cfg)
+    distributed.check_same_arguments(launch, cfg.to_dict())
+    cache, task = distributed.agree(launch, lambda: open_task_cache(cfg))
     cfg = dataclasses.replace(cfg, lr=resolve_lr(cfg.lr, cfg.preset, task.name, cache.geometry.d_model))
-    device = pick_device(cfg.device)
+    device = pick_device(launch.device or cfg.device)
     amp = autocast_dtype(device, cfg.dtype)
     net_cfg = side_network_config(cfg, cache, task)
     net = build_network(cfg, net_cfg, cache, device)
-    readers = make_readers(cfg, cache)
-    out = claim_run_dir(cfg, task.name, net_cfg, run_config(cfg, net_cfg, cache))
-    write_run_config(out, cfg, net_cfg, cache)
+    readers = make_readers(cfg, cache, launch)
+    if launch.world_size > len(readers["train"].bounds):
+        raise distributed.RankError(
+            f"the train split of {cache.path} is {len(readers['train'].bounds)} blocks, fewer than the {launch.world_size} ranks; "
+            "the split is too small to share: launch fewer processes"
+        )
+    out = distributed.on_main(launch, lambda: claim_run_dir(cfg, task.name, net_cfg, run_config(cfg, net_cfg, cache)))
+    if launch.is_main:
+        write_run_config(out, cfg, net_cfg, cache)
     log.info(
         "training %s/%d with a %s head on %s (%s): %s trainable parameters; readers %s; %s",
         cfg.rnn, cfg.dim, net_cfg.head, cache.path, task.name, f"{count_trainable(net):,}",
         ", ".join(f"{s} {r.mode}" for s, r in readers.items()), f"{device} {'bf16' if amp else 'fp32'}",
     )
-    return Run(cfg, cache, task, net, readers, device, amp, out)
+    return Run(cfg, cache, task, net, readers, device, amp, out, launch, data_parallel(net, launch, device))
+
+
+def data_parallel(net: SideNetwork, launch: distributed.Launch, device: torch.device) -> torch.nn.Module | None:
+    """DistributedDataParallel around `net` under torchrun (it averages gradients over the ranks)."""
+    if not launch.distributed or not trainable(net):
+        return None
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(net, device_ids=[device] if device.type == "cuda" else None)
 
 
 def open_task_cache(cfg: TrainConfig) -> tuple[Cache, TaskSpec]:
@@ -185,23 +217,24 @@ def build_network(cfg: TrainConfig, net_cfg: SideNetworkConfig, cache: Cache, de
     return SideNetwork(net_cfg, lm_rows).to(device)
 
 
-def make_readers(cfg: TrainConfig, cache: Cache) -> dict[str, SplitReader]:
-    """Train (shuffled by --seed), validation and test readers, in RAM where --memory-budget allows."""
+def make_readers(cfg: TrainConfig, cache: Cache, launch: distributed.Launch = distributed.SINGLE) -> dict[str, SplitReader]:
+    """Train (shuffled by --seed), validation and test readers, in RAM where --memory-budget allows.
+
+    Under torchrun each reads only this rank's share of its split (see `reader.epoch_windows`).
+    """
     modes = choose_modes(cache, ("train", "validation", "test"), cfg.reader, int(cfg.memory_budget_gb * 1e9))
-    return {
-        split: SplitReader(
-            cache[split],
-            batch_size=cfg.batch_size,
-            shuffle=split == "train",
-            seed=cfg.seed,
-            mode=mode,
-            block_tokens=cfg.block_tokens,
-            shuffle_blocks=cfg.shuffle_blocks,
-            workers=cfg.reader_workers,
-            device=pick_device(cfg.device),
+    readers = {}
+    for split, mode in modes.items():
+        options = dict(
+            batch_size=cfg.batch_size, shuffle=split == "train", seed=cfg.seed, mode=mode, shuffle_blocks=cfg.shuffle_blocks,
+            workers=cfg.reader_workers, device=pick_device(cfg.device), shard=(launch.rank, launch.world_size),
         )
-        for split, mode in modes.items()
-    }
+        reader = SplitReader(cache[split], block_tokens=cfg.block_tokens, **options)
+        if launch.distributed and cfg.block_tokens is None and len(reader.bounds) < SHARE_BLOCKS * launch.world_size:
+            # Too few default (~8 MB) blocks to deal out evenly: one chunk per block, still chunk-aligned.
+            reader = SplitReader(cache[split], block_tokens=cache[split].token_chunk, **options)
+        readers[split] = reader
+    return readers
 
 
 def _cache_path(cfg: TrainConfig) -> Path | str:
@@ -327,7 +360,9 @@ class EarlyStopping:
         self.best_validation: Evaluation | None = None
         self.epoch, self.seen, self.seconds, self.last = 0, 0, 0.0, None
         self.history: list[dict[str, Any]] = []
-        (run.out / METRICS).write_text("")
+        self.writes = run.launch.is_main  # under torchrun rank 0 alone writes the run folder
+        if self.writes:
+            (run.out / METRICS).write_text("")
 
     def update(self, epoch: int, loss: float, n: int, secs: float, validation: Evaluation) -> bool:
         """Record one epoch; True when --patience epochs have passed without a better validation score."""
@@ -336,8 +371,9 @@ class EarlyStopping:
         log.info("%sepoch %d: loss %.3f, validation %s %.3f, %s ex/s", self.prefix, epoch, loss, self.last["metric"], self.last["score"], f"{n / secs:,.0f}")
         record = {"epoch": epoch, "loss": loss, "validation": self.last, "examples_per_second": n / secs, "seconds": secs}
         self.history.append(record)
-        with (self.run.out / METRICS).open("a") as metrics_file:
-            metrics_file.write(json.dumps(record) + "\n")
+        if self.writes:
+            with (self.run.out / METRICS).open("a") as metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
         current = self.last["score"] if math.isfinite(self.last["score"]) else -math.inf
         if current > self.best_score or self.best_epoch == 0:
             self.best_score, self.best_epoch = current, epoch
@@ -362,28 +398,43 @@ def make_optimizer(run: Run) -> torch.optim.Optimizer:
 
 
 def train_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, last: dict | None) -> tuple[float, int, float]:
-    """One pass over train; returns (mean loss, examples, seconds)."""
+    """One pass over train; returns (mean loss, examples, seconds), over every rank under torchrun."""
     reader = run.readers["train"]
     run.net.train()
     total_loss, n = 0.0, 0
     started = time.perf_counter()
-    with EpochBar(run.cfg.progress, epoch, run.cfg.epochs, reader.n_examples, last) as advance:
-        for batch in reader.epoch(epoch - 1):
-            loss = train_step(run, optimizer, batch_to(batch, run.device))
-            b = len(batch["rows"])
-            total_loss, n = total_loss + loss * b, n + b
-            advance(b, total_loss / n, n / (time.perf_counter() - started))
+    # Under torchrun every rank must step as often as the others (each step all-reduces gradients):
+    # a rank whose share ran out repeats its last batch with weight 0, adding nothing.
+    steps = max(distributed.gather(run.launch, reader.batches_in(epoch - 1)))
+    own = reader.epoch(epoch - 1)
+    batch: Batch | None = None
+    with EpochBar(run.cfg.progress and run.launch.is_main, epoch, run.cfg.epochs, math.ceil(reader.n_examples / run.launch.world_size), last) as advance:
+        for _ in range(steps):
+            fresh = next(own, None)
+            batch = fresh if fresh is not None else batch
+            loss = train_step(run, optimizer, batch_to(batch, run.device), weight=1.0 if fresh is not None else 0.0)
+            if fresh is not None:
+                b = len(batch["rows"])
+                total_loss, n = total_loss + loss * b, n + b
+                advance(b, total_loss / n, n / (time.perf_counter() - started))
+    own.close()
+    every = distributed.gather(run.launch, (total_loss, n))  # the epoch's numbers over every rank
+    run.rank_examples.append([k for _, k in every])
+    total_loss, n = sum(t for t, _ in every), sum(k for _, k in every)
     return total_loss / max(n, 1), n, time.perf_counter() - started
 
 
-def train_step(run: Run, optimizer: torch.optim.Optimizer, batch: Batch) -> float:
-    """One optimizer step on one batch already on the device; returns the batch's mean loss."""
+def train_step(run: Run, optimizer: torch.optim.Optimizer, batch: Batch, weight: float = 1.0) -> float:
+    """One optimizer step on one batch already on the device; returns the batch's mean loss.
+
+    `weight` scales the loss before backward: 0 makes a step that only keeps a torchrun rank in time.
+    """
     net = run.net
     with torch.autocast(device_type=run.device.type, dtype=run.amp or torch.float32, enabled=run.amp is not None):
-        logits = forward_batch(net, batch)
+        logits = forward_batch(run.ddp or net, batch)
     loss = net.loss(logits.float(), batch["label"])
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss * weight if weight != 1.0 else loss).backward()
     optimizer.step()
     return loss.item()
 
@@ -393,7 +444,17 @@ def train_step(run: Run, optimizer: torch.optim.Optimizer, batch: Batch) -> floa
 
 
 def evaluate(run: Run, split: str) -> Evaluation:
-    return evaluate_split(run.net, run.readers[split], device=run.device, amp=run.amp)
+    """The network's outputs on a split; under torchrun each rank scores its share and all get the whole."""
+    reader = run.readers[split]
+    if not run.launch.distributed:
+        return evaluate_split(run.net, reader, device=run.device, amp=run.amp)
+    rows = reader.share(0)
+    mine = evaluate_split(run.net, reader, device=run.device, amp=run.amp) if len(rows) else None
+    every = distributed.gather(run.launch, (rows, mine))
+    order = np.argsort(np.concatenate([r for r, _ in every]), kind="stable")
+    parts = [e for _, e in every if e is not None]
+    logits = np.concatenate([e.logits for e in parts])[order]
+    return Evaluation(logits, np.concatenate([e.predictions for e in parts])[order], np.concatenate([e.labels for e in parts])[order])
 
 
 def evaluate_split(net: SideNetwork, reader: SplitReader, *, device: torch.device | str = "cpu", amp: torch.dtype | None = None) -> Evaluation:
