@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import read_cache
-from read_cache.build import BuildConfig, build_cache
 from read_cache.errors import CacheCorruptError, ReadCacheError
 from read_cache.reader import CodedBatch, Decoding, SplitReader, batch_to
 from read_cache.store import FORMAT_VERSION

@@ -404,7 +404,7 @@ class CacheWriter:
         sg = self.group.require_group(split)
         sg.attrs.update({**info, "n_examples": n, "n_tokens": total, "unit_examples": unit_examples, "n_units": n_units})
         tc, ec = g.token_chunk, g.example_chunk
-        fmt, cross16 = g.format, storage_numpy_dtype(g.cross_dtype)
+        cross16 = storage_numpy_dtype(g.cross_dtype)
         self._array(sg, "offsets", offsets.astype(np.int64), chunks=(1 << 20,))
         self._array(sg, "input_ids", input_ids.astype(np.int32), chunks=(tc * 8,))
         self._array(sg, "label", labels.astype(np.float32 if g.regression else np.int64), chunks=(ec,))

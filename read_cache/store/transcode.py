@@ -16,7 +16,6 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from read_cache.errors import ReadCacheError
 from read_cache.store import SPLITS, CacheWriter, Geometry, codec_description, open_cache, plan_units, prepare_cache_dir
