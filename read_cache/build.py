@@ -533,7 +533,9 @@ def build_split(
     started = time.perf_counter()
     written = [0, len(offsets) - 1 - sum(units[u].examples[1] - units[u].examples[0] for u in pending)]
     # The measured reconstruction error of the durable units: a resumed build continues the recorded one.
+    # Units are merged in index order, whichever rank computed them, so every launch shape records the same sums.
     errors = {name: ErrorStats.from_dict(d) for name, d in writer.split_status(split).get("reconstruction_error", {}).items()} if launch.is_main else {}
+    unit_errors_of: dict[int, dict[str, ErrorStats]] = {}
     if launch.is_main:
         writer.update_split_status(split, {**status, "examples_written": written[1], "complete": not pending})
     with BuildProgress(cfg.progress and launch.is_main, split, len(offsets) - 1, written[1]) as progress:
@@ -542,7 +544,10 @@ def build_split(
             written[0] += nbytes
             written[1] += unit.examples[1] - unit.examples[0]
             progress.written(nbytes)
-            merge_errors(errors, unit_errors)  # only durable units count towards the recorded error
+            if launch.distributed:  # merged on rank 0 at the end, in unit order
+                unit_errors_of[unit.index] = unit_errors
+            else:  # one process writes units in index order: merge as they become durable (a resume continues it)
+                merge_errors(errors, unit_errors)
             if not launch.distributed:  # under torchrun rank 0's poller records the count of every rank
                 writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False, **error_status(errors)})
 
@@ -558,9 +563,9 @@ def build_split(
             finally:
                 unit_writer.close()
             distributed.barrier(launch)  # every rank's units are durable now
-    ours = distributed.gather(launch, (len(mine), written[0], errors))
-    for _, _, rank_errors in ours[1:]:
-        merge_errors(errors, rank_errors)
+    ours = distributed.gather(launch, (len(mine), written[0], unit_errors_of))
+    for _, by_unit in sorted(((u, e) for _, _, rank_units in ours for u, e in rank_units.items()), key=lambda ue: ue[0]):
+        merge_errors(errors, by_unit)
     distributed.on_main(launch, lambda: finish_split(writer, split, units, {**status, **error_status(errors)}))
     return SplitReport(
         split, len(offsets) - 1, int(offsets[-1]), tokenized.truncated, sum(n for n, _, _ in ours), time.perf_counter() - started,

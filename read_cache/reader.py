@@ -338,7 +338,7 @@ class SplitReader:
         order = np.concatenate([w.order for w in windows]) if windows else np.zeros(0, dtype=np.int64)
         positions = _positions(pool.rows, order) if pool is not None else order
         for i in range(0, len(order), self.batch_size):
-            yield pool.take(positions[i : i + self.batch_size]).to_batch(self.float_dtype)
+            yield _make_batch(pool, positions[i : i + self.batch_size], self.decoding)
 
     # --- streaming: one window of blocks (plus < one batch carried over) in memory --------------------
     def _stream_jobs(self, windows: list[Window], executor: Executor | None) -> Iterator[Callable[[], Batch]]:

@@ -110,8 +110,11 @@ def files(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-def assert_identical(ours: Path, reference: Path) -> None:
-    """Array by array, then file by file (every chunk and zarr.json)."""
+def assert_identical(ours: Path, reference: Path, *, error_record: bool = True) -> None:
+    """Array by array, then file by file (every chunk and zarr.json).
+
+    `error_record=False`: the root zarr.json may differ in the measured reconstruction error alone (a killed
+    torchrun launch loses the statistics of the units its other ranks made durable; docs/distributed.md)."""
     a, b = read_cache.open_cache(ours), read_cache.open_cache(reference)
     assert a.splits == b.splits == ["train", "validation", "test"]
     for split in b.splits:
@@ -120,6 +123,12 @@ def assert_identical(ours: Path, reference: Path) -> None:
             assert np.array_equal(a[split].array(name)[...], b[split].array(name)[...]), f"{split}/{name}"
     mine, theirs = files(ours), files(reference)
     assert mine.keys() == theirs.keys()
+    if not error_record:
+        for files_of in (mine, theirs):
+            meta = json.loads(files_of["zarr.json"])
+            for status in meta["attributes"]["splits"].values():
+                status.pop("reconstruction_error", None)
+            files_of["zarr.json"] = json.dumps(meta, sort_keys=True).encode()
     assert [name for name in theirs if mine[name] != theirs[name]] == []
     a.require_complete()
 
@@ -192,7 +201,7 @@ def test_a_killed_launch_resumes_in_one_process_byte_identical(setup, tmp_path: 
     with one_thread():
         report = build_cache(BuildConfig(model=str(model), task="sst2", data_dir=glue, out=out, chunk_mb=SMALL_CHUNKS, batch_size=8, dtype="fp32", progress=False))
     assert report.splits[0].units_written == len(done) - done.sum()  # what was durable is never recomputed
-    assert_identical(out, reference)
+    assert_identical(out, reference, error_record=False)
 
 
 @pytest.mark.slow  # two more launches; run with: pytest -m slow tests/test_distributed.py
