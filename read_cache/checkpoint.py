@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from read_cache.errors import ReadCacheError
+from read_cache.store import fsync_path
 
 if TYPE_CHECKING:
     from read_cache.train import EarlyStopping, Run
@@ -311,7 +312,7 @@ def save(folder: Path, state: dict[str, Any], epoch: int) -> None:
         os.fsync(f.fileno())
     kill_point("written", epoch)
     os.replace(tmp, folder / CHECKPOINT)
-    fsync_dir(folder)
+    fsync_path(folder)  # makes the rename itself durable, not only the file's bytes
     kill_point("after", epoch)
 
 
@@ -347,15 +348,6 @@ def write_atomically(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (the folder's entry), not only the file's bytes."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def rng_state() -> dict[str, Any]:

@@ -487,7 +487,7 @@ class CacheWriter:
         splits[split] = {**splits.get(split, {}), **status}
         self.group.attrs["splits"] = splits
         if self.location.path is not None:
-            _fsync_file(self.location.path / "zarr.json")
+            fsync_path(self.location.path / "zarr.json")
 
 
 def _fsync_chunks(array_dir: Path, arr: zarr.Array, start: int, stop: int) -> None:
@@ -499,13 +499,14 @@ def _fsync_chunks(array_dir: Path, arr: zarr.Array, start: int, stop: int) -> No
     folders = set()
     for c in range(start // rows, (stop - 1) // rows + 1):
         chunk = array_dir.joinpath("c", str(c), *tail)
-        _fsync_file(chunk)
+        fsync_path(chunk)
         folders.add(chunk.parent)
     for folder in folders | {array_dir / "c"}:
-        _fsync_file(folder)
+        fsync_path(folder)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file, or a folder (which makes the names in it, e.g. a rename's, durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -515,7 +516,7 @@ def _fsync_file(path: Path) -> None:
 
 def _fsync_tree(path: Path) -> None:
     for p in [path, *path.rglob("*")]:
-        _fsync_file(p)
+        fsync_path(p)
 
 
 # --------------------------------------------------------------------------------------------------
