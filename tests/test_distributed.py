@@ -261,7 +261,9 @@ def test_a_second_launch_into_a_store_being_built_is_refused(setup, tmp_path: Pa
     before = files(reference)
     with BuildLock(reference):  # a build holds the store (as rank 0 of a launch would)
         ranks = launch(lambda rank: cli(*BUILD, "--model", model, "--data-dir", glue, "--out", reference))
-    assert [r.returncode for r in ranks] == [2, 2]
+    # Rank 0 reports the refusal and exits 2. Rank 1 stops too (usually exit 2); gloo sometimes aborts it
+    # (SIGABRT) while the process group is torn down after rank 0 has left: seen once in ~10 runs on 2 cores.
+    assert ranks[0].returncode == 2 and ranks[1].returncode in (2, -6), [r.returncode for r in ranks]
     (line,) = error_lines(ranks[0].stderr)
     assert "another build is writing" in line
     assert error_lines(ranks[1].stderr) == []
