@@ -117,8 +117,8 @@ def upload(cache_dir: Path, url: str, endpoint: str, split: str) -> int:
 
 
 def make_reader(location: Location, split: str, inflight: int) -> SplitReader:
-    """Opened once, as training does (opening reads the small arrays: offsets, labels)."""
-    return SplitReader(read_cache.open_cache(location)[split], batch_size=96, shuffle=True, seed=0, mode="stream", inflight=inflight)
+    """Opened once, as training does (opening reads the small arrays: offsets, labels); inflight 0: the reader's default."""
+    return SplitReader(read_cache.open_cache(location)[split], batch_size=96, shuffle=True, seed=0, mode="stream", inflight=inflight or None)
 
 
 def time_epoch(reader: SplitReader, epoch: int, server: psutil.Process) -> tuple[float, int, float, float]:
@@ -141,7 +141,8 @@ def main() -> None:
     parser.add_argument("cache", type=Path)
     parser.add_argument("--split", default="train")
     parser.add_argument("--latency-ms", type=float, default=20.0)
-    parser.add_argument("--inflight", default="16", help="comma-separated block reads in flight to try besides 1")
+    parser.add_argument("--inflight", default="0", help="comma-separated block reads in flight to try besides 1 (0: the reader's default)")
+    parser.add_argument("--backends", default="obstore,fsspec", help="comma-separated zarr stores to time: obstore, fsspec (s3fs)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -160,10 +161,11 @@ def main() -> None:
     lat = f"s3 +{args.latency_ms:.0f} ms"
     configs = [("local disk", Location.parse(args.cache), 1)]
     for where, ep in (("s3 direct", endpoint), (lat, proxy)):
-        for backend in ("obstore", "fsspec"):
+        for backend in args.backends.split(","):
             for inflight in (1, *map(int, args.inflight.split(","))):
                 configs.append((f"{where}, {backend}", s3(ep, backend), inflight))
     readers = [make_reader(location, args.split, inflight) for _, location, inflight in configs]
+    configs = [(name, location, reader.inflight) for (name, location, _), reader in zip(configs, readers)]
     times: dict[str, list[float]] = {f"{name} x{k}": [] for name, _, k in configs}
     cpus: dict[str, list[tuple[float, float]]] = {key: [] for key in times}
     ram_configs = [("local disk", configs[0][1]), ("s3 direct, obstore", s3(endpoint, "obstore")), (f"{lat}, obstore", s3(proxy, "obstore"))]

@@ -30,7 +30,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -45,12 +45,15 @@ from read_cache.store.readahead import default_inflight, read_ahead
 Batch = dict[str, torch.Tensor]
 T = TypeVar("T")
 
-BLOCK_BYTES = 8 << 20
-"""Target raw size of one read: a few chunks, so decoding a chunk twice at block edges costs little."""
-SHUFFLE_BYTES = 64 << 20
+BLOCK_BYTES = 32 << 20
+"""Target raw size of one read. A block's edges cut through chunks, and both neighbours decode an edge
+chunk (and the decoder states' example chunk) whole, so small blocks decode much twice: at ~3 MB chunks
+an 8 MB block read 1.2-2.4x fewer examples/s than a 32 MB one (docs/benchmarks.md)."""
+SHUFFLE_BYTES = 128 << 20
 """Target raw size of the shuffle window (blocks whose examples are mixed together). It bounds the
-streaming reader's memory (about twice this while a window is assembled) whatever the store's size;
-the block order is shuffled across the whole split as well, so examples still mix split-wide."""
+streaming reader's memory (about twice this while a window is assembled, plus the next epoch's first
+window read ahead) whatever the store's size; the block order is shuffled across the whole split as
+well, so examples still mix split-wide."""
 PREFETCH_BATCHES = 4
 
 
@@ -263,16 +266,19 @@ class SplitReader:
         self.prefetch = prefetch
         self.workers = workers or default_workers(device)
         self.decoding = Decoding.of(split, device)
-        self.inflight = inflight or default_inflight(split)
-        """Block reads kept in flight while streaming: 1 on disk, many from an object store (store.readahead)."""
         per_token = split.cache.geometry.bytes_per_token
         self.block_tokens = block_tokens or split.token_chunk * max(1, round(BLOCK_BYTES / (split.token_chunk * per_token)))
+        self.inflight = inflight or default_inflight(split, self.block_tokens * per_token)
+        """Block reads kept in flight while streaming: 1 on disk, several from an object store (store.readahead)."""
         self.bounds = split.block_bounds(self.block_tokens)
         self.shuffle_blocks = shuffle_blocks or max(2, SHUFFLE_BYTES // (self.block_tokens * per_token))
         self._ram: Pool | None = None
         self.rank, self.world_size = shard
         """This rank's share of every epoch (see `epoch_windows`); (0, 1) reads everything."""
         self._blocks: dict[int, Pool] = {}
+        self._early: dict[int, Future[list[Pool]]] = {}
+        """The next epoch's first window, being read (streaming with `epoch(e, next_epoch)`)."""
+        self._background: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         """Batches per epoch (the last one may be short)."""
@@ -300,13 +306,16 @@ class SplitReader:
         """Batches this rank yields in `epoch` (its share may be a few examples more or less than another's)."""
         return math.ceil(len(self.share(epoch)) / self.batch_size)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
+    def epoch(self, epoch: int, next_epoch: int | None = None) -> Iterator[Batch]:
+        """The batches of `epoch`. Streaming, `next_epoch` (the epoch the caller reads after this one) has
+        that epoch's first window read in the background once this epoch's reads are done: an epoch's first
+        batch needs its whole first window, and reading it would otherwise stall the training step."""
         windows = self.windows(epoch)
         if self.mode == "ram" and self.world_size > 1:
             return prefetch(lambda: self._ram_share_batches(windows), self.prefetch)
         if self.mode == "ram":
             return run_jobs(lambda executor: self._ram_jobs(windows, executor), self.workers, self.prefetch)
-        return run_jobs(lambda executor: self._stream_jobs(windows, executor), self.workers, self.prefetch)
+        return run_jobs(lambda executor: self._stream_jobs(epoch, windows, executor, next_epoch), self.workers, self.prefetch)
 
     def _job(self, pool: Pool, positions: np.ndarray) -> Callable[[], Batch]:
         return functools.partial(_make_batch, pool, positions, self.decoding)
@@ -341,29 +350,52 @@ class SplitReader:
             yield _make_batch(pool, positions[i : i + self.batch_size], self.decoding)
 
     # --- streaming: one window of blocks (plus < one batch carried over) in memory --------------------
-    def _stream_jobs(self, windows: list[Window], executor: Executor | None) -> Iterator[Callable[[], Batch]]:
+    def _stream_jobs(self, epoch: int, windows: list[Window], executor: Executor | None, next_epoch: int | None) -> Iterator[Callable[[], Batch]]:
+        early = self._early.pop(epoch, None)  # this epoch's first window, read while the last epoch ran
+        self._early.clear()  # one read ahead for an epoch the caller skipped is let go
+        read_window = self._window_reader(windows[1:] if early is not None else windows, executor)
         carry: Pool | None = None
         pool: Pool | None = None
-        read = lambda b: Pool.from_block(self.split.read_block(*self.bounds[b]))  # noqa: E731
-        # From an object store, `inflight` block reads stay under way across windows (latency-bound reads);
-        # from a disk, the decoding workers read each window's blocks in parallel (decode-bound reads).
-        ahead = read_ahead(self.split, [self.bounds[b] for w in windows for b in w.blocks], self.inflight) if self.inflight > 1 else None
-        for window in windows:
+        for i, window in enumerate(windows):
             pool = None  # let the last window go before the next is read: one window in memory at a time
-            if ahead is not None:
-                blocks = [Pool.from_block(next(ahead)) for _ in window.blocks]
-            else:
-                blocks = list(executor.map(read, window.blocks)) if executor is not None else [read(b) for b in window.blocks]
+            blocks = early.result() if early is not None and i == 0 else read_window(window)
+            if i == len(windows) - 1 and next_epoch is not None:
+                self._read_early(next_epoch)
             pool = Pool.concat(([carry] if carry is not None else []) + blocks)
             del blocks  # the concatenated copy is all this window needs
             pending = np.concatenate([carry.rows, window.order]) if carry is not None else window.order
             positions = _positions(pool.rows, pending)
             full = len(positions) // self.batch_size * self.batch_size
-            for i in range(0, full, self.batch_size):
-                yield self._job(pool, positions[i : i + self.batch_size])
+            for i_batch in range(0, full, self.batch_size):
+                yield self._job(pool, positions[i_batch : i_batch + self.batch_size])
             carry = pool.take(positions[full:]) if full < len(positions) else None
         if carry is not None:
             yield self._job(carry, np.arange(len(carry)))
+
+    def _window_reader(self, windows: list[Window], executor: Executor | None) -> Callable[[Window], list[Pool]]:
+        """A function reading the blocks of each of `windows`, called in that order.
+
+        From an object store, `inflight` block reads stay under way across windows (latency-bound reads);
+        from a disk, the decoding workers read each window's blocks in parallel (decode-bound reads).
+        """
+        if self.inflight > 1:
+            ahead = read_ahead(self.split, [self.bounds[b] for w in windows for b in w.blocks], self.inflight)
+            return lambda window: [Pool.from_block(next(ahead)) for _ in window.blocks]
+        read = lambda b: Pool.from_block(self.split.read_block(*self.bounds[b]))  # noqa: E731
+        if executor is not None:
+            return lambda window: list(executor.map(read, window.blocks))
+        return lambda window: [read(b) for b in window.blocks]
+
+    def _read_early(self, epoch: int) -> None:
+        """Start reading `epoch`'s first window on the reader's background thread."""
+        windows = self.windows(epoch)
+        if not windows:
+            return
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="read-cache-next-epoch")
+        ranges = [self.bounds[b] for b in windows[0].blocks]
+        read = lambda: [Pool.from_block(b) for b in read_ahead(self.split, ranges, max(self.inflight, self.workers))]  # noqa: E731
+        self._early[epoch] = self._background.submit(read)
 
 
 def _make_batch(pool: Pool, positions: np.ndarray, decoding: Decoding) -> Batch:

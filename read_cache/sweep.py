@@ -257,7 +257,7 @@ def train_epoch_many(active: list[Member], epoch: int, shared: TrainConfig) -> l
     started = time.perf_counter()
     best = max((m.stopping.last for m in active if m.stopping.last), key=lambda s: s["score"], default=None)
     with EpochBar(shared.progress, epoch, shared.epochs, reader.n_examples, best) as advance:
-        for batch in reader.epoch(epoch - 1):
+        for batch in reader.epoch(epoch - 1, next_epoch=epoch if epoch < shared.epochs else None):
             batch = batch_to(batch, first.device)
             b = len(batch["rows"])
             for i, member in enumerate(active):

@@ -406,7 +406,7 @@ def train_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, last: di
     # Under torchrun every rank must step as often as the others (each step all-reduces gradients):
     # a rank whose share ran out repeats its last batch with weight 0, adding nothing.
     steps = max(distributed.gather(run.launch, reader.batches_in(epoch - 1)))
-    own = reader.epoch(epoch - 1)
+    own = reader.epoch(epoch - 1, next_epoch=epoch if epoch < run.cfg.epochs else None)
     batch: Batch | None = None
     with EpochBar(run.cfg.progress and run.launch.is_main, epoch, run.cfg.epochs, math.ceil(reader.n_examples / run.launch.world_size), last) as advance:
         for _ in range(steps):

@@ -202,6 +202,24 @@ def test_streaming_and_ram_readers_yield_identical_batches(sst2_cache: Path) -> 
     assert torch.equal(batch["dec"][1], torch.from_numpy(example.decoder_hidden))
     assert batch["label"][1].item() == example.label
 
+def test_the_next_epochs_first_window_is_read_ahead_without_changing_batches(sst2_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    split = open_cache(sst2_cache)["train"]
+    options = dict(batch_size=32, shuffle=True, seed=3, block_tokens=64, shuffle_blocks=3, mode="stream")
+    plain, ahead = SplitReader(split, **options), SplitReader(split, **options)
+    reads: list[tuple[int, int]] = []
+    read_block = type(split).read_block
+    monkeypatch.setattr(type(split), "read_block", lambda self, a, b: reads.append((a, b)) or read_block(self, a, b))
+    list(ahead.epoch(0, next_epoch=1))
+    ahead._early[1].result()  # the read ahead has finished
+    reads.clear()
+    second = list(ahead.epoch(1))
+    first_window = [ahead.bounds[b] for b in ahead.windows(1)[0].blocks]
+    assert sorted(reads) == sorted(set(ahead.bounds) - set(first_window))  # the first window was not read again
+    for x, y in zip(second, plain.epoch(1), strict=True):
+        for key in x:
+            assert torch.equal(x[key], y[key]), key
+
+
 
 def test_the_reader_thread_stops_with_its_consumer_and_hands_on_errors(sst2_cache: Path, tmp_path: Path) -> None:
     import threading

@@ -7,7 +7,7 @@ An object store answers each request after ~10-100 ms however small it is, but s
 once with high aggregate bandwidth; a local disk answers in microseconds. So a training epoch from a
 bucket keeps `inflight` block reads going on a thread pool (each block's arrays are in turn fetched
 chunk-parallel by zarr), and the blocks come back in the order asked, so batches do not change.
-Memory: at most `inflight` blocks (~8 MB each, see reader.BLOCK_BYTES) wait beyond the consumer's.
+Memory: at most `inflight` blocks (~32 MB each, see reader.BLOCK_BYTES) wait beyond the consumer's.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ if TYPE_CHECKING:
 
 LOCAL_INFLIGHT = 1
 """A local disk gains nothing from more (the reads are decode-bound), and the cores are the trainer's."""
-REMOTE_INFLIGHT = 16
-"""Block reads in flight from an object store: 16 x ~8 MB hides ~100 ms of latency at ~1 GB/s."""
+REMOTE_INFLIGHT_BYTES = 128 << 20
+"""Raw bytes of block reads in flight from an object store: each block's chunks are fetched in parallel
+as well, so 4 blocks of ~32 MB keep ~40 requests under way, which hides ~100 ms of latency at ~1 GB/s."""
 
 
-def default_inflight(split: Split) -> int:
-    return LOCAL_INFLIGHT if split.cache.location.is_local else REMOTE_INFLIGHT
+def default_inflight(split: Split, block_bytes: int) -> int:
+    """Block reads kept in flight: 1 from a disk; from an object store, REMOTE_INFLIGHT_BYTES' worth (at least 2)."""
+    return LOCAL_INFLIGHT if split.cache.location.is_local else max(2, REMOTE_INFLIGHT_BYTES // max(block_bytes, 1))
 
 
 def read_ahead(split: Split, ranges: Sequence[tuple[int, int]], inflight: int) -> Iterator[Block]:
