@@ -8,27 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from read_cache.cli.common import (
-    CacheArg,
-    Device,
-    DropLayers,
-    Dtype,
-    MemoryBudget,
-    NoProgress,
-    NoRecurrence,
-    Preset,
-    ProtocolOpt,
-    Reader,
-    ReaderWorkers,
-    StorageOptions,
-    Threads,
-    WeightDecay,
-    is_main_rank,
-    out_console,
-    print_command,
-    resolve_cache,
-    user_errors,
-)
+from read_cache.cli.common import CacheArg, Device, DropLayers, Dtype, MemoryBudget, NoProgress, NoRecurrence, Preset, ProtocolOpt, Reader, ReaderWorkers, StorageOptions, Threads, WeightDecay, is_main_rank, out_console, print_command, resolve_cache, user_errors
 from read_cache.errors import ReadCacheError
 
 

@@ -8,26 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from read_cache.cli.common import (
-    CacheArg,
-    Device,
-    Dtype,
-    MemoryBudget,
-    NoProgress,
-    NoRecurrence,
-    Preset,
-    Reader,
-    ReaderWorkers,
-    Seeds,
-    StorageOptions,
-    Threads,
-    WeightDecay,
-    is_main_rank,
-    out_console,
-    print_command,
-    resolve_cache,
-    user_errors,
-)
+from read_cache.cli.common import CacheArg, Device, Dtype, MemoryBudget, NoProgress, NoRecurrence, Preset, Reader, ReaderWorkers, Seeds, StorageOptions, Threads, WeightDecay, is_main_rank, out_console, print_command, resolve_cache, user_errors
 from read_cache.errors import ReadCacheError
 
 
