@@ -110,23 +110,18 @@ class BuildConfig:
 
 
 
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything `read-cache train` takes."""
+@dataclasses.dataclass(kw_only=True)
+class TrainingOptions:
+    """What both ways of training take: READ from a cache (`TrainConfig`) and a baseline on the live backbone (`MethodConfig`).
 
-    cache: Path | str | None = None
-    """Cache folder or URL (s3://bucket/prefix, ...); None means the last cache `read-cache build` finished."""
-    rnn: str = "gru"
-    """'gru', 'lstm', 'rnn' (Elman), or 'none' (no side network: a probe on the frozen states)."""
-    dim: int = 256
-    """Hidden size r of the side network's RNNs."""
-    head: str | None = None
-    """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 classification, else linear."""
+    Keyword-only, so each subclass keeps its own fields' positions first."""
+
     pooling: str | None = None
-    """Encoder-only caches: pool tokens by 'mean' or take the 'first' token; None: the way the backbone's
-    family pools, as the build recorded it (mean for sentence-transformers models, first for BERT classifiers)."""
+    """Encoder-only backbones: pool tokens by 'mean' or take the 'first' token; None: the way the backbone's
+    family pools (mean for sentence-transformers models, first for BERT classifiers), for READ as the build recorded it."""
     lr: float | None = None
-    """AdamW learning rate; None: 1e-3, or with --preset paper Table 9's rate for the cache's task."""
+    """AdamW learning rate; None: READ's 1e-3, or with --preset paper Table 9's rate for the cache's task;
+    a baseline's own default (`read_cache.methods.DEFAULT_LR`)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 96
@@ -138,9 +133,29 @@ class TrainConfig:
     seed: int = 0
     """Seeds the initialisation and the shuffling: the same seed repeats a CPU run exactly."""
     out: Path | None = None
-    """Run folder; None means ./runs/<task>-<rnn><dim>-<head>-<time>."""
+    """Run folder; None means ./runs/<task>-<rnn><dim>-<head>-<time> (READ) or ./runs/<task>-<method>-<time> (a baseline)."""
     overwrite: bool = False
     """Replace the run files in an existing --out."""
+    device: str | None = None
+    """'cpu', 'cuda', 'cuda:1'...; None picks CUDA when present."""
+    threads: int | None = None
+    """CPU threads for torch; None: every core but one (the reader thread's), see `device.training_threads`."""
+    progress: bool = True
+    """Show a progress bar per epoch."""
+
+
+@dataclasses.dataclass
+class TrainConfig(TrainingOptions):
+    """Everything `read-cache train` takes."""
+
+    cache: Path | str | None = None
+    """Cache folder or URL (s3://bucket/prefix, ...); None means the last cache `read-cache build` finished."""
+    rnn: str = "gru"
+    """'gru', 'lstm', 'rnn' (Elman), or 'none' (no side network: a probe on the frozen states)."""
+    dim: int = 256
+    """Hidden size r of the side network's RNNs."""
+    head: str | None = None
+    """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 classification, else linear."""
     memory_budget_gb: float = 2.0
     """RAM the decoded splits may take; splits beyond it are streamed from disk."""
     reader: str = "auto"
@@ -151,14 +166,8 @@ class TrainConfig:
     """Threads that read, decompress and decode chunks in parallel; None: from the core count (see reader.default_workers)."""
     shuffle_blocks: int | None = None
     """Blocks whose examples are shuffled together; None: as many as fill ~256 MB."""
-    device: str | None = None
-    """'cpu', 'cuda', 'cuda:1'...; None picks CUDA when present."""
     dtype: str | None = None
     """'bf16' or 'fp32' autocast; None: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32."""
-    threads: int | None = None
-    """CPU threads for torch; None: every core but one (the reader thread's), see `device.training_threads`."""
-    progress: bool = True
-    """Show a progress bar per epoch."""
     recurrence: bool = True
     """False (`--no-recurrence`): a separate RNN cell per layer instead of one shared cell (the paper's Table 2)."""
     preset: str | None = None
@@ -208,7 +217,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass
-class MethodConfig:
+class MethodConfig(TrainingOptions):
     """What `read-cache train --method NAME` takes: a baseline trained on the live backbone (read_cache.methods)."""
 
     method: str
@@ -223,21 +232,6 @@ class MethodConfig:
     """Cap on the examples of each split (after the split recipe), as `build --limit`."""
     max_length: int = 256
     """Longer inputs are truncated to this many tokens, as the build does."""
-    pooling: str | None = None
-    """Encoders: 'mean' or 'first'; None: the model family's way."""
-    lr: float | None = None
-    """AdamW learning rate; None: the method's default (`read_cache.methods.DEFAULT_LR`)."""
-    weight_decay: float = 0.0
-    batch_size: int = 96
-    epochs: int = 30
-    patience: int = 5
-    seed: int = 0
-    out: Path | None = None
-    """Run folder; None means ./runs/<task>-<method>-<time>."""
-    overwrite: bool = False
-    device: str | None = None
-    threads: int | None = None
-    progress: bool = True
 
     def validate(self) -> None:
         from read_cache.methods import check_installed, parse_method  # torch-free: names and sizes only

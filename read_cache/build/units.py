@@ -1,0 +1,149 @@
+"""One work unit of a split: the backbone over its examples (`compute_unit`), laid out as the store wants it,
+and the writer thread that stores units while the backbone computes the next (`UnitWriter`)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from read_cache.backbone import Backbone
+from read_cache.build.forward import Tokenized, forward_batches, to_stored
+from read_cache.config import BuildConfig
+from read_cache.errors import ReadCacheError
+from read_cache.store import CacheWriter, Geometry, Unit, token_rows
+from read_cache.store.formats import ErrorStats, dequantise, quantise_torch
+
+
+ERROR_SAMPLE_STRIDE = 8
+"""Every 8th row of every batch is dequantised again and compared with the float32 it came from."""
+
+
+class StatesOut:
+    """One unit's rows of a hidden-state array in the store's format: codes, and scales for compact formats."""
+
+    def __init__(self, rows: int, layers: int, geometry: Geometry, name: str):
+        fmt = geometry.format
+        self.name, self.fmt = name, fmt
+        self.codes = np.empty((rows, layers, fmt.code_width(geometry.d_model)), dtype=fmt.code_dtype)
+        self.scale = np.empty((rows, layers, *geometry.scale_shape()), dtype=fmt.scale_dtype) if fmt.compact else None
+        self.errors = ErrorStats.empty(layers)
+
+    def put(self, dest: np.ndarray, states: torch.Tensor) -> None:
+        if self.fmt.compact:
+            codes, scale = quantise_torch(states, self.fmt)
+        else:  # 16-bit: to_stored also refuses a float16 overflow, naming the part
+            codes, scale = to_stored(states, self.fmt.name, self.name.split("_")[0]), None
+        self.codes[dest] = codes
+        if scale is not None:
+            self.scale[dest] = scale
+        sample = slice(None, None, ERROR_SAMPLE_STRIDE)
+        reference = states[sample].float().cpu().numpy()
+        if len(reference):
+            self.errors.add(reference, dequantise(codes[sample], None if scale is None else scale[sample], self.fmt))
+
+    def arrays(self, rows: slice) -> dict[str, np.ndarray]:
+        out = {self.name: self.codes[rows]}
+        if self.scale is not None:
+            out[f"{self.name}_scale"] = self.scale[rows]
+        return out
+
+
+def compute_unit(
+    backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: np.ndarray, cfg: BuildConfig, geometry: Geometry,
+    on_batch: Callable[[int], None] = lambda n: None,
+) -> tuple[dict, dict, dict[str, ErrorStats]]:
+    """Run the backbone over a unit's examples and lay the results out as the store wants them.
+
+    `on_batch(n)` is told after each forward batch how many of the unit's own examples it computed, so
+    progress moves per batch rather than per unit (a unit of a big model is minutes of work).
+    Also returns the unit's reconstruction error per array (on a sample), after checking it against
+    the format's ceiling: a format that cannot hold this model's states stops the build here.
+    """
+    c0, c1 = unit.compute
+    base = int(offsets[c0])
+    n_tok = int(offsets[c1]) - base
+    enc = StatesOut(n_tok, geometry.n_encoder_layers, geometry, "encoder_hidden")
+    cross = np.empty((n_tok, *geometry.cross_shape()), dtype=_np16(geometry.cross_dtype)) if geometry.cross_attention else None
+    e0, e1 = unit.examples
+    dec = StatesOut(e1 - e0, geometry.n_decoder_layers, geometry, "decoder_hidden") if geometry.cross_attention else None
+    types = tokenized.type_ids[c0:c1] if tokenized.type_ids is not None else None
+    for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention, types):
+        examples = positions + c0
+        dest = token_rows(offsets, examples) - base
+        enc.put(dest, states.encoder_hidden)
+        own = (examples >= e0) & (examples < e1)
+        if cross is not None:
+            cross[dest] = to_stored(states.cross_attention, geometry.cross_dtype, "cross-attention of decoder")
+            dec.put(examples[own] - e0, states.decoder_hidden[torch.from_numpy(own)])
+        on_batch(int(own.sum()))
+    t0, t1 = unit.tokens[0] - base, unit.tokens[1] - base
+    tokens = enc.arrays(slice(t0, t1))
+    examples_out = {}
+    errors = {"encoder_hidden": enc.errors}
+    if cross is not None:
+        tokens["cross_attention"] = cross[t0:t1]
+        examples_out = dec.arrays(slice(None))
+        errors["decoder_hidden"] = dec.errors
+    for name, stats in errors.items():
+        stats.check(geometry.format, name)
+    return tokens, examples_out, errors
+
+
+def _np16(float_dtype: str) -> Any:
+    return np.uint16 if float_dtype == "bfloat16" else np.float16
+
+
+# --------------------------------------------------------------------------------------------------
+# The writer thread
+
+
+class UnitWriter:
+    """Writes units on a background thread so the backbone never waits on disk."""
+
+    def __init__(self, writer: CacheWriter, split: str, on_written: Callable[[Unit, int, dict[str, ErrorStats]], None]):
+        self.writer = writer
+        self.split = split
+        self.on_written = on_written
+        self.queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"read-cache-writer-{split}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue  # drain without writing once something failed
+            unit, tokens, examples, errors = item
+            try:
+                self.writer.write_unit(self.split, unit, tokens, examples)
+                self.on_written(unit, sum(a.nbytes for a in (*tokens.values(), *examples.values())), errors)
+            except BaseException as e:  # noqa: BLE001 - re-raised on the main thread
+                self.error = e
+
+    def put(self, unit: Unit, tokens: dict, examples: dict, errors: dict[str, ErrorStats] | None = None) -> None:
+        self._raise_if_failed()
+        while True:
+            try:
+                self.queue.put((unit, tokens, examples, errors or {}), timeout=0.5)
+                return
+            except queue.Full:
+                self._raise_if_failed()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> None:
+        if self.error is None:
+            return
+        if isinstance(self.error, OSError) and self.error.errno == 28:
+            raise ReadCacheError(
+                f"the disk filled up while writing {self.writer.path}; free some space and rerun the same command to resume"
+            ) from self.error
+        raise self.error

@@ -1,0 +1,129 @@
+"""`read-cache train`: stage two, a side network from a cache, or with --method a baseline on the live backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from read_cache.cli.common import CacheArg, Device, Dtype, MemoryBudget, NoProgress, NoRecurrence, Preset, Reader, ReaderWorkers, Seeds, StorageOptions, Threads, WeightDecay, is_main_rank, out_console, print_command, resolve_cache, user_errors
+from read_cache.errors import ReadCacheError
+
+
+@user_errors
+def train(
+    cache: CacheArg = None,
+    rnn: Annotated[str, typer.Option(help="Side network RNN: gru, lstm, rnn (Elman), or none (a probe on the frozen states).")] = "gru",
+    dim: Annotated[int, typer.Option(help="RNN hidden size r (the paper: 128 or 256).")] = 256,
+    head: Annotated[Optional[str], typer.Option(help="lm (frozen LM head over the label words) or linear; default: lm for T5 classification, else linear.")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="Encoder-only caches: mean or first token; default: the model family's way, as the cache records it.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate; default 1e-3, or Table 9's with --preset paper; with --method, the method's own.")] = None,
+    weight_decay: WeightDecay = 0.0,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default and the paper: 96).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Most epochs (default and the paper: 30).")] = None,
+    patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better validation score (default 5; the paper: 1).")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling (a CPU run repeats exactly).")] = 0,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder; default: ./runs/<task>-<rnn><dim>-<head>-<time>.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace the run files in an existing --out.")] = False,
+    reader: Reader = "auto",
+    memory_budget: MemoryBudget = 2.0,
+    device: Device = None,
+    dtype: Dtype = None,
+    threads: Threads = None,
+    no_recurrence: NoRecurrence = False,
+    preset: Preset = None,
+    seeds: Seeds = 1,
+    reader_workers: ReaderWorkers = None,
+    storage_options: StorageOptions = None,
+    no_progress: NoProgress = False,
+    method: Annotated[Optional[str], typer.Option(help="Train a baseline on the live backbone instead: full, lora, prompt, adapter, bitfit, lst (NAME-SIZE: lora-32, prompt-10...).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="With --method: hub id or local folder of the backbone.")] = None,
+    task: Annotated[Optional[str], typer.Option(help="With --method: the GLUE task.")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option(help="With --method: local GLUE folder; default: the hub.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="With --method: at most this many examples per split, as build --limit.")] = None,
+) -> None:
+    """Stage two: train READ's side network and a head from a cache (the backbone is never loaded), or with
+    --method a baseline (LoRA, prompt tuning, adapters, BitFit, LST, full) on the backbone itself."""
+    if method is not None or model is not None or task is not None:
+        return _train_method(method, model, task, cache, data_dir=data_dir, limit=limit, pooling=pooling, lr=lr, weight_decay=weight_decay,
+                             batch_size=batch_size or 96, epochs=epochs or 30, patience=patience or 5, seed=seed, out=out, overwrite=overwrite,
+                             device=device, threads=threads, progress=not no_progress)
+    from read_cache.config import TrainConfig, with_preset
+    from read_cache.store.location import parse_storage_options
+
+    values = with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience)
+    cfg = TrainConfig(
+        cache=cache, rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
+        overwrite=overwrite, reader=reader, memory_budget_gb=memory_budget, device=device, dtype=dtype, threads=threads, reader_workers=reader_workers,
+        progress=not no_progress, recurrence=not no_recurrence, preset=preset, **values,
+        storage_options=parse_storage_options(storage_options),
+    )
+    cfg.validate()
+    if seeds <= 0:
+        raise ReadCacheError(f"--seeds {seeds} must be at least 1 (the paper averages 3)")
+    cfg.cache = resolve_cache(cache)
+    if seeds > 1:
+        from read_cache.search import train_seeds
+
+        report = train_seeds(cfg, seeds)
+        out_console.print(
+            f"{report['task']}: {report['rnn']}/{report['dim']} lr {report['lr']:.3g}, seeds {report['seeds']}: "
+            f"validation {report['validation']['mean']:.4f} ± {report['validation']['std']:.4f}, "
+            f"test {report['metric']} {report['test']['mean']:.4f} ± {report['test']['std']:.4f}; runs in {Path(report['runs'][0]).parent}",
+            highlight=False,
+        )
+        return
+    from read_cache.train import train as train_side_network
+
+    summary = train_side_network(cfg)
+    if not is_main_rank():
+        return
+    table = Table(title=f"{summary['task']}: {summary['rnn']}/{summary['dim']} {summary['head']} head, {summary['trainable_parameters']:,} trainable parameters")
+    for col in ("split", "metric", "score", "components"):
+        table.add_column(col)
+    for split in ("validation", "test"):
+        s = summary[split]
+        parts = ", ".join(f"{k} {v:.4f}" for k, v in s.items() if k not in ("metric", "score") and isinstance(v, float))
+        table.add_row(split, s["metric"], f"{s['score']:.4f}", parts)
+    base = summary["test_majority_baseline"]
+    table.add_row("test baseline", base["metric"], f"{base['score']:.4f}", f"always {base.get('label', base.get('prediction'))}")
+    out_console.print(table)
+    out_console.print(
+        f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['examples_per_second']:,.0f} examples/s, "
+        f"{summary['wall_seconds']:.1f} s; run saved to {summary['run_dir']}. Label new text with:",
+        highlight=False,
+    )
+    print_command(f"read-cache predict --run {summary['run_dir']} \"TEXT\"")
+
+
+def _train_method(method: str | None, model: str | None, task: str | None, cache: Path | None, **options: Any) -> None:
+    """`train --method`: a baseline needs the backbone and the task, not a cache."""
+    from read_cache.config import MethodConfig
+
+    if method is None:
+        raise ReadCacheError("--model and --task train a baseline: pass --method NAME too (full, lora, prompt, adapter, bitfit, lst); READ trains from a --cache")
+    if cache is not None:
+        raise ReadCacheError("--method trains on the live backbone and reads no cache; drop --cache and pass --model and --task")
+    if model is None or task is None:
+        raise ReadCacheError(f"--method {method} needs the backbone and the task: pass --model M --task T")
+    cfg = MethodConfig(method=method, model=model, task=task, **options)
+    cfg.validate()  # before torch and transformers load
+    from read_cache.methods.train import train_method
+
+    summary = train_method(cfg)
+    table = Table(title=f"{summary['task']}: {summary['method']}, {summary['trainable_parameters']:,} trainable parameters ({summary['trainable_percent']:.3f}% of the backbone)")
+    for col in ("split", "metric", "score"):
+        table.add_column(col)
+    for split in ("validation", "test"):
+        table.add_row(split, summary[split]["metric"], f"{summary[split]['score']:.4f}")
+    base = summary["test_majority_baseline"]
+    table.add_row("test baseline", base["metric"], f"{base['score']:.4f}")
+    out_console.print(table)
+    out_console.print(
+        f"{summary['epochs_run']} epochs (best {summary['best_epoch']}), {summary['wall_seconds']:.1f} s, "
+        f"peak RSS {summary['meter']['peak_rss_bytes'] / 2**20:,.0f} MiB; run saved to {summary['run_dir']}. Label new text with:",
+        highlight=False,
+    )
+    print_command(f"read-cache predict --run {summary['run_dir']} \"TEXT\"")
