@@ -360,7 +360,7 @@ class SplitReader:
             pool = None  # let the last window go before the next is read: one window in memory at a time
             blocks = early.result() if early is not None and i == 0 else read_window(window)
             if i == len(windows) - 1 and next_epoch is not None:
-                self._read_early(next_epoch)
+                self.read_first_window(next_epoch)
             pool = Pool.concat(([carry] if carry is not None else []) + blocks)
             del blocks  # the concatenated copy is all this window needs
             pending = np.concatenate([carry.rows, window.order]) if carry is not None else window.order
@@ -386,16 +386,19 @@ class SplitReader:
             return lambda window: list(executor.map(read, window.blocks))
         return lambda window: [read(b) for b in window.blocks]
 
-    def _read_early(self, epoch: int) -> None:
-        """Start reading `epoch`'s first window on the reader's background thread."""
+    def read_first_window(self, epoch: int) -> Future[list[Pool]] | None:
+        """Start reading `epoch`'s first window (streaming) on the reader's background thread, as
+        `epoch(e, next_epoch)` does for the next epoch: the streaming counterpart of `load`. Returns the
+        read's future (None for an empty split)."""
         windows = self.windows(epoch)
         if not windows:
-            return
+            return None
         if self._background is None:
             self._background = ThreadPoolExecutor(1, thread_name_prefix="read-cache-next-epoch")
         ranges = [self.bounds[b] for b in windows[0].blocks]
         read = lambda: [Pool.from_block(b) for b in read_ahead(self.split, ranges, max(self.inflight, self.workers))]  # noqa: E731
         self._early[epoch] = self._background.submit(read)
+        return self._early[epoch]
 
 
 def _make_batch(pool: Pool, positions: np.ndarray, decoding: Decoding) -> Batch:

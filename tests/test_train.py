@@ -210,7 +210,7 @@ def test_the_next_epochs_first_window_is_read_ahead_without_changing_batches(sst
     read_block = type(split).read_block
     monkeypatch.setattr(type(split), "read_block", lambda self, a, b: reads.append((a, b)) or read_block(self, a, b))
     list(ahead.epoch(0, next_epoch=1))
-    ahead._early[1].result()  # the read ahead has finished
+    ahead._early[1].result()  # the read ahead (started at the end of epoch 0) has finished
     reads.clear()
     second = list(ahead.epoch(1))
     first_window = [ahead.bounds[b] for b in ahead.windows(1)[0].blocks]
