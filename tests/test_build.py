@@ -451,3 +451,64 @@ def test_long_inputs_are_truncated_and_counted(tiny_t5: Path, glue_dir: Path, tm
         assert lengths.max() <= 8
         assert split.truncated == cache.split_status(split.split)["truncated"] > 0
     assert cache["train"][0].input_ids[-1] == 1  # truncation keeps the closing </s>
+
+
+def test_a_splits_last_units_are_written_while_the_next_split_computes(tiny_t5: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from read_cache import build as build_module
+
+    durable: dict[str, int] = {}
+    write_unit, build_split = store.CacheWriter.write_unit, build_module.build_split
+
+    def slow_write(self, split, unit, tokens, examples):
+        if split == "train":
+            time.sleep(0.3)  # a slow disk: the next split's forward pass must not wait for it
+        write_unit(self, split, unit, tokens, examples)
+        durable[split] = durable.get(split, 0) + 1
+
+    train_durable_when_validation_started: list[int] = []
+
+    def traced_build_split(writer, backbone, split, *args, **kwargs):
+        if split == "validation":
+            train_durable_when_validation_started.append(durable.get("train", 0))
+        return build_split(writer, backbone, split, *args, **kwargs)
+
+    monkeypatch.setattr(store.CacheWriter, "write_unit", slow_write)
+    monkeypatch.setattr(build_module, "build_split", traced_build_split)
+    report = build_cache(config(tiny_t5, glue_dir, tmp_path / "cache", batch_size=8))
+    train_units = next(s for s in report.splits if s.split == "train").units_written
+    assert train_units >= 1 and durable["train"] == train_units
+    assert train_durable_when_validation_started[0] < train_units  # validation computed while train was still being written
+    assert all(read_cache.open_cache(tmp_path / "cache")[s].complete for s in ("train", "validation", "test"))
+
+
+def test_a_failure_in_the_next_split_leaves_the_last_one_durable_and_no_writer_running(
+    tiny_t5: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from read_cache import build as build_module
+    from read_cache.build import splits
+
+    compute_unit, build_split = splits.compute_unit, build_module.build_split
+    current: list[str] = []
+
+    def failing_on_validation(*args, **kwargs):
+        if current[-1] == "validation":
+            raise RuntimeError("the backbone failed")
+        return compute_unit(*args, **kwargs)
+
+    def tracked_build_split(writer, backbone, split, *args, **kwargs):
+        current.append(split)
+        return build_split(writer, backbone, split, *args, **kwargs)
+
+    monkeypatch.setattr(build_module, "build_split", tracked_build_split)
+    monkeypatch.setattr(splits, "compute_unit", failing_on_validation)
+    with pytest.raises(RuntimeError, match="the backbone failed"):
+        build_cache(config(tiny_t5, glue_dir, tmp_path / "cache", batch_size=8))
+    assert not [t for t in threading.enumerate() if t.name.startswith("read-cache-writer")]
+    train = read_cache.open_cache(tmp_path / "cache")["train"]
+    assert train.array("units_done")[...].all()  # every computed unit was written before the error surfaced
+    monkeypatch.undo()
+    report = build_cache(config(tiny_t5, glue_dir, tmp_path / "cache", batch_size=8))
+    assert next(s for s in report.splits if s.split == "train").units_written == 0  # resumed, nothing recomputed
+    assert all(read_cache.open_cache(tmp_path / "cache")[s].complete for s in ("train", "validation", "test"))

@@ -27,6 +27,7 @@ from read_cache.build.forward import Tokenized, forward_batches, length_batches,
 from read_cache.build.identity import IDENTITY_DEFAULTS, check_same_build, identity, make_geometry, root_attributes
 from read_cache.build.progress import BuildProgress
 from read_cache.build.splits import (
+    ComputedSplit,
     SplitReport,
     build_split,
     check_skeleton,
@@ -38,7 +39,7 @@ from read_cache.build.splits import (
 )
 from read_cache.build.units import ERROR_SAMPLE_STRIDE, StatesOut, UnitWriter, compute_unit
 from read_cache.config import BuildConfig
-from read_cache.data import load_glue
+from read_cache.data import SplitData, load_glue
 from read_cache.device import pick_device
 from read_cache.errors import ReadCacheError
 from read_cache.hub import require_hub_for
@@ -149,11 +150,31 @@ def _build(cfg: BuildConfig, launch: distributed.Launch, started: float) -> Buil
         writer = CacheWriter(out, geometry)
         writer.guard = guard  # in a bucket: stop writing once the lease is lost
         forward_seconds = [0.0]
-        reports = [build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds, launch) for split in SPLITS]
+        reports = build_splits(writer, backbone, data, tokenized, cfg, forward_seconds, launch)
         forward_seconds[0] = sum(distributed.gather(launch, forward_seconds[0]))
     if launch.is_main and cfg.remember:
         paths.record_last_cache(out)
     return BuildReport(out.path or out, reports, time.perf_counter() - started, forward_seconds[0], launch.world_size)
+
+
+def build_splits(
+    writer: CacheWriter, backbone: Backbone, data: dict[str, SplitData], tokenized: dict[str, Tokenized], cfg: BuildConfig,
+    forward_seconds: list[float], launch: distributed.Launch,
+) -> list[SplitReport]:
+    """Every split in order, each finished after the next one is computed (its last units' writing overlaps that)."""
+    reports: list[SplitReport] = []
+    unfinished: list[ComputedSplit] = []
+    try:
+        for split in SPLITS:
+            unfinished.append(build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds, launch))
+            if len(unfinished) == 2:
+                reports.append(unfinished.pop(0).finish())
+        reports.extend(computed.finish() for computed in unfinished)
+    except BaseException:
+        for computed in unfinished:  # nothing may write once the lock is let go
+            computed.abandon()
+        raise
+    return reports
 
 
 @contextlib.contextmanager

@@ -50,5 +50,8 @@ class BuildProgress:
         self.bytes += nbytes
 
     def __exit__(self, *exc: object) -> None:
+        # The bar follows this rank's computing; units still being written (or other ranks' units counted
+        # by rank 0's poller) after it are recorded silently, as the next split's bar may be up.
         if self._bar is not None:
             self._bar.stop()
+        self._bar, self.enabled = None, False

@@ -1,11 +1,13 @@
 """One split of a build: create (or resume) its skeleton, compute and write this rank's pending units, merge
-their measured reconstruction error in unit order, and mark the split complete once every unit is durable."""
+their measured reconstruction error in unit order, and mark the split complete once every unit is durable
+(after the next split's computing has started: see `ComputedSplit`)."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,11 +36,34 @@ class SplitReport:
     resumed: bool
 
 
+@dataclasses.dataclass
+class ComputedSplit:
+    """A split whose units are all computed and handed to its writer thread, the last ones perhaps not yet
+    durable. The build computes the next split before finishing this one, so writing a split's last units
+    overlaps the next split's forward pass instead of holding the backbone up."""
+
+    tail: contextlib.ExitStack
+    """Waits for the writer thread (re-raising its error) and stops rank 0's poller of other ranks' units."""
+    complete: Callable[[], SplitReport]
+
+    def finish(self) -> SplitReport:
+        """Wait for every unit to be durable, then mark the split complete; returns its report."""
+        self.tail.close()
+        return self.complete()
+
+    def abandon(self) -> None:
+        """After a failure elsewhere: let the writer finish what it holds (so nothing writes after the lock
+        is released), without marking anything complete."""
+        with contextlib.suppress(Exception):
+            self.tail.close()
+
+
 def build_split(
     writer: CacheWriter, backbone: Backbone, split: str, data: SplitData, tokenized: Tokenized, cfg: BuildConfig,
     forward_seconds: list[float], launch: distributed.Launch = distributed.SINGLE,
-) -> SplitReport:
-    """Compute and write this rank's share of the split's pending units; rank 0 marks it complete once all are durable."""
+) -> ComputedSplit:
+    """Compute this rank's share of the split's pending units; `finish()` the result once the caller has
+    started on the next split: rank 0 then marks the split complete, once every unit is durable."""
     offsets = tokenized.offsets
     resumed, pending = distributed.on_main(launch, lambda: open_split(writer, split, data, tokenized))
     distributed.agree(launch, lambda: check_skeleton(writer, split, data, offsets))
@@ -53,39 +78,49 @@ def build_split(
     unit_errors_of: dict[int, dict[str, ErrorStats]] = {}
     if launch.is_main:
         writer.update_split_status(split, {**status, "examples_written": written[1], "complete": not pending})
-    with BuildProgress(cfg.progress and launch.is_main, split, len(offsets) - 1, written[1]) as progress:
+    progress = BuildProgress(cfg.progress and launch.is_main, split, len(offsets) - 1, written[1])
 
-        def on_written(unit: Unit, nbytes: int, unit_errors: dict[str, ErrorStats]) -> None:
-            written[0] += nbytes
-            written[1] += unit.examples[1] - unit.examples[0]
-            progress.written(nbytes)
-            if launch.distributed:  # merged on rank 0 at the end, in unit order
-                unit_errors_of[unit.index] = unit_errors
-            else:  # one process writes units in index order: merge as they become durable (a resume continues it)
-                merge_errors(errors, unit_errors)
-            if not launch.distributed:  # under torchrun rank 0's poller records the count of every rank
-                writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False, **error_status(errors)})
+    def on_written(unit: Unit, nbytes: int, unit_errors: dict[str, ErrorStats]) -> None:
+        written[0] += nbytes
+        written[1] += unit.examples[1] - unit.examples[0]
+        progress.written(nbytes)
+        if launch.distributed:  # merged on rank 0 at the end, in unit order
+            unit_errors_of[unit.index] = unit_errors
+        else:  # one process writes units in index order: merge as they become durable (a resume continues it)
+            merge_errors(errors, unit_errors)
+        if not launch.distributed:  # under torchrun rank 0's poller records the count of every rank
+            writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False, **error_status(errors)})
 
-        others = sorted(set(pending) - {u.index for u in mine}) if launch.is_main else []
-        with others_progress(writer, split, units, others, progress, status, written):
-            unit_writer = UnitWriter(writer, split, on_written)
-            try:
-                for unit in mine:
-                    t = time.perf_counter()
-                    tokens, examples, unit_errors = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
-                    forward_seconds[0] += time.perf_counter() - t
-                    unit_writer.put(unit, tokens, examples, unit_errors)
-            finally:
-                unit_writer.close()
-            distributed.barrier(launch)  # every rank's units are durable now
-    ours = distributed.gather(launch, (len(mine), written[0], unit_errors_of))
-    for _, by_unit in sorted(((u, e) for _, _, rank_units in ours for u, e in rank_units.items()), key=lambda ue: ue[0]):
-        merge_errors(errors, by_unit)
-    distributed.on_main(launch, lambda: finish_split(writer, split, units, {**status, **error_status(errors)}))
-    return SplitReport(
-        split, len(offsets) - 1, int(offsets[-1]), tokenized.truncated, sum(n for n, _, _ in ours), time.perf_counter() - started,
-        sum(b for _, b, _ in ours), resumed,
-    )
+    others = sorted(set(pending) - {u.index for u in mine}) if launch.is_main else []
+    tail = contextlib.ExitStack()
+    tail.enter_context(others_progress(writer, split, units, others, progress, status, written))
+    unit_writer = UnitWriter(writer, split, on_written)
+    tail.callback(unit_writer.close)
+    try:
+        with progress:
+            for unit in mine:
+                t = time.perf_counter()
+                tokens, examples, unit_errors = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
+                forward_seconds[0] += time.perf_counter() - t
+                unit_writer.put(unit, tokens, examples, unit_errors)
+    except BaseException:
+        tail.close()  # the units already computed are still written, as a rerun resumes from them
+        raise
+    computed = time.perf_counter() - started
+
+    def complete() -> SplitReport:
+        waited = time.perf_counter()
+        distributed.barrier(launch)  # every rank's units are durable now
+        ours = distributed.gather(launch, (len(mine), written[0], unit_errors_of))
+        for _, by_unit in sorted(((u, e) for _, _, rank_units in ours for u, e in rank_units.items()), key=lambda ue: ue[0]):
+            merge_errors(errors, by_unit)
+        distributed.on_main(launch, lambda: finish_split(writer, split, units, {**status, **error_status(errors)}))
+        return SplitReport(
+            split, len(offsets) - 1, int(offsets[-1]), tokenized.truncated, sum(n for n, _, _ in ours),
+            computed + time.perf_counter() - waited, sum(b for _, b, _ in ours), resumed,
+        )
+
+    return ComputedSplit(tail, complete)
 
 
 def open_split(writer: CacheWriter, split: str, data: SplitData, tokenized: Tokenized) -> tuple[bool, list[int]]:

@@ -187,8 +187,19 @@ class Geometry:
 
     @property
     def example_chunk(self) -> int:
+        """The largest per-example chunk: about half a token chunk's bytes (see `split_example_chunk`)."""
         per_example = max(self.bytes_per_example, 2 * self.d_model)
         return _pow2_at_most(self.chunk_bytes // 2 // per_example)
+
+    def split_example_chunk(self, n_examples: int, n_tokens: int) -> int:
+        """Examples per chunk of a split's per-example arrays: about as many as one token chunk holds.
+
+        A training read takes whole examples, so it decodes about one decoder-state chunk per token chunk;
+        a chunk of many more examples than a read's would be decoded whole for a few of them, by every
+        read that touches it. At most `example_chunk`. (Caches of format 2 before this had `example_chunk`.)
+        """
+        mean_len = max(n_tokens / max(n_examples, 1), 1.0)
+        return min(self.example_chunk, _pow2_at_most(int(self.token_chunk / mean_len)))
 
     def cross_shape(self) -> tuple[int, ...]:
         if self.cross_attention == "heads":
@@ -236,10 +247,9 @@ def plan_units(offsets: np.ndarray, unit_examples: int, token_chunk: int) -> lis
 
 def choose_unit_examples(geometry: Geometry, n_examples: int, n_tokens: int) -> int:
     """Whole example chunks, spanning about UNIT_TOKEN_CHUNKS token chunks."""
-    e = geometry.example_chunk
+    e = geometry.split_example_chunk(n_examples, n_tokens)
     mean_len = max(n_tokens / max(n_examples, 1), 1.0)
-    chunks = max(1, math.ceil(UNIT_TOKEN_CHUNKS * geometry.token_chunk / (e * mean_len)))
-    return e * chunks
+    return e * max(1, math.ceil(UNIT_TOKEN_CHUNKS * geometry.token_chunk / (e * mean_len)))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -142,12 +142,13 @@ class CacheWriter:
         n_units = math.ceil(n / unit_examples)
         sg = self.group.require_group(split)
         sg.attrs.update({**info, "n_examples": n, "n_tokens": total, "unit_examples": unit_examples, "n_units": n_units})
-        tc, ec = g.token_chunk, g.example_chunk
+        tc, ec = g.token_chunk, g.split_example_chunk(n, total)
         cross16 = storage_numpy_dtype(g.cross_dtype)
         self._array(sg, "offsets", offsets.astype(np.int64), chunks=(1 << 20,))
         self._array(sg, "input_ids", input_ids.astype(np.int32), chunks=(tc * 8,))
-        self._array(sg, "label", labels.astype(np.float32 if g.regression else np.int64), chunks=(ec,))
-        self._array(sg, "index", index.astype(np.int64), chunks=(ec,))
+        # Labels and indices are read whole when a split is opened: few big chunks (a GET each in a bucket).
+        self._array(sg, "label", labels.astype(np.float32 if g.regression else np.int64), chunks=(1 << 16,))
+        self._array(sg, "index", index.astype(np.int64), chunks=(1 << 16,))
         self._states(sg, "encoder_hidden", total, tc, g.n_encoder_layers)
         if g.cross_attention:
             self._empty(sg, "cross_attention", (total, *g.cross_shape()), (tc, *g.cross_shape()), cross16, {"float_dtype": g.cross_dtype})
