@@ -161,7 +161,7 @@ class TrainConfig(TrainingOptions):
     reader: str = "auto"
     """'auto' (RAM where it fits the budget, else stream), 'ram', or 'stream'."""
     block_tokens: int | None = None
-    """Tokens per streamed read; None: a few chunks (~8 MB)."""
+    """Tokens per streamed read; None: whole chunks, ~32 MB (reader.BLOCK_BYTES)."""
     reader_workers: int | None = None
     """Threads that read, decompress and decode chunks in parallel; None: from the core count (see reader.default_workers)."""
     shuffle_blocks: int | None = None

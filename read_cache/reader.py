@@ -14,7 +14,9 @@ Random reads through zarr are slow (DESIGN section 2), so an epoch reads whole b
 chunks, in a shuffled block order (seeded by seed and epoch), and shuffles examples within a window of
 `shuffle_blocks` blocks. The order depends only on (seed, epoch, block layout), so the RAM mode, which
 decodes the split once and gathers batches from memory, yields exactly the same batches. A background
-thread assembles batches into a bounded queue: memory stays bounded whatever the store's size.
+thread assembles batches into a bounded queue: memory stays bounded whatever the store's size. An
+epoch's first batch needs its whole first window, so training has the next epoch's first window read
+while this epoch's last batches train (`epoch(e, next_epoch=e + 1)`).
 
 Decoding (decompression + dequantisation) runs on `workers` threads (blosc and numpy release the GIL),
 batches still in order. On CUDA the batches carry the stored codes and scales in pinned memory, and
@@ -48,7 +50,7 @@ T = TypeVar("T")
 BLOCK_BYTES = 32 << 20
 """Target raw size of one read. A block's edges cut through chunks, and both neighbours decode an edge
 chunk (and the decoder states' example chunk) whole, so small blocks decode much twice: at ~3 MB chunks
-an 8 MB block read 1.2-2.4x fewer examples/s than a 32 MB one (docs/benchmarks.md)."""
+8 MB blocks streamed 1.2-1.7x fewer examples/s than 32 MB ones on T5-base shapes (docs/benchmarks.md)."""
 SHUFFLE_BYTES = 128 << 20
 """Target raw size of the shuffle window (blocks whose examples are mixed together). It bounds the
 streaming reader's memory (about twice this while a window is assembled, plus the next epoch's first

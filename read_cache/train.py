@@ -231,7 +231,7 @@ def make_readers(cfg: TrainConfig, cache: Cache, launch: distributed.Launch = di
         )
         reader = SplitReader(cache[split], block_tokens=cfg.block_tokens, **options)
         if launch.distributed and cfg.block_tokens is None and len(reader.bounds) < SHARE_BLOCKS * launch.world_size:
-            # Too few default (~8 MB) blocks to deal out evenly: one chunk per block, still chunk-aligned.
+            # Too few default (~32 MB) blocks to deal out evenly: one chunk per block, still chunk-aligned.
             reader = SplitReader(cache[split], block_tokens=cache[split].token_chunk, **options)
         readers[split] = reader
     return readers
