@@ -14,9 +14,9 @@ Random reads through zarr are slow (DESIGN section 2), so an epoch reads whole b
 chunks, in a shuffled block order (seeded by seed and epoch), and shuffles examples within a window of
 `shuffle_blocks` blocks. The order depends only on (seed, epoch, block layout), so the RAM mode, which
 decodes the split once and gathers batches from memory, yields exactly the same batches. A background
-thread assembles batches into a bounded queue: memory stays bounded whatever the store's size. An
-epoch's first batch needs its whole first window, so training has the next epoch's first window read
-while this epoch's last batches train (`epoch(e, next_epoch=e + 1)`).
+thread assembles batches into a bounded queue: memory stays bounded whatever the store's size. A
+second thread reads window i+1 while window i's batches are made and, in training, the next epoch's
+first window while this epoch's last batches train (`epoch(e, next_epoch=e + 1)`).
 
 Decoding (decompression + dequantisation) runs on `workers` threads (blosc and numpy release the GIL),
 batches still in order. On CUDA the batches carry the stored codes and scales in pinned memory, and
@@ -32,7 +32,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 import numpy as np
@@ -53,9 +53,9 @@ chunk (and the decoder states' example chunk) whole, so small blocks decode much
 8 MB blocks streamed 1.2-1.7x fewer examples/s than 32 MB ones on T5-base shapes (docs/benchmarks.md)."""
 SHUFFLE_BYTES = 128 << 20
 """Target raw size of the shuffle window (blocks whose examples are mixed together). It bounds the
-streaming reader's memory (about twice this while a window is assembled, plus the next epoch's first
-window read ahead) whatever the store's size; the block order is shuffled across the whole split as
-well, so examples still mix split-wide."""
+streaming reader's memory (the window, its blocks while they are concatenated, and the next window
+being read) whatever the store's size; the block order is shuffled across the whole split as well,
+so examples still mix split-wide."""
 PREFETCH_BATCHES = 4
 
 
@@ -316,8 +316,8 @@ class SplitReader:
         if self.mode == "ram" and self.world_size > 1:
             return prefetch(lambda: self._ram_share_batches(windows), self.prefetch)
         if self.mode == "ram":
-            return run_jobs(lambda executor: self._ram_jobs(windows, executor), self.workers, self.prefetch)
-        return run_jobs(lambda executor: self._stream_jobs(epoch, windows, executor, next_epoch), self.workers, self.prefetch)
+            return run_jobs(lambda: self._ram_jobs(windows), self.workers, self.prefetch)
+        return run_jobs(lambda: self._stream_jobs(epoch, windows, next_epoch), self.workers, self.prefetch)
 
     def _job(self, pool: Pool, positions: np.ndarray) -> Callable[[], Batch]:
         return functools.partial(_make_batch, pool, positions, self.decoding)
@@ -333,7 +333,7 @@ class SplitReader:
                 self._ram = Pool.from_block(self.split.read_block(0, len(self.split)))
         return self._ram
 
-    def _ram_jobs(self, windows: list[Window], executor: Executor | None) -> Iterator[Callable[[], Batch]]:
+    def _ram_jobs(self, windows: list[Window]) -> Iterator[Callable[[], Batch]]:
         pool = self.load()
         order = np.concatenate([w.order for w in windows])
         for i in range(0, len(order), self.batch_size):
@@ -351,20 +351,26 @@ class SplitReader:
         for i in range(0, len(order), self.batch_size):
             yield _make_batch(pool, positions[i : i + self.batch_size], self.decoding)
 
-    # --- streaming: one window of blocks (plus < one batch carried over) in memory --------------------
-    def _stream_jobs(self, epoch: int, windows: list[Window], executor: Executor | None, next_epoch: int | None) -> Iterator[Callable[[], Batch]]:
-        early = self._early.pop(epoch, None)  # this epoch's first window, read while the last epoch ran
-        self._early.clear()  # one read ahead for an epoch the caller skipped is let go
-        read_window = self._window_reader(windows[1:] if early is not None else windows, executor)
+    # --- streaming: a window of blocks (plus < one batch carried over), the next one being read ------------
+    def _stream_jobs(self, epoch: int, windows: list[Window], next_epoch: int | None) -> Iterator[Callable[[], Batch]]:
+        # Window i+1 is read on the background thread while window i's batches are made, and the next
+        # epoch's first window while this epoch's last are: reading never stops the batches, from a disk
+        # (decode-bound) or an object store (latency-bound) alike.
+        reading = self._early.pop(epoch, None)  # this epoch's first window, read while the last epoch ran
+        self._early.clear()  # a read ahead for an epoch the caller skipped is let go
+        if reading is None and windows:
+            reading = self._read_window(windows[0])
         carry: Pool | None = None
         pool: Pool | None = None
         for i, window in enumerate(windows):
-            pool = None  # let the last window go before the next is read: one window in memory at a time
-            blocks = early.result() if early is not None and i == 0 else read_window(window)
-            if i == len(windows) - 1 and next_epoch is not None:
-                self.read_first_window(next_epoch)
+            pool = None  # let the last window go before the next is assembled
+            blocks = reading.result()
             pool = Pool.concat(([carry] if carry is not None else []) + blocks)
             del blocks  # the concatenated copy is all this window needs
+            if i + 1 < len(windows):
+                reading = self._read_window(windows[i + 1])
+            elif next_epoch is not None:
+                self.read_first_window(next_epoch)
             pending = np.concatenate([carry.rows, window.order]) if carry is not None else window.order
             positions = _positions(pool.rows, pending)
             full = len(positions) // self.batch_size * self.batch_size
@@ -374,19 +380,13 @@ class SplitReader:
         if carry is not None:
             yield self._job(carry, np.arange(len(carry)))
 
-    def _window_reader(self, windows: list[Window], executor: Executor | None) -> Callable[[Window], list[Pool]]:
-        """A function reading the blocks of each of `windows`, called in that order.
-
-        From an object store, `inflight` block reads stay under way across windows (latency-bound reads);
-        from a disk, the decoding workers read each window's blocks in parallel (decode-bound reads).
-        """
-        if self.inflight > 1:
-            ahead = read_ahead(self.split, [self.bounds[b] for w in windows for b in w.blocks], self.inflight)
-            return lambda window: [Pool.from_block(next(ahead)) for _ in window.blocks]
-        read = lambda b: Pool.from_block(self.split.read_block(*self.bounds[b]))  # noqa: E731
-        if executor is not None:
-            return lambda window: list(executor.map(read, window.blocks))
-        return lambda window: [read(b) for b in window.blocks]
+    def _read_window(self, window: Window) -> Future[list[Pool]]:
+        """Start reading a window's blocks on the reader's background thread: `inflight` at a time from an
+        object store, the decoding workers' number from a disk."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(1, thread_name_prefix="read-cache-window")
+        ranges = [self.bounds[b] for b in window.blocks]
+        return self._background.submit(lambda: [Pool.from_block(b) for b in read_ahead(self.split, ranges, max(self.inflight, self.workers))])
 
     def read_first_window(self, epoch: int) -> Future[list[Pool]] | None:
         """Start reading `epoch`'s first window (streaming) on the reader's background thread, as
@@ -395,11 +395,7 @@ class SplitReader:
         windows = self.windows(epoch)
         if not windows:
             return None
-        if self._background is None:
-            self._background = ThreadPoolExecutor(1, thread_name_prefix="read-cache-next-epoch")
-        ranges = [self.bounds[b] for b in windows[0].blocks]
-        read = lambda: [Pool.from_block(b) for b in read_ahead(self.split, ranges, max(self.inflight, self.workers))]  # noqa: E731
-        self._early[epoch] = self._background.submit(read)
+        self._early[epoch] = self._read_window(windows[0])
         return self._early[epoch]
 
 
@@ -457,21 +453,21 @@ class _Failed:
 _END = object()
 
 
-def run_jobs(make_jobs: Callable[[Executor | None], Iterator[Callable[[], T]]], workers: int, depth: int) -> Iterator[T]:
-    """Run the jobs `make_jobs(executor)` yields on `workers` threads, results in order, `depth` ahead.
+def run_jobs(make_jobs: Callable[[], Iterator[Callable[[], T]]], workers: int, depth: int) -> Iterator[T]:
+    """Run the jobs `make_jobs()` yields on `workers` threads, results in order, `depth` ahead.
 
     With one worker the jobs run on the prefetch thread itself (no pool). With more, a producer thread
-    submits jobs (and `make_jobs` may use the executor for its own reads) while the consumer takes
-    results in submission order; at most depth + workers batches exist at once.
+    submits jobs while the consumer takes results in submission order; at most depth + workers batches
+    exist at once.
     """
     if workers <= 1:
-        return prefetch(lambda: (job() for job in make_jobs(None)), depth)
+        return prefetch(lambda: (job() for job in make_jobs()), depth)
     return _run_pooled(make_jobs, workers, depth)
 
 
-def _run_pooled(make_jobs: Callable[[Executor | None], Iterator[Callable[[], T]]], workers: int, depth: int) -> Iterator[T]:
+def _run_pooled(make_jobs: Callable[[], Iterator[Callable[[], T]]], workers: int, depth: int) -> Iterator[T]:
     executor = ThreadPoolExecutor(workers, thread_name_prefix="read-cache-decode")
-    futures = prefetch(lambda: (executor.submit(job) for job in make_jobs(executor)), depth + workers)
+    futures = prefetch(lambda: (executor.submit(job) for job in make_jobs()), depth + workers)
     try:
         for future in futures:
             yield future.result()
