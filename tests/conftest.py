@@ -89,6 +89,22 @@ def run_cli(*args: object) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.output
 
 
+def cache_files(path: Path) -> dict[str, bytes]:
+    """Every file of a cache, metadata and chunks, by relative path: for byte-for-byte comparisons."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def flip_byte_in_a_chunk(cache: Path, array: str, mask: int) -> Path:
+    """XOR the middle byte of one chunk file of `array` (e.g. "train/encoder_hidden") with `mask`; returns the file."""
+    chunk = next((cache / array / "c").rglob("*"))
+    while chunk.is_dir():
+        chunk = next(chunk.iterdir())
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= mask
+    chunk.write_bytes(bytes(data))
+    return chunk
+
+
 def one_error(output: str) -> str:
     """The single `error:` line a bad input must produce."""
     lines = [line for line in output.splitlines() if line.startswith("error:")]

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 import read_cache
-from conftest import write_glue
+from conftest import cache_files, flip_byte_in_a_chunk, write_glue
 from read_cache.build import BuildConfig, build_cache
 from read_cache.config import SweepConfig, TrainConfig
 from read_cache.distributed import LAUNCH_RECORD, balanced, detect, round_robin
@@ -105,11 +105,6 @@ def one_thread() -> Iterator[None]:
 # Comparing stores
 
 
-def files(path: Path) -> dict[str, bytes]:
-    """Every file of a cache, metadata and chunks, by relative path."""
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def assert_identical(ours: Path, reference: Path, *, error_record: bool = True) -> None:
     """Array by array, then file by file (every chunk and zarr.json).
 
@@ -121,7 +116,7 @@ def assert_identical(ours: Path, reference: Path, *, error_record: bool = True) 
         assert sorted(a[split].array_names()) == sorted(b[split].array_names())
         for name in b[split].array_names():
             assert np.array_equal(a[split].array(name)[...], b[split].array(name)[...]), f"{split}/{name}"
-    mine, theirs = files(ours), files(reference)
+    mine, theirs = cache_files(ours), cache_files(reference)
     assert mine.keys() == theirs.keys()
     if not error_record:
         for files_of in (mine, theirs):
@@ -258,7 +253,7 @@ def test_a_second_launch_into_a_store_being_built_is_refused(setup, tmp_path: Pa
     model, glue, reference = setup
     out = tmp_path / "cache"
     out.mkdir()
-    before = files(reference)
+    before = cache_files(reference)
     with BuildLock(reference):  # a build holds the store (as rank 0 of a launch would)
         ranks = launch(lambda rank: cli(*BUILD, "--model", model, "--data-dir", glue, "--out", reference))
     # Rank 0 reports the refusal and exits 2. Rank 1 stops too (usually exit 2); gloo sometimes aborts it
@@ -267,7 +262,7 @@ def test_a_second_launch_into_a_store_being_built_is_refused(setup, tmp_path: Pa
     (line,) = error_lines(ranks[0].stderr)
     assert "another build is writing" in line
     assert error_lines(ranks[1].stderr) == []
-    assert files(reference) == before
+    assert cache_files(reference) == before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,15 +375,10 @@ def test_store_digest_helper_sees_a_flipped_byte(setup, tmp_path: Path) -> None:
     _, _, reference = setup
     copy = tmp_path / "copy"
     shutil.copytree(reference, copy)
-    chunk = next((copy / "train" / "encoder_hidden" / "c").rglob("*"))
-    while chunk.is_dir():
-        chunk = next(chunk.iterdir())
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 1
-    chunk.write_bytes(bytes(data))
+    flip_byte_in_a_chunk(copy, "train/encoder_hidden", 1)
     with pytest.raises((AssertionError, ValueError)):  # zarr's checksum or our comparison, whichever looks first
         assert_identical(copy, reference)
-    assert files(copy) != files(reference)
+    assert cache_files(copy) != cache_files(reference)
 
 
 def test_rank_zero_counts_the_units_other_ranks_make_durable() -> None:

@@ -20,7 +20,7 @@ from read_cache.reader import CodedBatch, Decoding, SplitReader, batch_to
 from read_cache.store import FORMAT_VERSION
 from read_cache.store import formats as F
 from read_cache.store.formats import COMPACT_DTYPES, STORE_DTYPES, ErrorStats, dequantise, dequantise_torch, get_format, quantise, quantise_torch, to_torch_codes
-from conftest import build_quietly, one_error, run_cli, write_glue
+from conftest import build_quietly, cache_files, flip_byte_in_a_chunk, one_error, run_cli, write_glue
 
 SMALL_CHUNKS = 0.01  # MiB: several units even for a tiny split
 
@@ -184,12 +184,7 @@ def test_version_1_caches_still_open(caches: dict[str, Path], tmp_path: Path) ->
 def test_corrupt_scale_chunk_is_an_error_naming_the_array(caches: dict[str, Path], tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(caches["int8"], copy)
-    chunk = next((copy / "train" / "encoder_hidden_scale" / "c").rglob("*"))
-    while chunk.is_dir():
-        chunk = next(chunk.iterdir())
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x20
-    chunk.write_bytes(bytes(data))
+    flip_byte_in_a_chunk(copy, "train/encoder_hidden_scale", 0x20)
     with pytest.raises(CacheCorruptError, match="train/encoder_hidden_scale"):
         read_cache.open_cache(copy)["train"].read_block(0, len(read_cache.open_cache(copy)["train"]))
     code, _, output = run_cli("train", "--cache", copy, "--epochs", "1", "--reader", "ram", "--out", tmp_path / "run", "--no-progress")
@@ -239,17 +234,13 @@ def test_kill_9_then_resume_an_int4_build_is_byte_identical(tiny_t5: Path, cache
             assert np.array_equal(ours[split].array(name)[...], theirs[split].array(name)[...]), (split, name)
 
 
-def _digest(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def test_bad_store_inputs_are_one_line_errors(tiny_t5: Path, caches: dict[str, Path]) -> None:
     code, _, output = run_cli("build", "--model", tiny_t5, "--task", "sst2", "--store-dtype", "int3", "--no-progress")
     assert code == 2 and "int3" in one_error(output) and "int4" in one_error(output)
-    before = _digest(caches["bfloat16"])
+    before = cache_files(caches["bfloat16"])
     code, _, output = run_cli("build", "--model", tiny_t5, "--task", "sst2", "--data-dir", caches["glue"], "--out", caches["bfloat16"], "--batch-size", "8", "--store-dtype", "int8", "--no-progress")
     assert code == 2 and "--store-dtype bfloat16" in one_error(output)
-    assert _digest(caches["bfloat16"]) == before
+    assert cache_files(caches["bfloat16"]) == before
     code, _, output = run_cli("train", "--cache", caches["int8"], "--reader-workers", "0", "--no-progress")
     assert code == 2 and "--reader-workers" in one_error(output)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import build_quietly, POSITIVE, WORDS, make_tiny_t5, make_tokenizer, write_glue
+from conftest import build_quietly, POSITIVE, WORDS, flip_byte_in_a_chunk, make_tiny_t5, make_tokenizer, write_glue
 from read_cache.build import BuildConfig, build_cache
 from read_cache.data import load_glue
 from read_cache.device import cpu_has_fast_bf16
@@ -230,12 +230,7 @@ def test_the_reader_thread_stops_with_its_consumer_and_hands_on_errors(sst2_cach
     batches.close()
     assert not any(t.name == "read-cache-reader" for t in threading.enumerate())
     damaged = shutil.copytree(sst2_cache, tmp_path / "cache")
-    chunk = next((damaged / "train" / "encoder_hidden" / "c").rglob("*"))
-    while chunk.is_dir():
-        chunk = next(chunk.iterdir())
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    flip_byte_in_a_chunk(damaged, "train/encoder_hidden", 0xFF)
     with pytest.raises(ReadCacheError, match="encoder_hidden"):
         list(SplitReader(open_cache(damaged)["train"], mode="stream").epoch(0))
 
