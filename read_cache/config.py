@@ -143,6 +143,16 @@ class TrainingOptions:
     progress: bool = True
     """Show a progress bar per epoch."""
 
+    def check_training_options(self, lr_hint: str) -> None:
+        """Both configs' checks of the fields above; `lr_hint` ends the --lr error (an example, or what leaving it out means)."""
+        if self.lr is not None and (not self.lr > 0 or not math.isfinite(self.lr)):
+            raise ReadCacheError(f"--lr {self.lr} must be a positive learning rate ({lr_hint})")
+        for flag, value in (("--epochs", self.epochs), ("--patience", self.patience), ("--batch-size", self.batch_size)):
+            if value <= 0:
+                raise ReadCacheError(f"{flag} {value} must be at least 1")
+        if self.threads is not None and self.threads <= 0:
+            raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
+
 
 @dataclasses.dataclass
 class TrainConfig(TrainingOptions):
@@ -165,7 +175,7 @@ class TrainConfig(TrainingOptions):
     reader_workers: int | None = None
     """Threads that read, decompress and decode chunks in parallel; None: from the core count (see reader.default_workers)."""
     shuffle_blocks: int | None = None
-    """Blocks whose examples are shuffled together; None: as many as fill ~256 MB."""
+    """Blocks whose examples are shuffled together; None: as many as fill ~128 MB (reader.SHUFFLE_BYTES)."""
     dtype: str | None = None
     """'bf16' or 'fp32' autocast; None: bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32."""
     recurrence: bool = True
@@ -187,18 +197,9 @@ class TrainConfig(TrainingOptions):
             raise ReadCacheError(f"--reader {self.reader!r} is not one of {', '.join(READER_MODES)}")
         if self.dim <= 0:
             raise ReadCacheError(f"--dim {self.dim} must be a positive RNN hidden size (the paper uses 128 or 256)")
-        if self.lr is not None and (not self.lr > 0 or not math.isfinite(self.lr)):
-            raise ReadCacheError(f"--lr {self.lr} must be a positive learning rate (e.g. --lr 1e-3)")
-        if self.epochs <= 0:
-            raise ReadCacheError(f"--epochs {self.epochs} must be at least 1")
-        if self.patience <= 0:
-            raise ReadCacheError(f"--patience {self.patience} must be at least 1 epoch")
-        if self.batch_size <= 0:
-            raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
+        self.check_training_options(lr_hint="e.g. --lr 1e-3")
         if self.reader_workers is not None and not 1 <= self.reader_workers <= 64:
             raise ReadCacheError(f"--reader-workers {self.reader_workers} must be between 1 and 64 (or left out to follow the core count)")
-        if self.threads is not None and self.threads <= 0:
-            raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
         if self.weight_decay < 0:
             raise ReadCacheError(f"--weight-decay {self.weight_decay} must not be negative")
         if not self.memory_budget_gb > 0:
@@ -244,13 +245,7 @@ class MethodConfig(TrainingOptions):
             raise ReadCacheError(f"--max-length {self.max_length} must be at least 2 tokens")
         if self.pooling is not None and self.pooling not in ("mean", "first"):
             raise ReadCacheError(f"--pooling {self.pooling!r} is not mean or first (or leave it out for the model family's way)")
-        if self.lr is not None and (not self.lr > 0 or not math.isfinite(self.lr)):
-            raise ReadCacheError(f"--lr {self.lr} must be a positive learning rate (or left out for the method's default)")
-        for flag, value in (("--epochs", self.epochs), ("--patience", self.patience), ("--batch-size", self.batch_size)):
-            if value <= 0:
-                raise ReadCacheError(f"{flag} {value} must be at least 1")
-        if self.threads is not None and self.threads <= 0:
-            raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
+        self.check_training_options(lr_hint="or left out for the method's default")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
