@@ -5,8 +5,8 @@
 import sys, time, types
 from pathlib import Path
 import torch
-from read_cache import checkpoint
-from read_cache.side_network import SideNetwork, SideNetworkConfig
+from read_cache.training import checkpoint
+from read_cache.training.side_network import SideNetwork, SideNetworkConfig
 
 out = Path(sys.argv[1]); out.mkdir(exist_ok=True)
 net = SideNetwork(SideNetworkConfig(rnn="gru", dim=256, d_model=768, head="linear", num_labels=2))

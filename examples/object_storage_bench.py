@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 
 import read_cache
-from read_cache.reader import SplitReader
+from read_cache.training.reader import SplitReader
 from read_cache.store.location import Location
 
 

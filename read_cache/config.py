@@ -4,7 +4,7 @@
     TrainConfig(dim=0).validate()   # ReadCacheError: --dim 0 must be a positive RNN hidden size ...
 
 The CLI builds one of these from its flags and calls `validate()` before it imports the heavy stages
-(`read_cache.build`, `read_cache.train`, ...), so a typo costs well under a second, not a model load.
+(`read_cache.build`, `read_cache.training.train`, ...), so a typo costs well under a second, not a model load.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from read_cache.errors import ReadCacheError
 from read_cache.paper import PAPER, check_preset
 from read_cache.store import CHUNK_BYTES
 from read_cache.store.formats import DEFAULT_STORE_DTYPE, STORE_DTYPES
-from read_cache.tasks import PROTOCOLS
+from read_cache.tasks.specs import PROTOCOLS
 from read_cache.store.location import check_location, redact_options
 
 T = TypeVar("T")
@@ -340,7 +340,7 @@ class SweepConfig:
     overwrite: bool = False
     """Replace the sweep's files in an existing --out (each run folder's own files only)."""
     configs: tuple[Trial, ...] | None = None
-    """Exactly these configurations instead of the grid (a search round of `read_cache.search`)."""
+    """Exactly these configurations instead of the grid (a search round of `read_cache.protocol.search`)."""
     shared: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     """What every configuration shares: cache, epochs, patience, batch size, seed, reader, device, threads...
     Its rnn, dim, lr, head, out and overwrite are set per configuration."""
@@ -515,7 +515,7 @@ class GlueConfig:
             self.search.validate()
 
     def build_config(self, task: str) -> BuildConfig:
-        from read_cache.tasks import get_task
+        from read_cache.tasks.specs import get_task
 
         name = get_task(task).name
         return BuildConfig(
@@ -565,6 +565,6 @@ def parse_range(flag: str, text: str) -> tuple[float, float]:
 
 
 def _check_task(name: str) -> None:
-    from read_cache.tasks import get_task  # torch-free: task names and their label words
+    from read_cache.tasks.specs import get_task  # torch-free: task names and their label words
 
     get_task(name)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from read_cache import energy
-from read_cache.bench import run_bench
+from read_cache.util import energy
+from read_cache.bench.run import run_bench
 from read_cache.config import METHODS, BenchConfig
 from read_cache.errors import ReadCacheError
 

@@ -19,7 +19,8 @@ from typer.testing import CliRunner
 
 import read_cache
 from read_cache import store
-from read_cache.build import BuildConfig, build_cache
+from read_cache.config import BuildConfig
+from read_cache.build import build_cache
 from read_cache.cli import app
 from read_cache.errors import CacheCorruptError, ReadCacheError
 
@@ -79,8 +80,8 @@ def test_cache_equals_fresh_forward_pass(built: Path, tiny_t5: Path, glue_dir: P
     """Layer by layer and token by token, one example at a time, within bfloat16's rounding."""
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-    from read_cache.data import load_glue
-    from read_cache.tasks import get_task
+    from read_cache.tasks.data import load_glue
+    from read_cache.tasks.specs import get_task
 
     model = T5ForConditionalGeneration.from_pretrained(tiny_t5, attn_implementation="eager").eval()
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
@@ -107,8 +108,8 @@ def test_cache_equals_fresh_forward_pass(built: Path, tiny_t5: Path, glue_dir: P
 def test_ragged_offsets_round_trip(built: Path, tiny_t5: Path, glue_dir: Path) -> None:
     from transformers import AutoTokenizer
 
-    from read_cache.data import load_glue
-    from read_cache.tasks import get_task
+    from read_cache.tasks.data import load_glue
+    from read_cache.tasks.specs import get_task
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_t5)
     task = get_task("sst2")
@@ -183,7 +184,8 @@ CRASHING_BUILD = """
 import os, signal, sys
 from pathlib import Path
 from read_cache import store
-from read_cache.build import BuildConfig, build_cache
+from read_cache.config import BuildConfig
+from read_cache.build import build_cache
 
 crash_at, mode = int(sys.argv[1]), sys.argv[2]
 original = store.CacheWriter.write_unit

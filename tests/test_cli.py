@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from read_cache.build import BuildConfig, build_cache
+from read_cache.config import BuildConfig
+from read_cache.build import build_cache
 
 from conftest import make_tiny_t5, one_error, run_cli
 
@@ -218,9 +219,9 @@ def test_caches_lists_and_removes(tiny_t5: Path, glue_dir: Path, tmp_path: Path)
 def test_build_progress_moves_per_batch_without_a_terminal(tiny_t5: Path, glue_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
-    from read_cache import build as build_module
+    from read_cache.build.progress import BuildProgress
 
-    monkeypatch.setattr(build_module.BuildProgress, "LOG_EVERY_SECONDS", 0.0)
+    monkeypatch.setattr(BuildProgress, "LOG_EVERY_SECONDS", 0.0)
     caplog.set_level(logging.INFO, logger="read_cache.build")
     out = tmp_path / "cache"
     build_cache(BuildConfig(model=str(tiny_t5), task="sst2", data_dir=glue_dir, out=out, batch_size=8, progress=True))

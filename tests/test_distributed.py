@@ -26,13 +26,14 @@ import torch
 
 import read_cache
 from conftest import cache_files, flip_byte_in_a_chunk, write_glue
-from read_cache.build import BuildConfig, build_cache
+from read_cache.config import BuildConfig
+from read_cache.build import build_cache
 from read_cache.config import SweepConfig, TrainConfig
 from read_cache.distributed import LAUNCH_RECORD, balanced, detect, round_robin
 from read_cache.errors import ReadCacheError
-from read_cache.reader import epoch_windows
+from read_cache.training.reader import epoch_windows
 from read_cache.store import BuildLock
-from read_cache.sweep import sweep
+from read_cache.training.sweep import sweep
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_CHUNKS = 0.003  # MiB: 16-token chunks, so 300 examples make 7 train units and many training blocks
@@ -293,7 +294,7 @@ def test_two_rank_sweep_equals_the_one_process_sweep(setup, tmp_path: Path) -> N
 STEP_HASHES = """
 import hashlib, json, os, sys
 from pathlib import Path
-from read_cache import train
+from read_cache.training import train
 from read_cache.cli import main
 
 original, log = train.train_step, Path(os.environ["STEP_LOG"]) / f"rank{os.environ['RANK']}.jsonl"

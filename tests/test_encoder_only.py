@@ -14,16 +14,17 @@ import pytest
 import torch
 
 from conftest import build_quietly, SHARED, WORDS, needs_shared
-from read_cache.backbone import suggested_pooling
-from read_cache.bench import run_bench
+from read_cache.backbone.load import suggested_pooling
+from read_cache.bench.run import run_bench
 from read_cache.config import METHODS, BenchConfig
-from read_cache.build import BuildConfig, build_cache
-from read_cache.data import load_glue
+from read_cache.config import BuildConfig
+from read_cache.build import build_cache
+from read_cache.tasks.data import load_glue
 from read_cache.errors import ReadCacheError
-from read_cache.reader import SplitReader
+from read_cache.training.reader import SplitReader
 from read_cache.store import open_cache
-from read_cache.tasks import get_task
-from read_cache.train import TrainConfig, evaluate_split, load_run, train
+from read_cache.tasks.specs import get_task
+from read_cache.training.train import TrainConfig, evaluate_split, load_run, train
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -195,7 +196,7 @@ def test_head_lm_on_an_encoder_cache_is_a_one_line_error(sst2_bert: Path, tmp_pa
 
 @pytest.mark.parametrize(("which", "rnn"), [("stsb_bert", "gru"), ("sst2_bert", "none")])
 def test_online_predictions_equal_the_cached_path(which: str, rnn: str, request: pytest.FixtureRequest, glue_dir: Path, tmp_path: Path) -> None:
-    from read_cache.predict import predict
+    from read_cache.inference.predict import predict
 
     cache = request.getfixturevalue(which)
     train(quick(cache, tmp_path / "run", rnn=rnn, epochs=1))
@@ -246,7 +247,7 @@ def minilm_folder() -> Path | None:
 def test_real_minilm_builds_trains_and_predicts_the_same_online(tmp_path: Path) -> None:
     from transformers import AutoTokenizer, BertModel
 
-    from read_cache.predict import predict
+    from read_cache.inference.predict import predict
 
     folder = minilm_folder()
     glue = SHARED / "glue"

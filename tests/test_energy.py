@@ -1,4 +1,4 @@
-"""Offline tests of read_cache.energy: time, CPU, per-interval peak RSS, RAPL and NVML paths."""
+"""Offline tests of read_cache.util.energy: time, CPU, per-interval peak RSS, RAPL and NVML paths."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from read_cache import energy
-from read_cache.energy import Meter, MeterReading, format_reading
+from read_cache.util import energy
+from read_cache.util.energy import Meter, MeterReading, format_reading
 
 MIB = 1024 * 1024
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from conftest import SHARED, build_quietly, make_tokenizer, needs_shared, one_error, run_cli
-from read_cache.data import HELD_OUT, SplitData, apply_recipe, load_glue
+from read_cache.tasks.data import HELD_OUT, SplitData, apply_recipe, load_glue
 from read_cache.errors import ReadCacheError
 from read_cache.paper import PAPER_AVERAGE, PAPER_LR, PAPER_SCORES, paper_lr
-from read_cache.tasks import PROTOCOLS, TASKS, get_task
+from read_cache.tasks.specs import PROTOCOLS, TASKS, get_task
 
 
 def _originals(n_train: int, n_dev: int, regression: bool = False) -> dict[str, SplitData]:
@@ -123,8 +123,8 @@ def test_label_first_tokens_are_distinct_for_every_task_and_protocol() -> None:
 @needs_shared
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_lm_head_logits_equal_t5s_own_logits(tmp_path: Path, protocol: str) -> None:
-    from read_cache.backbone import load_backbone
-    from read_cache.build import model_inputs, pad, tokenize
+    from read_cache.backbone.load import load_backbone
+    from read_cache.backbone.inputs import model_inputs, pad, tokenize
 
     model = _real_vocab_t5(tmp_path / "t5")
     backbone = load_backbone(str(model), dtype="fp32", device="cpu")
@@ -153,7 +153,7 @@ def test_lst_cache_records_protocol_and_digit_targets(tmp_path: Path, glue_dir: 
     # The cached path (no backbone): the lm head over the cached decoder state equals T5's own logits for "0", "1".
     from transformers import T5ForConditionalGeneration
 
-    from read_cache.side_network import SideNetwork, SideNetworkConfig
+    from read_cache.training.side_network import SideNetwork, SideNetworkConfig
 
     net = SideNetwork(SideNetworkConfig(rnn="none", d_model=16, n_encoder_layers=2, n_decoder_layers=2, head="lm",
                                         output_scale=cache.attrs["lm_head"]["output_scale"]), torch.from_numpy(cache.lm_head_rows()))
@@ -216,7 +216,7 @@ def test_drop_last_layers_refuses_dropping_everything(tmp_path: Path, tiny_t5: P
 
 
 def test_no_recurrence_parameter_count_matches_its_formula() -> None:
-    from read_cache.side_network import SideNetwork, SideNetworkConfig, count_trainable, expected_parameters
+    from read_cache.training.side_network import SideNetwork, SideNetworkConfig, count_trainable, expected_parameters
 
     gru = 3 * 256 * (768 + 256 + 2)  # one GRU(768 -> 256): 787,968 as in DESIGN section 1
     assert gru == 787_968
@@ -262,7 +262,7 @@ def test_nan_in_a_layer_stops_the_build_naming_it(tmp_path: Path, tiny_t5: Path,
 
 
 def test_float16_storage_overflow_is_an_error_naming_the_layer() -> None:
-    from read_cache.build import to_stored
+    from read_cache.backbone.forward import to_stored
 
     states = torch.zeros(4, 3, 8)
     assert to_stored(states, "float16", "encoder").dtype == np.float16
@@ -275,7 +275,7 @@ def test_float16_storage_overflow_is_an_error_naming_the_layer() -> None:
 
 
 def test_fp16_is_never_the_default_for_t5(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    from read_cache import device
+    from read_cache.util import device
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert device.default_compute_dtype("cuda", "t5") == "fp32"
@@ -387,7 +387,7 @@ def test_glue_end_to_end(tmp_path: Path, tiny_t5: Path, glue_dir: Path) -> None:
     assert (out / "glue.png").stat().st_size > 0 and table in stdout
     # a second run finds complete caches and does not rebuild them
     from read_cache.config import GlueConfig
-    from read_cache.glue import ensure_cache
+    from read_cache.protocol.glue import ensure_cache
 
     marker = (out / "caches" / "sst2" / "zarr.json").stat().st_mtime_ns
     ensure_cache(GlueConfig(model=str(tiny_t5), out=out, data_dir=glue_dir, tasks=("sst2",), limit=24, progress=False), "sst2")

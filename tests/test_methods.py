@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from read_cache.methods import NAMES, parse_method
-from read_cache.tasks import get_task
+from read_cache.tasks.specs import get_task
 
 from conftest import SHARED, needs_shared, one_error, run_cli
 
@@ -31,7 +31,7 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory, tiny_t5: Path) -> Path:
 
 
 def adapted(model_dir: Path, spec: str, task: str = "sst2"):
-    from read_cache.backbone import load_backbone
+    from read_cache.backbone.load import load_backbone
     from read_cache.methods.model import build_task_model
 
     backbone = load_backbone(str(model_dir), device="cpu")
@@ -106,9 +106,9 @@ def test_counts_on_t5_small_match_the_formulas() -> None:
 
 def test_train_method_writes_a_run_predict_takes(tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
     from read_cache.config import MethodConfig
-    from read_cache.methods.predict import load_method_run
+    from read_cache.inference.baseline import load_method_run
     from read_cache.methods.train import train_method
-    from read_cache.predict import predict
+    from read_cache.inference.predict import predict
 
     out = tmp_path / "run"
     summary = train_method(MethodConfig(method="lora-4", model=str(tiny_t5), task="sst2", data_dir=glue_dir, limit=30, epochs=2, out=out, progress=False))
@@ -145,7 +145,7 @@ def test_cli_trains_a_baseline_and_rejects_bad_flags(tiny_t5: Path, glue_dir: Pa
 
 
 def test_bench_adds_one_row_per_baseline(tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
-    from read_cache.bench import run_bench
+    from read_cache.bench.run import run_bench
     from read_cache.config import BenchConfig
 
     out = tmp_path / "bench"
@@ -193,9 +193,9 @@ def test_lora_on_pretrained_minilm_learns_sst2(tmp_path: Path) -> None:
 
 def test_t5_scores_label_words_as_reads_lm_head(tiny_t5: Path) -> None:
     """Untrained BitFit (zero biases: still the backbone) scores exactly as T5's LM head and as READ's `lm` head."""
-    from read_cache.backbone import load_backbone
+    from read_cache.backbone.load import load_backbone
     from read_cache.methods.model import build_task_model
-    from read_cache.side_network import SideNetwork, SideNetworkConfig
+    from read_cache.training.side_network import SideNetwork, SideNetworkConfig
 
     task = get_task("sst2")
     backbone = load_backbone(str(tiny_t5), device="cpu", dtype="fp32")

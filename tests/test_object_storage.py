@@ -22,7 +22,8 @@ import pytest
 
 import read_cache
 from read_cache import paths
-from read_cache.build import BuildConfig, build_cache
+from read_cache.config import BuildConfig
+from read_cache.build import build_cache
 from read_cache.errors import CacheCorruptError, ReadCacheError
 from read_cache.store.lease import LEASE_KEY, Lease
 from read_cache.store.location import Location, redact_options
@@ -189,7 +190,8 @@ CRASHING_BUILD = """
 import os, signal, sys
 from pathlib import Path
 from read_cache import store
-from read_cache.build import BuildConfig, build_cache
+from read_cache.config import BuildConfig
+from read_cache.build import build_cache
 
 original, calls = store.CacheWriter.write_unit, [0]
 
@@ -341,7 +343,7 @@ def test_urls_parse_to_locations() -> None:
 
 
 def test_reads_in_flight_change_nothing_but_speed(local_cache: Path) -> None:
-    from read_cache.reader import SplitReader
+    from read_cache.training.reader import SplitReader
     from read_cache.store.readahead import read_ahead
 
     split = read_cache.open_cache(local_cache)["train"]

@@ -1,7 +1,7 @@
 """Training that survives interruption: kill -9 (and Ctrl-C) at chosen points, rerun the same command,
 end bit-identical to an uninterrupted run; the folder rules; predict on an unfinished run.
 
-The kill points come from the test-only READ_CACHE_TEST_KILL=STAGE:EPOCH hook in `read_cache.checkpoint`
+The kill points come from the test-only READ_CACHE_TEST_KILL=STAGE:EPOCH hook in `read_cache.training.checkpoint`
 ('after:K' right after epoch K's checkpoint is in place; 'before:K' once epoch K is trained and its
 metrics line written but its checkpoint not; 'written:K' with the new checkpoint written but not yet
 renamed into place), so every kill lands exactly where the test says.
@@ -21,11 +21,11 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_quietly, one_error, run_cli
-from read_cache import checkpoint
+from read_cache.training import checkpoint
 from read_cache.config import SweepConfig
 from read_cache.errors import ReadCacheError
-from read_cache.sweep import sweep
-from read_cache.train import TrainConfig, train
+from read_cache.training.sweep import sweep
+from read_cache.training.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ("--rnn", "gru", "--dim", "16", "--lr", "2e-2", "--batch-size", "16", "--epochs", "6", "--patience", "6", "--threads", "1", "--no-progress")
@@ -129,7 +129,7 @@ def test_a_run_killed_where_early_stopping_ended_it_only_scores_on_resume(cache:
         train(cfg)
     monkeypatch.undo()
     calls = []
-    monkeypatch.setattr("read_cache.train.train_epoch", lambda *a: calls.append(a))
+    monkeypatch.setattr("read_cache.training.train.train_epoch", lambda *a: calls.append(a))
     assert scores(train(cfg)) == scores(reference) and calls == []
     assert same_weights(tmp_path / "run", tmp_path / "reference")
 
@@ -222,8 +222,8 @@ def test_sweep_interrupted_twice_resumes_bit_identical(cache: Path, tmp_path: Pa
     ("command", "module", "function", "says"),
     [
         (("build", "--model", "m", "--task", "sst2"), "read_cache.build", "build_cache", "interrupted: rerun the same command to resume from its last durable unit"),
-        (("train", "--cache", "c"), "read_cache.train", "train", "interrupted: rerun the same command to resume from its last finished epoch (each epoch end is checkpointed)"),
-        (("inspect", "c"), "read_cache.describe", "describe", "interrupted"),  # nothing to resume
+        (("train", "--cache", "c"), "read_cache.training.train", "train", "interrupted: rerun the same command to resume from its last finished epoch (each epoch end is checkpointed)"),
+        (("inspect", "c"), "read_cache.store.describe", "describe", "interrupted"),  # nothing to resume
     ],
 )
 def test_ctrl_c_says_what_the_same_command_resumes(command: tuple, module: str, function: str, says: str, monkeypatch: pytest.MonkeyPatch) -> None:

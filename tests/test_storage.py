@@ -16,7 +16,7 @@ import torch
 
 import read_cache
 from read_cache.errors import CacheCorruptError, ReadCacheError
-from read_cache.reader import CodedBatch, Decoding, SplitReader, batch_to
+from read_cache.training.reader import CodedBatch, Decoding, SplitReader, batch_to
 from read_cache.store import FORMAT_VERSION
 from read_cache.store import formats as F
 from read_cache.store.formats import COMPACT_DTYPES, STORE_DTYPES, ErrorStats, dequantise, dequantise_torch, get_format, quantise, quantise_torch, to_torch_codes
@@ -208,7 +208,8 @@ CRASHING_BUILD = """
 import os, signal, sys
 from pathlib import Path
 from read_cache import store
-from read_cache.build import BuildConfig, build_cache
+from read_cache.config import BuildConfig
+from read_cache.build import build_cache
 original, calls = store.CacheWriter.write_unit, [0]
 def write_unit(self, *args):
     calls[0] += 1

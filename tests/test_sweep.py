@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from read_cache import reader as reader_module
+from read_cache.training import reader as reader_module
 from read_cache.store import open_cache
 from read_cache.config import SweepConfig, Trial, parse_list, parse_range
-from read_cache.sweep import sweep
-from read_cache.train import ARTIFACTS, TrainConfig, load_run, train
+from read_cache.training.sweep import sweep
+from read_cache.training.train import ARTIFACTS, TrainConfig, load_run, train
 
 from conftest import build_quietly, one_error, run_cli
 
@@ -91,7 +91,7 @@ def test_the_report_selects_by_validation_and_reports_that_test_score(grid: tupl
 
 
 def test_every_configuration_leaves_a_run_folder_predict_accepts(grid: tuple[SweepConfig, dict]) -> None:
-    from read_cache.predict import predict
+    from read_cache.inference.predict import predict
 
     _, report = grid
     for entry in report["configs"]:

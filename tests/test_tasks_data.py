@@ -16,10 +16,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from read_cache.data import SplitData, apply_recipe, load_glue, needed_splits, split_recipe
+from read_cache.tasks.data import SplitData, apply_recipe, load_glue, needed_splits, split_recipe
 from read_cache.errors import ReadCacheError
-from read_cache.metrics import majority_baseline, score
-from read_cache.tasks import TASKS, Metric, get_task
+from read_cache.tasks.metrics import majority_baseline, score
+from read_cache.tasks.specs import TASKS, Metric, get_task
 
 SHARED_GLUE = Path(__file__).resolve().parents[2] / "shared" / "glue"
 

@@ -16,14 +16,15 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import build_quietly, POSITIVE, WORDS, flip_byte_in_a_chunk, make_tiny_t5, make_tokenizer, write_glue
-from read_cache.build import BuildConfig, build_cache
-from read_cache.data import load_glue
-from read_cache.device import cpu_has_fast_bf16
+from read_cache.config import BuildConfig
+from read_cache.build import build_cache
+from read_cache.tasks.data import load_glue
+from read_cache.util.device import cpu_has_fast_bf16
 from read_cache.errors import ReadCacheError
-from read_cache.reader import SplitReader, choose_modes
+from read_cache.training.reader import SplitReader, choose_modes
 from read_cache.store import open_cache
-from read_cache.tasks import get_task
-from read_cache.train import TrainConfig, evaluate_split, load_run, train
+from read_cache.tasks.specs import get_task
+from read_cache.training.train import TrainConfig, evaluate_split, load_run, train
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {
@@ -156,9 +157,9 @@ def test_encoder_only_caches_train(bert_cache: Path, tmp_path: Path, pooling: st
 def test_training_never_imports_the_backbone(sst2_cache: Path, tmp_path: Path) -> None:
     code = (
         "import json, sys\n"
-        "from read_cache.train import TrainConfig, train\n"
+        "from read_cache.training.train import TrainConfig, train\n"
         f"train(TrainConfig(cache={str(sst2_cache)!r}, out={str(tmp_path / 'run')!r}, dim=8, epochs=1, progress=False, threads=1))\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m == 'transformers' or m == 'read_cache.backbone')))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'transformers' or m == 'read_cache.backbone.load')))\n"
     )
     env = {**os.environ, "READ_CACHE_HOME": str(tmp_path / "home")}
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -272,7 +273,7 @@ def test_seeded_runs_repeat_and_streaming_trains_the_same(sst2_cache: Path, tmp_
 
 
 def test_online_predictions_equal_the_cached_path(learned: tuple[Path, dict], sst2_cache: Path, balanced_glue: Path) -> None:
-    from read_cache.predict import predict
+    from read_cache.inference.predict import predict
 
     run, _ = learned
     texts = load_glue(get_task("sst2"), balanced_glue)["test"].texts
@@ -294,7 +295,7 @@ def heads_cache(tiny_t5: Path, glue_dir: Path, tmp_path_factory: pytest.TempPath
 
 @pytest.mark.parametrize("which", ["bert_cache", "heads_cache"])
 def test_online_equals_cached_for_encoders_and_per_head_maps(which: str, request: pytest.FixtureRequest, glue_dir: Path, tmp_path: Path) -> None:
-    from read_cache.predict import predict
+    from read_cache.inference.predict import predict
 
     cache = request.getfixturevalue(which)
     train(quick(cache, tmp_path / "run", head="linear"))
@@ -306,7 +307,7 @@ def test_online_equals_cached_for_encoders_and_per_head_maps(which: str, request
 
 
 def test_predict_refuses_another_model(learned: tuple[Path, dict], tmp_path: Path) -> None:
-    from read_cache.predict import predict
+    from read_cache.inference.predict import predict
 
     other = make_tiny_t5(tmp_path / "other", seed=1)
     with pytest.raises(ReadCacheError, match="weights") as e:

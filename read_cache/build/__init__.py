@@ -7,9 +7,9 @@ writer overlap: a writer thread compresses and stores one unit while the backbon
 A rerun of the same command resumes from the units already durable (see `read_cache.store`).
 
 This module holds the build's outer steps (lock, check, create or resume the store, one split after
-another); `forward` tokenises and runs the backbone, `units` computes and writes one unit, `splits` one
-split, `progress` shows it, `identity` is what the cache records about its build. Every name callers
-used from `read_cache.build` is still importable from here.
+another); `units` runs the backbone (`read_cache.backbone.forward`) over one unit and writes it, `splits`
+one split, `progress` shows it, `identity` is what the cache records about its build, `estimate` projects
+its size (`build --dry-run`).
 """
 
 from __future__ import annotations
@@ -22,27 +22,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from read_cache import distributed, paths
-from read_cache.backbone import Backbone, load_backbone
-from read_cache.build.forward import Tokenized, forward_batches, length_batches, model_inputs, pad, to_stored, tokenize
-from read_cache.build.identity import IDENTITY_DEFAULTS, check_same_build, identity, make_geometry, root_attributes
-from read_cache.build.progress import BuildProgress
-from read_cache.build.splits import (
-    ComputedSplit,
-    SplitReport,
-    build_split,
-    check_skeleton,
-    error_status,
-    finish_split,
-    merge_errors,
-    open_split,
-    others_progress,
-)
-from read_cache.build.units import ERROR_SAMPLE_STRIDE, StatesOut, UnitWriter, compute_unit
+from read_cache.backbone.hub import require_hub_for
+from read_cache.backbone.inputs import Tokenized, model_inputs, tokenize
+from read_cache.backbone.load import Backbone, load_backbone
+from read_cache.build.identity import check_same_build, make_geometry, root_attributes
+from read_cache.build.splits import ComputedSplit, SplitReport, build_split
 from read_cache.config import BuildConfig
-from read_cache.data import SplitData, load_glue
-from read_cache.device import pick_device
 from read_cache.errors import ReadCacheError
-from read_cache.hub import require_hub_for
 from read_cache.store import (
     SPLITS,
     CacheWriter,
@@ -56,42 +42,11 @@ from read_cache.store import (
 )
 from read_cache.store.lease import build_lock
 from read_cache.store.location import Location, translated
-from read_cache.tasks import TaskSpec, get_task
+from read_cache.tasks.data import SplitData, load_glue
+from read_cache.tasks.specs import TaskSpec, get_task
+from read_cache.util.device import pick_device
 
-__all__ = [
-    "ERROR_SAMPLE_STRIDE",
-    "IDENTITY_DEFAULTS",
-    "BuildConfig",
-    "BuildProgress",
-    "BuildReport",
-    "SplitReport",
-    "StatesOut",
-    "Tokenized",
-    "UnitWriter",
-    "build_cache",
-    "build_split",
-    "check_disk",
-    "check_out",
-    "check_same_build",
-    "check_skeleton",
-    "compute_unit",
-    "error_status",
-    "finish_split",
-    "forward_batches",
-    "identity",
-    "length_batches",
-    "make_geometry",
-    "merge_errors",
-    "model_inputs",
-    "open_split",
-    "open_store",
-    "others_progress",
-    "pad",
-    "root_attributes",
-    "store_lock",
-    "to_stored",
-    "tokenize",
-]
+__all__ = ["BuildReport", "build_cache", "check_disk", "check_out", "check_same_build", "open_store", "store_lock"]
 
 log = logging.getLogger(__name__)
 

@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from read_cache.backbone import Backbone, model_reference, package_versions
+from read_cache.backbone.load import Backbone, model_reference, package_versions
 from read_cache.config import BuildConfig
-from read_cache.data import split_recipe
+from read_cache.tasks.data import split_recipe
 from read_cache.errors import ReadCacheError
 from read_cache.store import Geometry, codec_description
 from read_cache.store.location import Location
-from read_cache.tasks import TaskSpec
+from read_cache.tasks.specs import TaskSpec
 
 
 def make_geometry(backbone: Backbone, cfg: BuildConfig, task: TaskSpec) -> Geometry:

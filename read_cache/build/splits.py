@@ -13,12 +13,12 @@ from typing import Any
 import numpy as np
 
 from read_cache import distributed
-from read_cache.backbone import Backbone
-from read_cache.build.forward import Tokenized
+from read_cache.backbone.load import Backbone
+from read_cache.backbone.inputs import Tokenized
 from read_cache.build.progress import BuildProgress
 from read_cache.build.units import UnitWriter, compute_unit
 from read_cache.config import BuildConfig
-from read_cache.data import SplitData
+from read_cache.tasks.data import SplitData
 from read_cache.errors import ReadCacheError
 from read_cache.store import CacheWriter, Unit, plan_units
 from read_cache.store.formats import ErrorStats

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from read_cache.backbone import Backbone
-from read_cache.build.forward import Tokenized, forward_batches, to_stored
+from read_cache.backbone.load import Backbone
+from read_cache.backbone.forward import forward_batches, to_stored
+from read_cache.backbone.inputs import Tokenized
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import CacheWriter, Geometry, Unit, token_rows

@@ -36,7 +36,7 @@ def bench(
         rnn=rnn, dim=dim, lr=lr, full_lr=full_lr, batch_size=batch_size, device=device, methods=tuple(m.strip() for m in methods.split(",") if m.strip()),
     )
     cfg.validate()
-    from read_cache.bench import run_bench
+    from read_cache.bench.run import run_bench
 
     run_bench(cfg)
     out_console.print((out / "bench.md").read_text(), markup=False, highlight=False)

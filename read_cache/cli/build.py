@@ -47,7 +47,7 @@ def build(
     )
     cfg.validate()  # before the heavy imports below: a bad flag is rejected in well under a second
     if dry_run:
-        from read_cache.estimate import estimate_build, estimate_table
+        from read_cache.build.estimate import estimate_build, estimate_table
 
         out_console.print(estimate_table(estimate_build(cfg)), markup=False, highlight=False, soft_wrap=True)
         return

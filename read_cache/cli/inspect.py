@@ -19,7 +19,7 @@ def inspect(
     storage_options: StorageOptions = None,
 ) -> None:
     """Show what a cache holds: splits, sizes, shapes, types, completeness."""
-    from read_cache.describe import describe
+    from read_cache.store.describe import describe
     from read_cache.store import open_cache
     from read_cache.store.location import parse_storage_options
 
@@ -62,7 +62,7 @@ def caches(
 ) -> None:
     """List the caches under the cache root (model, task, size, completeness), or delete one with --rm."""
     from read_cache import paths
-    from read_cache.describe import cache_listing, find_caches, remove_cache
+    from read_cache.store.describe import cache_listing, find_caches, remove_cache
 
     for path in rm or []:
         remove_cache(path.expanduser())

@@ -31,7 +31,7 @@ def predict(
     if not lines:
         raise ReadCacheError("nothing to predict; pass texts as arguments or --file F")
     examples = [tuple(part.strip() for part in line.split("|||")) if "|||" in line else line for line in lines]
-    from read_cache.predict import predict as predict_texts
+    from read_cache.inference.predict import predict as predict_texts
 
     result = predict_texts(run, examples, model, device=device)
     for line, row in zip(lines, result.rows()):

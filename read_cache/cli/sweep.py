@@ -73,7 +73,7 @@ def sweep(
         )
         search_cfg.validate()
         shared.cache = resolve_cache(cache)
-        from read_cache.search import search as run_search
+        from read_cache.protocol.search import search as run_search
 
         _print_search(run_search(search_cfg), out)
         return
@@ -87,12 +87,12 @@ def sweep(
         raise ReadCacheError(f"--seeds {n_seeds} must be at least 1 (the paper averages 3)")
     shared.cache = resolve_cache(cache)
     if n_seeds > 1:
-        from read_cache.search import sweep_seeds
+        from read_cache.protocol.search import sweep_seeds
 
         _print_seeds(sweep_seeds(cfg, n_seeds), out)
         return
-    from read_cache.sweep import ranked
-    from read_cache.sweep import sweep as run_sweep
+    from read_cache.training.sweep import ranked
+    from read_cache.training.sweep import sweep as run_sweep
 
     report = run_sweep(cfg)
     if not is_main_rank():
@@ -162,7 +162,7 @@ def glue(
         progress=not no_progress,
     )
     cfg.validate()
-    from read_cache.glue import TABLE, run_glue
+    from read_cache.protocol.glue import TABLE, run_glue
 
     run_glue(cfg)
     typer.echo((out / TABLE).read_text())

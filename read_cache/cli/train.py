@@ -65,7 +65,7 @@ def train(
         raise ReadCacheError(f"--seeds {seeds} must be at least 1 (the paper averages 3)")
     cfg.cache = resolve_cache(cache)
     if seeds > 1:
-        from read_cache.search import train_seeds
+        from read_cache.protocol.search import train_seeds
 
         report = train_seeds(cfg, seeds)
         out_console.print(
@@ -75,7 +75,7 @@ def train(
             highlight=False,
         )
         return
-    from read_cache.train import train as train_side_network
+    from read_cache.training.train import train as train_side_network
 
     summary = train_side_network(cfg)
     if not is_main_rank():

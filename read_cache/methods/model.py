@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from read_cache.backbone import Backbone
+from read_cache.backbone.load import Backbone
 from read_cache.methods import MethodSpec
-from read_cache.side_network import pool
-from read_cache.tasks import TaskSpec
+from read_cache.training.side_network import pool
+from read_cache.tasks.specs import TaskSpec
 
 log = logging.getLogger(__name__)
 

@@ -28,16 +28,16 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from read_cache.backbone import Backbone, load_backbone
+from read_cache.backbone.load import Backbone, load_backbone
 from read_cache.config import MethodConfig
-from read_cache.data import load_glue
-from read_cache.energy import Meter
+from read_cache.tasks.data import load_glue
+from read_cache.util.energy import Meter
 from read_cache.errors import ReadCacheError
 from read_cache.methods import MethodSpec, parse_method
 from read_cache.methods.model import TaskModel, backbone_parameters, build_task_model, head_parameters
-from read_cache.metrics import majority_baseline, score
-from read_cache.tasks import TaskSpec, get_task
-from read_cache.train import torch_threads, write_json
+from read_cache.tasks.metrics import majority_baseline, score
+from read_cache.tasks.specs import TaskSpec, get_task
+from read_cache.training.train import torch_threads, write_json
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ class Splits:
 
 
 def load_splits(backbone: Backbone, task: TaskSpec, data_dir: Path | None, limit: int | None, max_length: int = 256) -> Splits:
-    from read_cache.build import model_inputs, tokenize
+    from read_cache.backbone.inputs import model_inputs, tokenize
 
     data = load_glue(task, data_dir, limit)
     ids, types = {}, {}
@@ -111,7 +111,7 @@ class Trainer:
 
     def batches(self, split: str, order: np.ndarray) -> Any:
         """(rows, input_ids [B, L], mask [B, L], token_type_ids [B, L] or None) per batch of `order`, on the device."""
-        from read_cache.build import pad
+        from read_cache.backbone.inputs import pad
 
         ids, types = self.splits.ids[split], self.splits.types[split]
         for i in range(0, len(order), self.batch_size):
@@ -122,7 +122,7 @@ class Trainer:
 
     def epoch(self, epoch: int, progress: bool = False, epochs: int | None = None) -> tuple[float, int, float]:
         """One pass over train (0-based `epoch` seeds its order; `epochs` only labels the bar); returns (mean loss, examples, seconds)."""
-        from read_cache.train import EpochBar
+        from read_cache.training.train import EpochBar
 
         started, total, n = time.perf_counter(), 0.0, 0
         order = bucketed_order(self.splits.ids["train"], self.batch_size, np.random.default_rng([self.seed, epoch]))

@@ -1,63 +1,40 @@
-"""Online use of a trained run: frozen backbone + side network on new text, as the cached path computes it.
+"""Online use of a READ run: frozen backbone + side network on new text, as the cached path computes it.
 
-    from read_cache.predict import predict
-    out = predict("runs/sst2-gru256-lm-20250101-120000", ["a lovely film", "a dull plot"])
-    out.labels      # ['positive', 'negative'] (STS-B: scores)
-    out.logits      # [n, C] (STS-B: [n])
+    from read_cache.inference.read import predict_read
+    out = predict_read("runs/sst2-gru256-lm-20250101-120000", ["a lovely film", "a dull plot"])
 
-The text goes through exactly what the build did: the same prompt (`build.model_inputs`), tokenizer
-and max length (`build.tokenize`), length-grouped batches of the build's batch size
-(`build.forward_batches`), and the states are rounded through the stored format (`round_trip`: quantised and decoded as the cache does)
-before the side network sees them, so online outputs equal the cached path's.
+The text goes through exactly what the build did: the same prompt (`backbone.inputs.model_inputs`), tokenizer
+and max length (`backbone.inputs.tokenize`), length-grouped batches of the build's batch size
+(`backbone.forward.forward_batches`), and the states are rounded through the stored format (`round_trip`:
+quantised and decoded as the cache does) before the side network sees them, so online outputs equal the cached path's.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 
-from read_cache.backbone import Backbone, load_backbone
-from read_cache.build import forward_batches, model_inputs, tokenize
+from read_cache.backbone.forward import forward_batches
+from read_cache.backbone.hub import require_hub_for
+from read_cache.backbone.inputs import model_inputs, tokenize
+from read_cache.backbone.load import Backbone, load_backbone
 from read_cache.errors import ReadCacheError
-from read_cache.side_network import SideNetwork
+from read_cache.inference.results import Predictions, as_tuples
 from read_cache.store import token_rows
-from read_cache.hub import require_hub_for
 from read_cache.store.formats import StoreFormat, dequantise, get_format, quantise_torch
-from read_cache.tasks import TaskSpec, get_task
-from read_cache.train import load_run
+from read_cache.tasks.specs import TaskSpec, get_task
+from read_cache.training.side_network import SideNetwork
+from read_cache.training.train import load_run
 
 log = logging.getLogger(__name__)
 
 
-class Predictions(NamedTuple):
-    labels: list[str] | list[float]
-    """Label words for classification, scores for regression (STS-B)."""
-    label_ids: np.ndarray | None
-    """[n] class ids; None for regression."""
-    logits: np.ndarray
-    """[n, C] logits, or [n] scores for regression."""
-    label_words: list[str] | None = None
-    """The C labels the logits score (classification only)."""
-
-    def rows(self) -> list[dict[str, Any]]:
-        """One plain dict per example: {'label', 'probabilities': {label: p}} or {'score'} for regression."""
-        if self.label_ids is None:
-            return [{"score": float(s)} for s in self.labels]
-        shifted = np.exp(self.logits - self.logits.max(axis=-1, keepdims=True))
-        probabilities = shifted / shifted.sum(axis=-1, keepdims=True)
-        return [
-            {"label": label, "probabilities": {w: round(float(p), 6) for w, p in zip(self.label_words or [], row)}}
-            for label, row in zip(self.labels, probabilities)
-        ]
-
-
-def predict(
+def predict_read(
     run_dir: str | Path,
     texts: Sequence[str] | Sequence[tuple[str, ...]],
     model: str | None = None,
@@ -65,20 +42,11 @@ def predict(
     batch_size: int | None = None,
     device: str | None = None,
 ) -> Predictions:
-    """Labels (or scores) and logits for `texts`: one string per example, or a tuple per sentence pair.
-
-    `model` defaults to the backbone the run's cache was built from; another model is refused unless
-    it has the same weights. `batch_size` defaults to the build's (same batches -> bit-equal states).
-    """
-    from read_cache.methods.predict import is_method_run, predict_method
-
-    if is_method_run(run_dir):  # a baseline of `train --method`: backbone + method weights, no cache
-        run_task = get_task(json.loads((Path(run_dir) / "config.json").read_text())["task"])
-        return predict_method(run_dir, _as_tuples(run_task, texts), model, batch_size=batch_size or 64, device=device)
+    """Labels (or scores) and logits of a READ run for `texts` (see `inference.predict.predict`)."""
     net, config = load_run(run_dir)
     cache = config["cache"]
     task = get_task(cache["task"])
-    examples = _as_tuples(task, texts)
+    examples = as_tuples(task, texts)
     backbone = load_checked_backbone(cache, model, device)
     states = online_states(backbone, task, examples, cache, batch_size or cache.get("build_batch_size") or 64)
     logits = side_network_logits(net, states)
@@ -88,25 +56,6 @@ def predict(
     # Under --protocol lst the targets are the digits "0", "1", "2"; people read the task's label words.
     words = list(task.label_words) if cache.get("protocol") == "lst" else cache.get("label_words") or list(task.label_words)
     return Predictions([words[i] for i in ids], ids, logits, list(words))
-
-
-def _as_tuples(task: TaskSpec, texts: Sequence[str] | Sequence[tuple[str, ...]]) -> list[tuple[str, ...]]:
-    if isinstance(texts, str):
-        raise ReadCacheError("texts must be a list of examples, not a single string; wrap it in a list")
-    out = [(t,) if isinstance(t, str) else tuple(t) for t in texts]
-    want = len(task.text_fields)
-    bad = [i for i, t in enumerate(out) if len(t) != want]
-    if bad:
-        raise ReadCacheError(
-            f"{task.name} examples have {want} text field(s) {task.text_fields}, but example {bad[0]} has {len(out[bad[0]])}; "
-            f"pass {'a string' if want == 1 else 'a tuple of ' + str(want) + ' strings'} per example"
-        )
-    if not out:
-        raise ReadCacheError("no texts to predict; pass at least one example")
-    blank = [i for i, t in enumerate(out) if not any(field.strip() for field in t)]
-    if blank:
-        raise ReadCacheError(f"example {blank[0]} is empty; pass the text to label")
-    return out
 
 
 def load_checked_backbone(cache: dict[str, Any], model: str | None, device: str | None) -> Backbone:

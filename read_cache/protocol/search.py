@@ -7,7 +7,7 @@
 Appendix D.2 of the paper: per architecture and task, the learning rate is searched over [1e-6, 3e-3] on a
 log scale "for up to 32 rounds" with Bayesian optimisation; the run with the best validation score is kept;
 scores are means over 3 seeds. Here one optuna study (TPE) per architecture is driven by ask-and-tell: each
-round asks every architecture for its next rate(s), and `read_cache.sweep` trains all of them together (one
+round asks every architecture for its next rate(s), and `read_cache.training.sweep` trains all of them together (one
 fused pass per seed, so a configuration's numbers equal a lone `read-cache train` with that seed); each study
 is told the mean validation score over the seeds.
 
@@ -56,7 +56,7 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 def train_seeds(cfg: TrainConfig, seeds: int) -> dict[str, Any]:
     """`read-cache train --seeds K`: the same run with K seeds, each in OUT/seed-S; writes OUT/seeds.json."""
-    from read_cache.train import train
+    from read_cache.training.train import train
 
     if seeds <= 0:
         raise ReadCacheError(f"--seeds {seeds} must be at least 1 (the paper averages 3)")
@@ -102,7 +102,7 @@ def _finite(x: float) -> float:
 
 
 def _sweep_per_seed(cfg: SweepConfig, seeds: list[int], out: Path) -> list[dict[str, Any]]:
-    from read_cache.sweep import sweep
+    from read_cache.training.sweep import sweep
 
     return [
         sweep(dataclasses.replace(cfg, out=out / f"seed-{s}", shared=dataclasses.replace(cfg.shared, seed=s)))

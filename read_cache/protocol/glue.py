@@ -7,7 +7,7 @@
 
 1. builds each task's cache under OUT/caches/<task> (a complete one with the same options is skipped; an
    interrupted one resumes);
-2. runs `read_cache.search` on each (every architecture, a Bayesian learning-rate search, K seeds);
+2. runs `read_cache.protocol.search` on each (every architecture, a Bayesian learning-rate search, K seeds);
 3. selects the architecture as appendix D.2 does: each architecture scores the mean over tasks of its best
    mean validation score, the best architecture wins, and its best run per task gives the test scores;
 4. writes the table laid out like Table 1, the paper's READ (or READ-large) row beside ours and the difference:
@@ -33,7 +33,7 @@ from typing import Any
 
 from read_cache.config import GlueConfig, SearchConfig
 from read_cache.paper import PAPER_SCORES, TABLE1_TASKS, variant_of
-from read_cache.tasks import get_task
+from read_cache.tasks.specs import get_task
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def ensure_cache(cfg: GlueConfig, task: str) -> Path:
 
 def search_task(cfg: GlueConfig, task: str, cache: Path) -> dict[str, Any]:
     """The search on one task's cache, in OUT/search/<task> (replacing an earlier search there)."""
-    from read_cache.search import search
+    from read_cache.protocol.search import search
 
     base = cfg.search or SearchConfig(out=Path(cfg.out))
     shared = dataclasses.replace(base.shared, cache=cache, out=None)

@@ -11,7 +11,7 @@ write the run folder:
       metrics.jsonl             one JSON line per epoch
       side_network.safetensors  the trained weights (with the head and its frozen LM rows)
       summary.json              scores, sizes, speed, energy (written last: its presence means done)
-      checkpoint.pt             while training: the state after the last epoch (see `read_cache.checkpoint`)
+      checkpoint.pt             while training: the state after the last epoch (see `read_cache.training.checkpoint`)
 """
 
 from __future__ import annotations
@@ -31,15 +31,16 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from read_cache import checkpoint, distributed, paths
+from read_cache import distributed, paths
+from read_cache.training import checkpoint
 from read_cache.config import TrainConfig
-from read_cache.device import autocast_dtype, pick_device, training_threads
-from read_cache.energy import Meter
+from read_cache.util.device import autocast_dtype, pick_device, training_threads
+from read_cache.util.energy import Meter
 from read_cache.errors import ReadCacheError
-from read_cache.metrics import majority_baseline, score
+from read_cache.tasks.metrics import majority_baseline, score
 from read_cache.paper import resolve_lr
-from read_cache.reader import Batch, SplitReader, batch_to, choose_modes
-from read_cache.side_network import (
+from read_cache.training.reader import Batch, SplitReader, batch_to, choose_modes
+from read_cache.training.side_network import (
     HeadKind,
     RNNKind,
     SideNetwork,
@@ -49,7 +50,7 @@ from read_cache.side_network import (
     parameter_breakdown,
 )
 from read_cache.store import Cache, open_cache
-from read_cache.tasks import TaskSpec, get_task
+from read_cache.tasks.specs import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ def run_config(cfg: TrainConfig, net_cfg: SideNetworkConfig, cache: Cache) -> di
 
 
 def cache_record(cache: Cache) -> dict[str, Any]:
-    """What a run must know about its cache to be used online without it (see `read_cache.predict`)."""
+    """What a run must know about its cache to be used online without it (see `read_cache.inference.predict`)."""
     backbone, build = cache.attrs["backbone"], cache.attrs.get("build", {})
     return {
         "path": str(cache.path.resolve()),

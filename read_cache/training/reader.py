@@ -1,6 +1,6 @@
 """Batches of cached states for training: streamed in shuffled blocks, or held in RAM when they fit.
 
-    from read_cache.reader import SplitReader
+    from read_cache.training.reader import SplitReader
     reader = SplitReader(open_cache(path)["train"], batch_size=96, shuffle=True, seed=0)
     for batch in reader.epoch(0):
         batch["enc"]            # [T_b, N_E, d] float32, every real token of the batch's examples

@@ -1,4 +1,4 @@
-"""The six methods `read-cache bench` compares, each run in its own process by `read_cache.bench`.
+"""The six methods `read-cache bench` compares, each run in its own process by `read_cache.bench.run`.
 
 forward       the bare backbone forward pass over every split (what the build cannot avoid)
 build         `build_cache` over the same examples
@@ -23,7 +23,8 @@ from typing import Any
 import psutil
 import torch
 
-from read_cache.bench import BenchConfig, metered
+from read_cache.bench.common import metered
+from read_cache.config import BenchConfig
 
 
 def _cache_dir(cfg: BenchConfig) -> Path:
@@ -43,7 +44,7 @@ def _rss() -> int:
 
 
 def forward(cfg: BenchConfig) -> dict[str, Any]:
-    from read_cache.build import forward_batches
+    from read_cache.backbone.forward import forward_batches
 
     baseline = _rss()
 
@@ -60,7 +61,8 @@ def forward(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def build(cfg: BenchConfig) -> dict[str, Any]:
-    from read_cache.build import BuildConfig, build_cache
+    from read_cache.config import BuildConfig
+    from read_cache.build import build_cache
     from read_cache.store import open_cache
 
     shutil.rmtree(_cache_dir(cfg), ignore_errors=True)
@@ -79,10 +81,10 @@ def build(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _backbone_and_tokens(cfg: BenchConfig) -> tuple[Any, dict[str, Any]]:
-    from read_cache.backbone import load_backbone
-    from read_cache.build import model_inputs, tokenize
-    from read_cache.data import load_glue
-    from read_cache.tasks import get_task
+    from read_cache.backbone.load import load_backbone
+    from read_cache.backbone.inputs import model_inputs, tokenize
+    from read_cache.tasks.data import load_glue
+    from read_cache.tasks.specs import get_task
 
     task = get_task(cfg.task)
     data = load_glue(task, cfg.data_dir, cfg.limit)
@@ -103,7 +105,7 @@ def cached_ram(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _cached(cfg: BenchConfig, reader: str) -> dict[str, Any]:
-    from read_cache.train import TrainConfig, train
+    from read_cache.training.train import TrainConfig, train
 
     out = cfg.out / "runs" / f"cached-{reader}"
     baseline = _rss()
@@ -157,9 +159,9 @@ def baseline(cfg: BenchConfig, method: str) -> dict[str, Any]:
 
 
 def _backbone_and_splits(cfg: BenchConfig) -> tuple[Any, Any, Any]:
-    from read_cache.backbone import load_backbone
+    from read_cache.backbone.load import load_backbone
     from read_cache.methods.train import load_splits
-    from read_cache.tasks import get_task
+    from read_cache.tasks.specs import get_task
 
     task = get_task(cfg.task)
     backbone = load_backbone(cfg.model, device=cfg.device)
@@ -215,7 +217,7 @@ class OnlineRead(torch.nn.Module):
 
 def online_read_trainer(cfg: BenchConfig) -> Any:
     from read_cache.methods.train import Trainer
-    from read_cache.side_network import SideNetwork, SideNetworkConfig
+    from read_cache.training.side_network import SideNetwork, SideNetworkConfig
 
     bb, task, splits = _backbone_and_splits(cfg)
     lm = bb.lm_head(task.label_words) if bb.kind == "t5" and task.label_words else None
@@ -240,7 +242,7 @@ def interleaved(cfg: BenchConfig, epochs: int = 5) -> dict[str, Any]:
     by 30%; alternating epochs cancels slow drifts. The RAM split is loaded, and the streaming reader's
     first window read, before timing starts.
     """
-    from read_cache.train import TrainConfig, setup, train_epoch
+    from read_cache.training.train import TrainConfig, setup, train_epoch
 
     runs = {}
     for mode in ("stream", "ram"):
@@ -268,10 +270,24 @@ def interleaved(cfg: BenchConfig, epochs: int = 5) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------------
-# The store formats' read rate (read_cache.bench_reader)
+# The store formats' read rate (read_cache.bench.reader)
 
 
 def reader(cfg: BenchConfig) -> dict[str, Any]:
-    from read_cache.bench_reader import reader as measure
+    from read_cache.bench.reader import reader as measure
 
     return measure(cfg)
+
+
+REGISTRY: dict[str, Any] = {
+    "forward": forward,
+    "build": build,
+    "cached_store": cached_store,
+    "cached_ram": cached_ram,
+    "interleaved": interleaved,
+    "online": online,
+    "full": full,
+    "reader": reader,
+}
+"""Bench's own methods by name, in report order (`config.METHODS` names the same, torch-free); anything
+else `--methods` takes is a baseline of `read_cache.methods`, run by `baseline`."""

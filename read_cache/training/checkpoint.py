@@ -43,7 +43,7 @@ from read_cache.errors import ReadCacheError
 from read_cache.store import fsync_path
 
 if TYPE_CHECKING:
-    from read_cache.train import EarlyStopping, Run
+    from read_cache.training.train import EarlyStopping, Run
 
 log = logging.getLogger(__name__)
 
@@ -285,7 +285,7 @@ def stopping_state(stopping: EarlyStopping) -> dict[str, Any]:
 
 def restore_stopping(stopping: EarlyStopping, state: dict[str, Any]) -> None:
     """Put the early-stopping record back, and metrics.jsonl with it (one line per checkpointed epoch)."""
-    from read_cache.train import METRICS, Evaluation
+    from read_cache.training.train import METRICS, Evaluation
 
     stopping.best_score, stopping.best_epoch, stopping.best_state = state["best_score"], state["best_epoch"], state["best_state"]
     validation = state["best_validation"]
@@ -394,7 +394,7 @@ def kill_point(stage: str, epoch: int) -> None:
 
 def unfinished_message(run_dir: Path) -> str:
     """Why a run folder with a config.json but no weights cannot be used yet, and how to finish it."""
-    from read_cache.sweep import RUNS, SWEEP_CONFIG
+    from read_cache.training.sweep import RUNS, SWEEP_CONFIG
 
     epoch, command = checkpoint_epoch(run_dir), "read-cache train"
     sweep_dir = run_dir.parent.parent

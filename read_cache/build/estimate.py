@@ -14,14 +14,14 @@ import dataclasses
 import logging
 from typing import Any
 
-from read_cache.backbone import _load_config, backbone_kind
-from read_cache.build import model_inputs, tokenize
+from read_cache.backbone.load import _load_config, backbone_kind
+from read_cache.backbone.inputs import model_inputs, tokenize
 from read_cache.config import BuildConfig
-from read_cache.data import load_glue
+from read_cache.tasks.data import load_glue
 from read_cache.errors import ReadCacheError
 from read_cache.store import SPLITS, Geometry
 from read_cache.store.formats import STORE_DTYPES
-from read_cache.tasks import get_task
+from read_cache.tasks.specs import get_task
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Where training runs and in which precision, without importing the backbone (or transformers).
 
-    >>> from read_cache.device import pick_device, autocast_dtype
+    >>> from read_cache.util.device import pick_device, autocast_dtype
     >>> autocast_dtype(pick_device(None))   # None on a CPU without AMX / AVX512-BF16
 
 bf16 pays on CUDA and on CPUs with AMX or AVX512-BF16; elsewhere torch emulates it and a bf16

@@ -1,8 +1,8 @@
 """GLUE's metric for each task, and the majority-class baseline to read scores against.
 
     >>> import numpy as np
-    >>> from read_cache.metrics import score
-    >>> from read_cache.tasks import get_task
+    >>> from read_cache.tasks.metrics import score
+    >>> from read_cache.tasks.specs import get_task
     >>> score(get_task("mrpc"), np.array([1, 1, 0, 1]), np.array([1, 0, 0, 1]))
     {'metric': 'mean_f1_accuracy', 'score': 0.775, 'f1': 0.8, 'accuracy': 0.75}
 
@@ -16,7 +16,7 @@ import numpy as np
 from scipy import stats
 from sklearn import metrics as skm
 
-from read_cache.tasks import Metric, TaskSpec
+from read_cache.tasks.specs import Metric, TaskSpec
 
 
 def score(task: TaskSpec, predictions: np.ndarray, labels: np.ndarray) -> dict[str, str | float]:

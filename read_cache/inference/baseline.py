@@ -1,6 +1,6 @@
 """Online use of a baseline's run folder: reload the backbone, re-apply the method, load its weights, label text.
 
-    from read_cache.predict import predict          # dispatches here for runs of `train --method`
+    from read_cache.inference.predict import predict          # dispatches here for runs of `train --method`
     predict("runs/sst2-lora-8-20250101-120000", ["a lovely film"]).labels    # ['positive']
 """
 
@@ -14,12 +14,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from read_cache.backbone import load_backbone
+from read_cache.backbone.load import load_backbone
 from read_cache.errors import ReadCacheError
+from read_cache.inference.results import Predictions
 from read_cache.methods import parse_method
 from read_cache.methods.model import TaskModel, build_task_model
 from read_cache.methods.train import CONFIG, WEIGHTS, Splits, Trainer
-from read_cache.tasks import TaskSpec, get_task
+from read_cache.tasks.specs import TaskSpec, get_task
 
 
 def is_method_run(run_dir: str | Path) -> bool:
@@ -47,9 +48,8 @@ def load_method_run(run_dir: str | Path, model: str | None = None, device: str |
 
 
 def predict_method(run_dir: str | Path, examples: list[tuple[str, ...]], model: str | None = None, *, batch_size: int = 64, device: str | None = None) -> Any:
-    """Predictions (labels, label ids, logits) of a baseline run for `examples`, as `read_cache.predict.predict` returns."""
-    from read_cache.build import model_inputs, tokenize
-    from read_cache.predict import Predictions
+    """Predictions (labels, label ids, logits) of a baseline run for `examples`, as `read_cache.inference.predict.predict` returns."""
+    from read_cache.backbone.inputs import model_inputs, tokenize
 
     module, backbone, task, config = load_method_run(run_dir, model, device)
     tok = tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, examples), int(config["max_length"]))

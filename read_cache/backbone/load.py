@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from read_cache.device import default_compute_dtype, pick_device, warn_if_risky_dtype
+from read_cache.util.device import default_compute_dtype, pick_device, warn_if_risky_dtype
 from read_cache.errors import ReadCacheError
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from read_cache.bench.common import metered
 from read_cache.config import BenchConfig
 from read_cache.errors import ReadCacheError
-from read_cache.reader import SplitReader, decode
+from read_cache.training.reader import SplitReader, decode
 from read_cache.store import Split, open_cache, read_root_attrs
 from read_cache.store.formats import get_format
 from read_cache.store.transcode import transcode
@@ -98,8 +99,6 @@ def epoch(reader: SplitReader) -> tuple[float, float]:
 
 
 def reader(cfg: BenchConfig, rounds: int = 3) -> dict[str, Any]:
-    from read_cache.bench import metered
-
     result, meter = metered(_measure, cfg, rounds)
     return {"meter": meter, "total_seconds": meter["wall_seconds"], **result}
 

@@ -1,8 +1,8 @@
 """GLUE with the READ paper's train/validation/test recipe (DESIGN.md section 3).
 
     >>> from pathlib import Path
-    >>> from read_cache.data import load_glue
-    >>> from read_cache.tasks import get_task
+    >>> from read_cache.tasks.data import load_glue
+    >>> from read_cache.tasks.specs import get_task
     >>> splits = load_glue(get_task("sst2"), data_dir=Path("../shared/glue"))
     >>> {name: len(split) for name, split in splits.items()}
     {'train': 66349, 'validation': 1000, 'test': 872}
@@ -47,7 +47,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from read_cache.errors import ReadCacheError
-from read_cache.tasks import PROTOCOLS, TaskSpec
+from read_cache.tasks.specs import PROTOCOLS, TaskSpec
 
 logger = logging.getLogger(__name__)
 

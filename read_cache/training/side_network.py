@@ -1,6 +1,6 @@
 """READ's side network (Algorithm 1 of arXiv 2305.15348, DESIGN.md section 1) and its task heads.
 
-    from read_cache.side_network import SideNetwork, SideNetworkConfig, count_trainable
+    from read_cache.training.side_network import SideNetwork, SideNetworkConfig, count_trainable
     net = SideNetwork(SideNetworkConfig(rnn="gru", dim=256, d_model=768, n_encoder_layers=12, n_decoder_layers=12))
     count_trainable(net)                     # 1,971,456 = 1,969,920 (paper, Table 4) + 2 x 768 norm scales
 

@@ -2,9 +2,9 @@
 
     read-cache bench --model ./t5-small-random --task sst2 --data-dir ../shared/glue --limit 2000 --epochs 10 --out bench/
 
-Each method runs in a fresh subprocess (`python -m read_cache.bench METHOD SPEC`), so its peak memory
+Each method runs in a fresh subprocess (`python -m read_cache.bench.run METHOD SPEC`), so its peak memory
 is its own and not the leftovers of the method before it. Every method is metered the same way
-(`read_cache.energy.Meter`): wall and CPU seconds, energy where a counter exists, peak RSS and CUDA
+(`read_cache.util.energy.Meter`): wall and CPU seconds, energy where a counter exists, peak RSS and CUDA
 memory, and the test score where the method trains one. `--methods` also takes the baselines of
 `read_cache.methods` (lora-8, lora-32, prompt-20, adapter-64, bitfit, lst-8, ...): one row each in
 bench.json and bench.md, and a point each in bench-scores.png (score against energy and against peak
@@ -23,13 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from read_cache.config import METHODS, BenchConfig
-from read_cache.energy import Meter
 from read_cache.errors import ReadCacheError
 from read_cache.store import read_root_attrs
 
 log = logging.getLogger(__name__)
-
-
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,7 +53,7 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
             continue
         log.info("bench: %s", method)
         if isolate:
-            proc = subprocess.run([sys.executable, "-m", "read_cache.bench", method, str(spec)], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-m", "read_cache.bench.run", method, str(spec)], capture_output=True, text=True)
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
                 raise ReadCacheError(f"bench method {method} failed: {tail[0]}")
@@ -148,16 +145,10 @@ def gpu_prediction(results: dict[str, Any], epochs: int, split_sizes: dict[str, 
 def main(method: str, spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     cfg = BenchConfig(**{**spec, "out": Path(spec["out"]), "data_dir": Path(spec["data_dir"]) if spec["data_dir"] else None, "methods": tuple(spec["methods"])})
-    from read_cache import bench_methods
+    from read_cache.bench.methods import REGISTRY, baseline
 
-    result = getattr(bench_methods, method)(cfg) if method in METHODS else bench_methods.baseline(cfg, method)
+    result = REGISTRY[method](cfg) if method in REGISTRY else baseline(cfg, method)
     (cfg.out / f"{method}.json").write_text(json.dumps(result, indent=2))
-
-
-def metered(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, dict[str, Any]]:
-    with Meter() as meter:
-        value = fn(*args, **kwargs)
-    return value, meter.reading.to_dict()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -187,7 +178,7 @@ def markdown(report: dict[str, Any]) -> str:
     gpu_text = f"\nPredicted online/cached total on a GPU: {gpu['online_over_cached_total']:.2f}x ({'; '.join(gpu['assumptions'])}).\n" if gpu else ""
     text = "\n".join(rows) + "\n\n| ratio | value |\n|---|---|\n" + ratio_rows + "\n" + gpu_text
     if "reader" in report["methods"]:
-        from read_cache.bench_reader import markdown as reader_markdown
+        from read_cache.bench.reader import markdown as reader_markdown
 
         text += "\n" + reader_markdown(report["methods"]["reader"])
     return text

@@ -32,14 +32,15 @@ from typing import Any
 
 import torch
 
-from read_cache import checkpoint, distributed
+from read_cache import distributed
+from read_cache.training import checkpoint
 from read_cache.config import Search, SweepConfig, TrainConfig
-from read_cache.device import autocast_dtype, pick_device, training_threads
-from read_cache.energy import Meter
+from read_cache.util.device import autocast_dtype, pick_device, training_threads
+from read_cache.util.energy import Meter
 from read_cache.errors import ReadCacheError
-from read_cache.reader import batch_to
-from read_cache.side_network import RNNKind
-from read_cache.train import (
+from read_cache.training.reader import batch_to
+from read_cache.training.side_network import RNNKind
+from read_cache.training.train import (
     EarlyStopping,
     EpochBar,
     Evaluation,

@@ -1,6 +1,6 @@
 """The nine GLUE tasks as the READ paper fed them to T5 (DESIGN.md section 3).
 
-    >>> from read_cache.tasks import get_task
+    >>> from read_cache.tasks.specs import get_task
     >>> get_task("mnli").t5_input({"hypothesis": "A cat sleeps.", "premise": "The cat naps."})
     'mnli hypothesis: A cat sleeps. premise: The cat naps.'
 
@@ -21,7 +21,7 @@ from read_cache.errors import ReadCacheError
 
 PROTOCOLS = ("t5", "lst")
 """How splits, inputs and targets are made (`--protocol`): this package's recipe with T5's label words,
-or Ladder Side-Tuning's (the READ paper's code) with the label digits; see `read_cache.data`."""
+or Ladder Side-Tuning's (the READ paper's code) with the label digits; see `read_cache.tasks.data`."""
 
 
 class Metric(str, Enum):
@@ -53,7 +53,7 @@ class TaskSpec:
     """T5's target word for each label; index = the hub's label id. Empty for regression (stsb)."""
 
     metric: Metric
-    """The metric GLUE reports for this task (see `read_cache.metrics.score`)."""
+    """The metric GLUE reports for this task (see `read_cache.tasks.metrics.score`)."""
 
     lst_template: str | None = None
     """Ladder Side-Tuning's input (`--protocol lst`) where it differs from `t5_template` (only MNLI's does)."""
