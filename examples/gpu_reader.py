@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from read_cache.training.reader import SplitReader, batch_to, decode
 from read_cache.store import CacheWriter, Geometry, open_cache, plan_units
 from read_cache.store.formats import get_format, quantise_torch
+from read_cache.training.reader import SplitReader, batch_to, decode
 
 FORMATS = ("bfloat16", "fp8", "int8", "int4")
 DEVICE = "cuda"  # --device cpu runs a (slow, small) smoke test of this script without a GPU
@@ -107,7 +107,11 @@ def reader_epoch(split, workers: int, on_gpu: bool, step=None) -> float:
 
 
 def side_step_fn():
-    from read_cache.training.side_network import SideNetwork, SideNetworkConfig, forward_batch
+    from read_cache.training.side_network import (
+        SideNetwork,
+        SideNetworkConfig,
+        forward_batch,
+    )
 
     cfg = SideNetworkConfig(rnn="gru", dim=256, d_model=768, n_encoder_layers=12, n_decoder_layers=12, encoder_only=False,
                             pooling="mean", head="linear", num_labels=2, output_scale=1.0)

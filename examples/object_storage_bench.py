@@ -28,9 +28,8 @@ from pathlib import Path
 import psutil
 
 import read_cache
-from read_cache.training.reader import SplitReader
 from read_cache.store.location import Location
-
+from read_cache.training.reader import SplitReader
 
 # --------------------------------------------------------------------------------------------------
 # A local S3 server, and a proxy that adds latency
@@ -94,8 +93,9 @@ def start_delay_proxy(upstream_port: int, delay_s: float) -> int:
 
 def upload(cache_dir: Path, url: str, endpoint: str, split: str) -> int:
     """Copy the cache tree into the bucket: everything of `split`, only metadata of the other splits."""
-    import boto3
     from concurrent.futures import ThreadPoolExecutor
+
+    import boto3
 
     bucket, prefix = url.removeprefix("s3://").split("/", 1)
     s3 = boto3.client("s3", endpoint_url=endpoint)

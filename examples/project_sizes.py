@@ -23,8 +23,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from read_cache.config import BuildConfig
 from read_cache.build.estimate import config_geometry
+from read_cache.config import BuildConfig
 from read_cache.store.formats import STORE_DTYPES
 
 # Hub GLUE row counts, after read-cache's split recipe (>= 10k train: 1k of train held out as validation,

@@ -19,22 +19,29 @@ from typing import Any, NamedTuple, TypeVar
 import numpy as np
 
 from read_cache.errors import ReadCacheError
-from read_cache.paper import PAPER, check_preset
-from read_cache.store import CHUNK_BYTES
-from read_cache.store.formats import DEFAULT_STORE_DTYPE, STORE_DTYPES
-from read_cache.tasks.specs import PROTOCOLS
-from read_cache.store.location import check_location, redact_options
+from read_cache.kinds import (
+    BENCH_METHODS,
+    COMPUTE_DTYPES,
+    CROSS_ATTENTION,
+    HEADS,
+    METHOD_NAMES,
+    POOLINGS,
+    PROTOCOLS,
+    READER_MODES,
+    RNN_KINDS,
+    STORE_DTYPES,
+    TRAIN_DTYPES,
+    check_choice,
+    check_installed,
+    is_method,
+    parse_method,
+    task_name,
+)
+from read_cache.paper import DEFAULT_LR, PAPER, check_preset
+from read_cache.paths import check_location, redact_options
 
 T = TypeVar("T")
 
-METHODS = ("forward", "build", "cached_store", "cached_ram", "interleaved", "online", "full", "reader")
-"""What `read-cache bench --methods` takes, besides the baselines of `read_cache.methods` (lora-8, prompt-20, ...)."""
-COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
-RNN_KINDS = ("gru", "lstm", "rnn", "none")
-HEADS = ("lm", "linear")
-READER_MODES = ("auto", "ram", "stream")
-DEFAULT_DIM = 256
-DEFAULT_LR = 1e-3
 EXAMPLES = {"--tasks": "cola,sst2,mrpc,stsb", "--rnn": "gru,lstm", "--dim": "128,256", "--lr": "1e-4,3e-4,1e-3", "--head": "lm,linear"}
 
 @dataclasses.dataclass
@@ -62,13 +69,13 @@ class BuildConfig:
     """Examples per forward pass (batches are grouped by length)."""
     cross_attention: str = "mean"
     """'mean' over heads (the paper's single head) or 'heads' to keep every head."""
-    float_dtype: str = DEFAULT_STORE_DTYPE
-    """`--store-dtype`: 'bfloat16' (T5's range), 'float16', or 8-/4-bit codes with scales 'fp8', 'int8', 'int4'
-    (docs/storage.md measures their size, error and READ scores)."""
+    float_dtype: str = "fp8"
+    """`--store-dtype`: 'bfloat16' (T5's range), 'float16', or 8-/4-bit codes with scales 'fp8', 'int8', 'int4'.
+    The default was chosen by measurement (docs/storage.md: size, error and READ scores)."""
     revision: str | None = None
     """Hub revision of the model."""
-    chunk_mb: float = CHUNK_BYTES / 2**20
-    """Target raw size of a token chunk in MiB (DESIGN: 1-8 MB)."""
+    chunk_mb: float = 4.0
+    """Target raw size of a token chunk in MiB (DESIGN: 1-8 MB); the store's default (`store.layout.CHUNK_BYTES`)."""
     force: bool = False
     """Build even when the disk estimate says it will not fit."""
     overwrite: bool = False
@@ -87,8 +94,7 @@ class BuildConfig:
     s3://, gs://, az://, fsspec's for other URLs; None: the service's environment variables alone."""
 
     def validate(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ReadCacheError(f"--protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)} (t5: T5's label words; lst: Ladder Side-Tuning's splits and label digits)")
+        check_choice("--protocol", self.protocol, PROTOCOLS, " (t5: T5's label words; lst: Ladder Side-Tuning's splits and label digits)")
         if self.drop_last_layers < 0:
             raise ReadCacheError(f"--drop-last-layers {self.drop_last_layers} must be 0 or more (READ-large drops 4)")
         if self.limit is not None and self.limit <= 0:
@@ -97,15 +103,13 @@ class BuildConfig:
             raise ReadCacheError(f"--max-length {self.max_length} must be at least 2 tokens")
         if self.batch_size <= 0:
             raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
-        if self.cross_attention not in ("mean", "heads"):
-            raise ReadCacheError(f"--cross-attention {self.cross_attention} must be 'mean' or 'heads'")
+        check_choice("--cross-attention", self.cross_attention, CROSS_ATTENTION)
         if not 0 < self.chunk_mb <= 256:
             raise ReadCacheError(f"--chunk-mb {self.chunk_mb} must be in (0, 256]")
-        if self.dtype is not None and self.dtype not in COMPUTE_DTYPES:
-            raise ReadCacheError(f"--dtype {self.dtype} is not one of {', '.join(COMPUTE_DTYPES)} (or leave it out to pick what is fast here)")
-        _check_task(self.task)
-        if self.float_dtype not in STORE_DTYPES:
-            raise ReadCacheError(f"--store-dtype {self.float_dtype!r} is not one of {', '.join(STORE_DTYPES)} (see docs/storage.md)")
+        if self.dtype is not None:
+            check_choice("--dtype", self.dtype, COMPUTE_DTYPES, " (or leave it out to pick what is fast here)")
+        task_name(self.task)
+        check_choice("--store-dtype", self.float_dtype, STORE_DTYPES, " (see docs/storage.md)")
         check_location("--out", self.out, self.storage_options)
 
 
@@ -121,7 +125,7 @@ class TrainingOptions:
     family pools (mean for sentence-transformers models, first for BERT classifiers), for READ as the build recorded it."""
     lr: float | None = None
     """AdamW learning rate; None: READ's 1e-3, or with --preset paper Table 9's rate for the cache's task;
-    a baseline's own default (`read_cache.methods.DEFAULT_LR`)."""
+    a baseline's own default (`read_cache.kinds.METHOD_LR`)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     batch_size: int = 96
@@ -152,6 +156,8 @@ class TrainingOptions:
                 raise ReadCacheError(f"{flag} {value} must be at least 1")
         if self.threads is not None and self.threads <= 0:
             raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
+        if self.pooling is not None:
+            check_choice("--pooling", self.pooling, POOLINGS, " (or leave it out for the model family's way)")
 
 
 @dataclasses.dataclass
@@ -187,14 +193,12 @@ class TrainConfig(TrainingOptions):
 
     def validate(self) -> None:
         check_preset(self.preset)
-        if self.rnn not in RNN_KINDS:
-            raise ReadCacheError(f"--rnn {self.rnn!r} is not one of {', '.join(RNN_KINDS)}")
-        if self.head is not None and self.head not in HEADS:
-            raise ReadCacheError(f"--head {self.head!r} is not one of {', '.join(HEADS)} (or leave it out for the task's default)")
-        if self.dtype is not None and self.dtype not in ("bf16", "fp32"):
-            raise ReadCacheError(f"--dtype {self.dtype} is not bf16 or fp32 (or leave it out to pick what is fast here)")
-        if self.reader not in READER_MODES:
-            raise ReadCacheError(f"--reader {self.reader!r} is not one of {', '.join(READER_MODES)}")
+        check_choice("--rnn", self.rnn, RNN_KINDS)
+        if self.head is not None:
+            check_choice("--head", self.head, HEADS, " (or leave it out for the task's default)")
+        if self.dtype is not None:
+            check_choice("--dtype", self.dtype, TRAIN_DTYPES, " (or leave it out to pick what is fast here)")
+        check_choice("--reader", self.reader, READER_MODES)
         if self.dim <= 0:
             raise ReadCacheError(f"--dim {self.dim} must be a positive RNN hidden size (the paper uses 128 or 256)")
         self.check_training_options(lr_hint="e.g. --lr 1e-3")
@@ -210,10 +214,8 @@ class TrainConfig(TrainingOptions):
         check_location("--cache", self.cache, self.storage_options)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly, with secrets in the storage options masked (this goes into the run's config.json)."""
-        out = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
-        out["storage_options"] = redact_options(self.storage_options)
-        return out
+        """The masked record (see `record`): this goes into the run's config.json."""
+        return record(self)
 
 
 
@@ -235,20 +237,16 @@ class MethodConfig(TrainingOptions):
     """Longer inputs are truncated to this many tokens, as the build does."""
 
     def validate(self) -> None:
-        from read_cache.methods import check_installed, parse_method  # torch-free: names and sizes only
-
         check_installed(parse_method(self.method))
-        _check_task(self.task)
+        task_name(self.task)
         if self.limit is not None and self.limit <= 0:
             raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples per split (or left out)")
         if self.max_length < 2:
             raise ReadCacheError(f"--max-length {self.max_length} must be at least 2 tokens")
-        if self.pooling is not None and self.pooling not in ("mean", "first"):
-            raise ReadCacheError(f"--pooling {self.pooling!r} is not mean or first (or leave it out for the model family's way)")
         self.check_training_options(lr_hint="or left out for the method's default")
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+        return record(self)
 
 
 @dataclasses.dataclass
@@ -276,7 +274,7 @@ class BenchConfig:
     full_lr: float = 1e-4
     batch_size: int = 96
     device: str | None = None
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = BENCH_METHODS
 
     def validate(self) -> None:
         if self.epochs <= 0 or (self.slow_epochs is not None and not 0 < self.slow_epochs <= self.epochs):
@@ -285,15 +283,13 @@ class BenchConfig:
             raise ReadCacheError(f"--limit {self.limit} must be a positive number of examples")
         if self.batch_size <= 0:
             raise ReadCacheError(f"--batch-size {self.batch_size} must be positive")
-        from read_cache.methods import NAMES, check_installed, is_method, parse_method
-
-        unknown = {m for m in self.methods if m not in METHODS and not is_method(m)}
+        unknown = {m for m in self.methods if m not in BENCH_METHODS and not is_method(m)}
         if unknown:
             raise ReadCacheError(
-                f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)} or the baselines {', '.join(NAMES)} (NAME-SIZE: lora-32, prompt-10)"
+                f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(BENCH_METHODS)} or the baselines {', '.join(METHOD_NAMES)} (NAME-SIZE: lora-32, prompt-10)"
             )
         for m in self.methods:
-            if m not in METHODS:
+            if m not in BENCH_METHODS:
                 check_installed(parse_method(m))  # a bad size is a one-line error now, not in the method's subprocess
 
 
@@ -366,7 +362,7 @@ class SweepConfig:
 
     def architectures(self) -> list[tuple[str, int]]:
         """(rnn, dim) pairs, in the order given: 'gru/256' as it is, plain entries crossed with --dim."""
-        dims = self.dim or (DEFAULT_DIM,)
+        dims = self.dim or (self.shared.dim,)
         pairs: list[tuple[str, int]] = []
         for entry in self.rnn:
             kind, paired, size = (part.strip() for part in entry.partition("/"))
@@ -411,11 +407,20 @@ def preset_values(preset: str | None) -> dict[str, Any]:
     return {"batch_size": PAPER.batch_size, "epochs": PAPER.epochs, "patience": PAPER.patience}
 
 
-def with_preset(preset: str | None, **given: Any) -> dict[str, Any]:
+def with_preset(preset: str | None, **flags: Any) -> dict[str, Any]:
     """TrainConfig values: the flags given (not None) over the preset's, over TrainConfig's own defaults."""
-    values = preset_values(preset)
-    values.update({k: v for k, v in given.items() if v is not None})
-    return values
+    return {**preset_values(preset), **given(**flags)}
+
+
+def given(**flags: Any) -> dict[str, Any]:
+    """The flags the user gave (not None): what a config takes over its own defaults."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def check_seeds(seeds: int) -> None:
+    """`--seeds`: how many seeds each configuration runs with."""
+    if seeds <= 0:
+        raise ReadCacheError(f"--seeds {seeds} must be at least 1 (the paper averages 3)")
 
 
 @dataclasses.dataclass
@@ -453,8 +458,7 @@ class SearchConfig:
             raise ReadCacheError(f"--rounds {self.rounds} must be at least 1 (the paper: up to 32)")
         if self.per_round <= 0:
             raise ReadCacheError(f"--per-round {self.per_round} must be at least 1")
-        if self.seeds <= 0:
-            raise ReadCacheError(f"--seeds {self.seeds} must be at least 1 (the paper averages 3)")
+        check_seeds(self.seeds)
         low, high = self.lr_range
         if not (0 < low < high and math.isfinite(high)):
             raise ReadCacheError(f"--lr-range {low:g}:{high:g} must be LOW:HIGH with 0 < LOW < HIGH (the paper's is 1e-6:3e-3)")
@@ -470,7 +474,7 @@ class SearchConfig:
 
     def arch_pairs(self) -> list[tuple[str, int]]:
         """(rnn, dim) per architecture entry."""
-        return [(e.partition("/")[0], int(e.partition("/")[2] or DEFAULT_DIM)) for e in self.architectures]
+        return [(e.partition("/")[0], int(e.partition("/")[2] or self.shared.dim)) for e in self.architectures]
 
 
 @dataclasses.dataclass
@@ -506,7 +510,7 @@ class GlueConfig:
         if not self.tasks:
             raise ReadCacheError("--tasks is empty; pass e.g. --tasks cola,sst2,mrpc,stsb")
         for task in self.tasks:
-            _check_task(task)
+            task_name(task)
         if len(set(self.tasks)) != len(self.tasks):
             raise ReadCacheError(f"--tasks {','.join(self.tasks)} names a task twice; name each once")
         check_preset(self.preset)
@@ -515,9 +519,7 @@ class GlueConfig:
             self.search.validate()
 
     def build_config(self, task: str) -> BuildConfig:
-        from read_cache.tasks.specs import get_task
-
-        name = get_task(task).name
+        name = task_name(task)
         return BuildConfig(
             model=self.model, task=name, data_dir=self.data_dir, out=Path(self.out) / "caches" / name, limit=self.limit,
             max_length=self.max_length, dtype=self.dtype, batch_size=self.build_batch_size, progress=self.progress,
@@ -564,7 +566,23 @@ def parse_range(flag: str, text: str) -> tuple[float, float]:
         raise ReadCacheError(f"{flag} {text!r} is not LOW:HIGH, e.g. {flag} 1e-6:3e-3") from None
 
 
-def _check_task(name: str) -> None:
-    from read_cache.tasks.specs import get_task  # torch-free: task names and their label words
+# --------------------------------------------------------------------------------------------------
+# The one record of a config: what every command writes and prints
 
-    get_task(name)
+
+def record(cfg: Any, *, masked: bool = True) -> dict[str, Any]:
+    """A config (any dataclass here, nested ones included) as JSON-friendly data, every `storage_options` masked.
+
+    This is the only way a config reaches a file (config.json, sweep-config.json, the bench's spec.json, the
+    reporters) or a message (torchrun's argument check), so no secret leaves the process. `masked=False` is
+    for comparing configs in memory only.
+    """
+    return _plain(dataclasses.asdict(cfg), masked)
+
+
+def _plain(value: Any, masked: bool) -> Any:
+    if isinstance(value, dict):
+        return {k: redact_options(v) if masked and k == "storage_options" else _plain(v, masked) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):  # NamedTuples (a sweep's Trials) too: JSON has lists only
+        return [_plain(v, masked) for v in value]
+    return str(value) if isinstance(value, Path) else value

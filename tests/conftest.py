@@ -68,8 +68,8 @@ def make_tiny_t5(folder: Path, seed: int = 0) -> Path:
 
 def build_quietly(model: Path, task: str, data_dir: Path, out: Path, **options) -> Path:
     """build_cache into `out` without touching the real 'last cache' pointer; returns `out`."""
-    from read_cache.config import BuildConfig
     from read_cache.build import build_cache
+    from read_cache.config import BuildConfig
 
     # fp32 unless a test asks otherwise: on CPUs with AVX512-BF16 or AMX the default compute is bf16, and the
     # tests that compare the cache with a fresh fp32 forward pass (or online with cached) need the same math.

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from read_cache.util import energy
 from read_cache.bench.run import run_bench
-from read_cache.config import METHODS, BenchConfig
+from read_cache.config import BenchConfig
 from read_cache.errors import ReadCacheError
+from read_cache.kinds import BENCH_METHODS as METHODS
+from read_cache.util import energy
 
 RATIOS = ("build_over_forward", "store_epoch_over_ram_epoch", "online_over_cached_total", "cached_over_full_peak_memory", "bytes_per_value")
 

@@ -15,16 +15,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import write_glue
 from typer.testing import CliRunner
 
 import read_cache
 from read_cache import store
-from read_cache.config import BuildConfig
 from read_cache.build import build_cache
 from read_cache.cli import app
+from read_cache.config import BuildConfig
 from read_cache.errors import CacheCorruptError, ReadCacheError
-
-from conftest import write_glue
 
 SMALL_CHUNKS = 0.003  # MiB: 16-token chunks, so a few hundred examples make many units
 

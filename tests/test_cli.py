@@ -7,12 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-
-from read_cache.config import BuildConfig
-from read_cache.build import build_cache
-
 from conftest import make_tiny_t5, one_error, run_cli
 
+from read_cache.build import build_cache
+from read_cache.config import BuildConfig
 
 
 @pytest.fixture(scope="module")

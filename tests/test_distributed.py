@@ -23,16 +23,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import cache_files, flip_byte_in_a_chunk, write_glue
 
 import read_cache
-from conftest import cache_files, flip_byte_in_a_chunk, write_glue
-from read_cache.config import BuildConfig
 from read_cache.build import build_cache
-from read_cache.config import SweepConfig, TrainConfig
+from read_cache.config import BuildConfig, SweepConfig, TrainConfig
 from read_cache.distributed import LAUNCH_RECORD, balanced, detect, round_robin
 from read_cache.errors import ReadCacheError
-from read_cache.training.reader import epoch_windows
 from read_cache.store import BuildLock
+from read_cache.training.reader import epoch_windows
 from read_cache.training.sweep import sweep
 
 REPO = Path(__file__).resolve().parents[1]

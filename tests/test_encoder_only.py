@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import SHARED, WORDS, build_quietly, needs_shared
 
-from conftest import build_quietly, SHARED, WORDS, needs_shared
 from read_cache.backbone.load import suggested_pooling
 from read_cache.bench.run import run_bench
-from read_cache.config import METHODS, BenchConfig
-from read_cache.config import BuildConfig
 from read_cache.build import build_cache
-from read_cache.tasks.data import load_glue
+from read_cache.config import BenchConfig, BuildConfig
 from read_cache.errors import ReadCacheError
-from read_cache.training.reader import SplitReader
+from read_cache.kinds import BENCH_METHODS as METHODS
 from read_cache.store import open_cache
+from read_cache.tasks.data import load_glue
 from read_cache.tasks.specs import get_task
+from read_cache.training.reader import SplitReader
 from read_cache.training.train import TrainConfig, evaluate_split, load_run, train
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]

@@ -13,11 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    SHARED,
+    build_quietly,
+    make_tokenizer,
+    needs_shared,
+    one_error,
+    run_cli,
+)
 
-from conftest import SHARED, build_quietly, make_tokenizer, needs_shared, one_error, run_cli
-from read_cache.tasks.data import HELD_OUT, SplitData, apply_recipe, load_glue
 from read_cache.errors import ReadCacheError
 from read_cache.paper import PAPER_AVERAGE, PAPER_LR, PAPER_SCORES, paper_lr
+from read_cache.tasks.data import HELD_OUT, SplitData, apply_recipe, load_glue
 from read_cache.tasks.specs import PROTOCOLS, TASKS, get_task
 
 
@@ -123,8 +130,8 @@ def test_label_first_tokens_are_distinct_for_every_task_and_protocol() -> None:
 @needs_shared
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_lm_head_logits_equal_t5s_own_logits(tmp_path: Path, protocol: str) -> None:
-    from read_cache.backbone.load import load_backbone
     from read_cache.backbone.inputs import model_inputs, pad, tokenize
+    from read_cache.backbone.load import load_backbone
 
     model = _real_vocab_t5(tmp_path / "t5")
     backbone = load_backbone(str(model), dtype="fp32", device="cpu")
@@ -216,7 +223,12 @@ def test_drop_last_layers_refuses_dropping_everything(tmp_path: Path, tiny_t5: P
 
 
 def test_no_recurrence_parameter_count_matches_its_formula() -> None:
-    from read_cache.training.side_network import SideNetwork, SideNetworkConfig, count_trainable, expected_parameters
+    from read_cache.training.side_network import (
+        SideNetwork,
+        SideNetworkConfig,
+        count_trainable,
+        expected_parameters,
+    )
 
     gru = 3 * 256 * (768 + 256 + 2)  # one GRU(768 -> 256): 787,968 as in DESIGN section 1
     assert gru == 787_968

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from read_cache.methods import NAMES, parse_method
-from read_cache.tasks.specs import get_task
-
 from conftest import SHARED, needs_shared, one_error, run_cli
+
+from read_cache.kinds import METHOD_NAMES as NAMES
+from read_cache.kinds import parse_method
+from read_cache.tasks.specs import get_task
 
 SPECS = ("full", "lora-4", "prompt-3", "adapter-8", "bitfit", "lst-4")
 
@@ -107,8 +107,8 @@ def test_counts_on_t5_small_match_the_formulas() -> None:
 def test_train_method_writes_a_run_predict_takes(tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
     from read_cache.config import MethodConfig
     from read_cache.inference.baseline import load_method_run
-    from read_cache.methods.train import train_method
     from read_cache.inference.predict import predict
+    from read_cache.methods.train import train_method
 
     out = tmp_path / "run"
     summary = train_method(MethodConfig(method="lora-4", model=str(tiny_t5), task="sst2", data_dir=glue_dir, limit=30, epochs=2, out=out, progress=False))

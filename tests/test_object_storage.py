@@ -19,16 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import one_error, run_cli
 
 import read_cache
 from read_cache import paths
-from read_cache.config import BuildConfig
 from read_cache.build import build_cache
+from read_cache.config import BuildConfig
 from read_cache.errors import CacheCorruptError, ReadCacheError
+from read_cache.paths import redact_options
 from read_cache.store.lease import LEASE_KEY, Lease
-from read_cache.store.location import Location, redact_options
-
-from conftest import one_error, run_cli
+from read_cache.store.location import Location
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
@@ -343,8 +343,8 @@ def test_urls_parse_to_locations() -> None:
 
 
 def test_reads_in_flight_change_nothing_but_speed(local_cache: Path) -> None:
-    from read_cache.training.reader import SplitReader
     from read_cache.store.readahead import read_ahead
+    from read_cache.training.reader import SplitReader
 
     split = read_cache.open_cache(local_cache)["train"]
     bounds = split.block_bounds(32)
@@ -357,3 +357,79 @@ def test_reads_in_flight_change_nothing_but_speed(local_cache: Path) -> None:
     assert len(batches[1]) == len(batches[4])
     for a, b in zip(batches[1], batches[4]):
         assert a.keys() == b.keys() and all(np.array_equal(a[key].numpy(), b[key].numpy()) for key in a)
+
+
+# --------------------------------------------------------------------------------------------------
+# A secret given in --storage-options is written nowhere (issue 19): one test per command that takes it
+
+SECRET = "sekrit-7f3a9c1e"
+
+
+def secret_options(endpoint: str) -> str:
+    return json.dumps({"endpoint": endpoint, "access_key_id": "testing", "secret_access_key": SECRET})
+
+
+def files_holding_secret(folder: Path) -> list[str]:
+    return [str(p) for p in folder.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+
+
+def objects_holding_secret(url: str) -> list[str]:
+    bucket, prefix = url.removeprefix("s3://").split("/", 1)
+    s3 = boto3.client("s3")
+    return [key for key in object_keys(url) if SECRET.encode() in s3.get_object(Bucket=bucket, Key=f"{prefix}/{key}")["Body"].read()]
+
+
+@pytest.fixture
+def bucket(endpoint: str) -> str:
+    """A new bucket, made while the environment still holds the test server's credentials."""
+    return new_bucket()
+
+
+@pytest.fixture
+def no_env_credentials(bucket: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Credentials only from --storage-options; READ_CACHE_HOME (the last-cache pointer) inside tmp_path."""
+    for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("READ_CACHE_HOME", str(tmp_path / "home"))
+
+
+def test_build_writes_no_secret(endpoint: str, bucket: str, tiny_t5: Path, glue_dir: Path, tmp_path: Path, no_env_credentials: None,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    url = f"s3://{bucket}/secret-build"
+    code, _, output = run_cli("build", "--model", tiny_t5, "--task", "sst2", "--data-dir", glue_dir, "--out", url, "--limit", 40,
+                              "--batch-size", 8, "--storage-options", secret_options(endpoint), "--no-progress")
+    assert code == 0, output
+    assert SECRET not in output and files_holding_secret(tmp_path) == []
+    monkeypatch.undo()  # the test server's credentials again, to list the bucket
+    assert objects_holding_secret(url) == []
+
+
+def test_train_writes_no_secret(s3_cache: str, endpoint: str, tmp_path: Path, no_env_credentials: None) -> None:
+    code, _, output = run_cli("train", "--cache", s3_cache, "--storage-options", secret_options(endpoint), "--dim", 8, "--epochs", 1,
+                              "--out", tmp_path / "run", "--no-progress")
+    assert code == 0, output
+    assert SECRET not in output and files_holding_secret(tmp_path) == []
+    assert '"secret_access_key": "***"' in (tmp_path / "run" / "config.json").read_text()
+
+
+def test_sweep_writes_no_secret(s3_cache: str, endpoint: str, tmp_path: Path, no_env_credentials: None) -> None:
+    code, _, output = run_cli("sweep", "--cache", s3_cache, "--storage-options", secret_options(endpoint), "--rnn", "gru/8,rnn/8", "--epochs", 1,
+                              "--out", tmp_path / "sweep", "--no-progress")
+    assert code == 0, output
+    assert SECRET not in output and files_holding_secret(tmp_path) == []
+    assert '"secret_access_key": "***"' in (tmp_path / "sweep" / "sweep-config.json").read_text()
+
+
+def test_inspect_shows_no_secret(s3_cache: str, endpoint: str, tmp_path: Path, no_env_credentials: None) -> None:
+    code, stdout, output = run_cli("inspect", s3_cache, "--json", "--storage-options", secret_options(endpoint))
+    assert code == 0, output
+    assert SECRET not in output and files_holding_secret(tmp_path) == []
+
+
+def test_the_config_record_masks_secrets_at_any_depth() -> None:
+    from read_cache.config import SweepConfig, TrainConfig, record
+
+    cfg = SweepConfig(out=Path("s"), shared=TrainConfig(cache="s3://b/c", storage_options={"secret_access_key": SECRET, "region": "r"}))
+    text = json.dumps(record(cfg))
+    assert SECRET not in text and '"region": "r"' in text
+    assert record(cfg, masked=False)["shared"]["storage_options"]["secret_access_key"] == SECRET  # only for comparing in memory

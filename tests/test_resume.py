@@ -18,14 +18,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_quietly, one_error, run_cli
 from safetensors.torch import load_file
 
-from conftest import build_quietly, one_error, run_cli
-from read_cache.training import checkpoint
 from read_cache.config import SweepConfig
 from read_cache.errors import ReadCacheError
+from read_cache.training import checkpoint
 from read_cache.training.sweep import sweep
 from read_cache.training.train import TrainConfig, train
+from read_cache.util import files
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_FLAGS = ("--rnn", "gru", "--dim", "16", "--lr", "2e-2", "--batch-size", "16", "--epochs", "6", "--patience", "6", "--threads", "1", "--no-progress")
@@ -129,7 +130,7 @@ def test_a_run_killed_where_early_stopping_ended_it_only_scores_on_resume(cache:
         train(cfg)
     monkeypatch.undo()
     calls = []
-    monkeypatch.setattr("read_cache.training.train.train_epoch", lambda *a: calls.append(a))
+    monkeypatch.setattr("read_cache.training.engine.train_epoch", lambda *a: calls.append(a))
     assert scores(train(cfg)) == scores(reference) and calls == []
     assert same_weights(tmp_path / "run", tmp_path / "reference")
 
@@ -163,7 +164,7 @@ def test_a_run_another_process_is_training_is_never_resumed(cache: Path, tmp_pat
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)
     (run,) = (tmp_path / "runs").iterdir()
-    checkpoint.release(run)  # as if this process had died: another one now holds it
+    files.release(run)  # as if this process had died: another one now holds it
     holder = subprocess.Popen(
         [sys.executable, "-c", f"import fcntl, os, sys, time; fd = os.open({str(run)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)"],
         stdout=subprocess.PIPE, text=True,
@@ -234,3 +235,51 @@ def test_ctrl_c_says_what_the_same_command_resumes(command: tuple, module: str, 
     monkeypatch.setattr("read_cache.store.open_cache", lambda path, *options: None)
     code, _, output = run_cli(*command)
     assert code == 130 and output.strip().splitlines()[-1] == says
+
+
+def test_a_checkpoint_written_before_the_engine_resumes(cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run checkpoints of format 1 written before one engine served train and sweep had `stopped` and no `ended`
+    or `timeline`: a rerun still resumes them and ends as an uninterrupted run."""
+    reference = train(train_config(cache, tmp_path / "reference"))
+    out = tmp_path / "run"
+    crash_at(monkeypatch, "after:3")
+    with pytest.raises(Crash):
+        train(train_config(cache, out))
+    monkeypatch.undo()
+    state = torch.load(out / checkpoint.CHECKPOINT, weights_only=True)
+    old = {k: v for k, v in state.items() if k not in ("ended", "timeline")}
+    assert old["kind"] == "train" and old["stopped"] is False
+    torch.save(old, out / checkpoint.CHECKPOINT)
+    assert scores(train(train_config(cache, out))) == scores(reference)
+    assert same_weights(out, tmp_path / "reference")
+
+
+# --------------------------------------------------------------------------------------------------
+# train --method: the baselines run on the same engine, so they resume the same way
+
+
+@pytest.mark.parametrize("method", ["lora-8", "bitfit"])
+def test_a_baseline_killed_after_epoch_1_resumes_bit_identical(method: str, tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
+    from read_cache.config import MethodConfig
+    from read_cache.methods.train import train_method
+
+    flags = dict(model=str(tiny_t5), task="sst2", data_dir=glue_dir, limit=40, epochs=3, patience=3, batch_size=8, threads=1, progress=False)
+    reference = train_method(MethodConfig(method=method, out=tmp_path / "reference", **flags))
+    work = tmp_path / "work"
+    work.mkdir()
+    command = ("train", "--method", method, "--model", tiny_t5, "--task", "sst2", "--data-dir", glue_dir, "--limit", 40,
+               "--epochs", 3, "--patience", 3, "--batch-size", 8, "--threads", 1, "--no-progress")
+    killed = cli(work, *command, kill="after:1")
+    assert killed.returncode == -9, killed.stderr
+    (run,) = (work / "runs").iterdir()
+    assert checkpoint.checkpoint_epoch(run) == 1 and not (run / "summary.json").exists()
+    rerun = cli(work, *command)
+    assert rerun.returncode == 0, rerun.stderr
+    assert [p.name for p in (work / "runs").iterdir()] == [run.name]  # the same folder, resumed
+    assert "resuming" in rerun.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert (summary["validation"], summary["test"], summary["epochs_run"], summary["best_epoch"]) == (
+        reference["validation"], reference["test"], reference["epochs_run"], reference["best_epoch"])
+    ours, theirs = load_file(str(run / "method.safetensors")), load_file(str(tmp_path / "reference" / "method.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert epochs_of(run) == epochs_of(tmp_path / "reference")

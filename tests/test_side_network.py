@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from read_cache.errors import ReadCacheError
-from read_cache.training.side_network import SideNetwork, SideNetworkConfig, count_trainable, parameter_breakdown
+from read_cache.training.side_network import (
+    SideNetwork,
+    SideNetworkConfig,
+    count_trainable,
+    parameter_breakdown,
+)
 
 T5_BASE = dict(d_model=768, n_encoder_layers=12, n_decoder_layers=12)
 

@@ -13,14 +13,31 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    build_quietly,
+    cache_files,
+    flip_byte_in_a_chunk,
+    one_error,
+    run_cli,
+    write_glue,
+)
 
 import read_cache
 from read_cache.errors import CacheCorruptError, ReadCacheError
-from read_cache.training.reader import CodedBatch, Decoding, SplitReader, batch_to
 from read_cache.store import FORMAT_VERSION
 from read_cache.store import formats as F
-from read_cache.store.formats import COMPACT_DTYPES, STORE_DTYPES, ErrorStats, dequantise, dequantise_torch, get_format, quantise, quantise_torch, to_torch_codes
-from conftest import build_quietly, cache_files, flip_byte_in_a_chunk, one_error, run_cli, write_glue
+from read_cache.store.formats import (
+    COMPACT_DTYPES,
+    STORE_DTYPES,
+    ErrorStats,
+    dequantise,
+    dequantise_torch,
+    get_format,
+    quantise,
+    quantise_torch,
+    to_torch_codes,
+)
+from read_cache.training.reader import CodedBatch, Decoding, SplitReader, batch_to
 
 SMALL_CHUNKS = 0.01  # MiB: several units even for a tiny split
 

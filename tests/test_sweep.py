@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_quietly, one_error, run_cli
 from safetensors.torch import load_file
 
-from read_cache.training import reader as reader_module
-from read_cache.store import open_cache
 from read_cache.config import SweepConfig, Trial, parse_list, parse_range
+from read_cache.store import open_cache
+from read_cache.training import reader as reader_module
 from read_cache.training.sweep import sweep
 from read_cache.training.train import ARTIFACTS, TrainConfig, load_run, train
-
-from conftest import build_quietly, one_error, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -16,8 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from read_cache.tasks.data import SplitData, apply_recipe, load_glue, needed_splits, split_recipe
 from read_cache.errors import ReadCacheError
+from read_cache.tasks.data import (
+    SplitData,
+    apply_recipe,
+    load_glue,
+    needed_splits,
+    split_recipe,
+)
 from read_cache.tasks.metrics import majority_baseline, score
 from read_cache.tasks.specs import TASKS, Metric, get_task
 

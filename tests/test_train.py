@@ -13,18 +13,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import (
+    POSITIVE,
+    WORDS,
+    build_quietly,
+    flip_byte_in_a_chunk,
+    make_tiny_t5,
+    make_tokenizer,
+    write_glue,
+)
 from safetensors.torch import load_file
 
-from conftest import build_quietly, POSITIVE, WORDS, flip_byte_in_a_chunk, make_tiny_t5, make_tokenizer, write_glue
-from read_cache.config import BuildConfig
 from read_cache.build import build_cache
-from read_cache.tasks.data import load_glue
-from read_cache.util.device import cpu_has_fast_bf16
+from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
-from read_cache.training.reader import SplitReader, choose_modes
 from read_cache.store import open_cache
+from read_cache.tasks.data import load_glue
 from read_cache.tasks.specs import get_task
+from read_cache.training.reader import SplitReader, choose_modes
 from read_cache.training.train import TrainConfig, evaluate_split, load_run, train
+from read_cache.util.device import cpu_has_fast_bf16
 
 REPO = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {

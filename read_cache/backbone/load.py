@@ -18,15 +18,18 @@ from typing import Any, NamedTuple
 
 import torch
 
-from read_cache.util.device import default_compute_dtype, pick_device, warn_if_risky_dtype
 from read_cache.errors import ReadCacheError
+from read_cache.util.device import (
+    default_compute_dtype,
+    pick_device,
+    warn_if_risky_dtype,
+)
 
 log = logging.getLogger(__name__)
 
 T5_FAMILY = ("t5", "mt5", "umt5")
 ENCODER_FAMILY = ("bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra", "albert", "mpnet", "camembert")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-POOLINGS = ("mean", "first")
 SENTENCE_TRANSFORMERS_FILES = ("modules.json", "config_sentence_transformers.json", "1_Pooling/config.json")
 
 
@@ -187,7 +190,12 @@ def load_backbone(
     drop_last_layers: int = 0,
 ) -> Backbone:
     """Load a frozen, eval-mode backbone from a hub id or a local folder (less its last `drop_last_layers` layers)."""
-    from transformers import AutoConfig, AutoModel, AutoTokenizer, T5ForConditionalGeneration
+    from transformers import (
+        AutoConfig,
+        AutoModel,
+        AutoTokenizer,
+        T5ForConditionalGeneration,
+    )
 
     device = str(pick_device(device))  # checked before any weights load: no CUDA here is one line, not a traceback
     config = _load_config(AutoConfig, model, revision)
@@ -252,7 +260,10 @@ def backbone_kind(config: Any, model: str) -> str:
 
 def _causal(config: Any) -> bool:
     """A decoder-only family: transformers knows a causal LM for it and no sequence-to-sequence model."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+    )
 
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
 

@@ -61,8 +61,8 @@ def forward(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def build(cfg: BenchConfig) -> dict[str, Any]:
-    from read_cache.config import BuildConfig
     from read_cache.build import build_cache
+    from read_cache.config import BuildConfig
     from read_cache.store import open_cache
 
     shutil.rmtree(_cache_dir(cfg), ignore_errors=True)
@@ -81,8 +81,8 @@ def build(cfg: BenchConfig) -> dict[str, Any]:
 
 
 def _backbone_and_tokens(cfg: BenchConfig) -> tuple[Any, dict[str, Any]]:
-    from read_cache.backbone.load import load_backbone
     from read_cache.backbone.inputs import model_inputs, tokenize
+    from read_cache.backbone.load import load_backbone
     from read_cache.tasks.data import load_glue
     from read_cache.tasks.specs import get_task
 
@@ -137,7 +137,7 @@ def full(cfg: BenchConfig) -> dict[str, Any]:
 def baseline(cfg: BenchConfig, method: str) -> dict[str, Any]:
     """One of `read_cache.methods` (LoRA, prompt tuning, adapters, BitFit, LST, full) with its default learning rate
     (full tuning: --full-lr), plus its parameter counts against its formula."""
-    from read_cache.methods import parse_method
+    from read_cache.kinds import parse_method
 
     spec = parse_method(method)
     counts: dict[str, Any] = {}
@@ -242,7 +242,8 @@ def interleaved(cfg: BenchConfig, epochs: int = 5) -> dict[str, Any]:
     by 30%; alternating epochs cancels slow drifts. The RAM split is loaded, and the streaming reader's
     first window read, before timing starts.
     """
-    from read_cache.training.train import TrainConfig, setup, train_epoch
+    from read_cache.training import engine
+    from read_cache.training.train import TrainConfig, read_member, read_pass, setup
 
     runs = {}
     for mode in ("stream", "ram"):
@@ -254,7 +255,8 @@ def interleaved(cfg: BenchConfig, epochs: int = 5) -> dict[str, Any]:
     # first window (later epochs get theirs read ahead during the epoch before).
     runs["ram"].readers["train"].load()
     runs["stream"].readers["train"].read_first_window(1).result()
-    optimizers = {mode: torch.optim.AdamW(run.net.parameters(), lr=cfg.lr) for mode, run in runs.items()}
+    members = {mode: read_member(run) for mode, run in runs.items()}  # each with its own AdamW, as `train` makes it
+    passes = {mode: read_pass(run) for mode, run in runs.items()}
     seconds: dict[str, list[float]] = {"stream": [], "ram": []}
     baseline = _rss()
 
@@ -262,7 +264,7 @@ def interleaved(cfg: BenchConfig, epochs: int = 5) -> dict[str, Any]:
         for epoch in range(1, epochs + 1):
             order = ("stream", "ram") if epoch % 2 else ("ram", "stream")
             for mode in order:
-                seconds[mode].append(train_epoch(runs[mode], optimizers[mode], epoch, None)[2])
+                seconds[mode].append(engine.train_epoch([members[mode]], epoch, passes[mode])[0][2])
 
     _, meter = metered(work)
     store, ram = statistics.median(seconds["stream"]), statistics.median(seconds["ram"])
@@ -289,5 +291,5 @@ REGISTRY: dict[str, Any] = {
     "full": full,
     "reader": reader,
 }
-"""Bench's own methods by name, in report order (`config.METHODS` names the same, torch-free); anything
+"""Bench's own methods by name, in report order (`kinds.BENCH_METHODS` names the same, torch-free); anything
 else `--methods` takes is a baseline of `read_cache.methods`, run by `baseline`."""

@@ -27,10 +27,10 @@ from typing import Any
 from read_cache.bench.common import metered
 from read_cache.config import BenchConfig
 from read_cache.errors import ReadCacheError
-from read_cache.training.reader import SplitReader, decode
 from read_cache.store import Split, open_cache, read_root_attrs
 from read_cache.store.formats import get_format
 from read_cache.store.transcode import transcode
+from read_cache.training.reader import SplitReader, decode
 
 FORMATS = ("bfloat16", "fp8", "int8", "int4")
 WORKERS = (1, 2)

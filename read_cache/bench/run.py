@@ -14,7 +14,6 @@ them and scales to `--epochs` (flagged in bench.json) when E full epochs would t
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import subprocess
@@ -22,9 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from read_cache.config import METHODS, BenchConfig
+from read_cache.config import BenchConfig, record
 from read_cache.errors import ReadCacheError
+from read_cache.kinds import BENCH_METHODS as METHODS
 from read_cache.store import read_root_attrs
+from read_cache.util.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
     cfg.validate()
     cfg.out.mkdir(parents=True, exist_ok=True)
     spec = cfg.out / "spec.json"
-    spec.write_text(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()}))
+    write_json(spec, record(cfg))
     if cfg.epochs < 2:
         log.warning("--epochs %d: one epoch reads the cache once, so it cannot show a saving over the online method; "
                     "the saving grows with the epochs (the paper trains up to 30)", cfg.epochs)
@@ -74,14 +75,14 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
 
 def bench_names(methods: tuple[str, ...]) -> list[str]:
     """--methods entries under their file names: bench's own as they are, baselines canonical ('lora' -> 'lora-8')."""
-    from read_cache.methods import parse_method
+    from read_cache.kinds import parse_method
 
     return [m if m in METHODS else parse_method(m).label for m in methods]
 
 
 def baselines_in(out: Path, wanted: list[str]) -> list[str]:
     """The baselines to report: those asked for, then those an earlier run left in --out (kept, as bench's own are)."""
-    from read_cache.methods import is_method
+    from read_cache.kinds import is_method
 
     asked = [m for m in wanted if m not in METHODS]
     earlier = sorted(p.stem for p in out.glob("*.json") if is_method(p.stem) and p.stem not in METHODS and p.stem not in asked)

@@ -75,7 +75,7 @@ def build_cache(cfg: BuildConfig) -> BuildReport:
     started = time.perf_counter()
     cfg.validate()
     with distributed.session(cfg.device) as launch:
-        distributed.check_same_arguments(launch, dataclasses.asdict(cfg))
+        distributed.check_same_arguments(launch, cfg)
         return _build(cfg, launch, started)
 
 

@@ -14,13 +14,13 @@ import dataclasses
 import logging
 from typing import Any
 
-from read_cache.backbone.load import _load_config, backbone_kind
 from read_cache.backbone.inputs import model_inputs, tokenize
+from read_cache.backbone.load import _load_config, backbone_kind
 from read_cache.config import BuildConfig
-from read_cache.tasks.data import load_glue
 from read_cache.errors import ReadCacheError
 from read_cache.store import SPLITS, Geometry
 from read_cache.store.formats import STORE_DTYPES
+from read_cache.tasks.data import load_glue
 from read_cache.tasks.specs import get_task
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,10 @@ from typing import Any
 
 from read_cache.backbone.load import Backbone, model_reference, package_versions
 from read_cache.config import BuildConfig
-from read_cache.tasks.data import split_recipe
 from read_cache.errors import ReadCacheError
 from read_cache.store import Geometry, codec_description
 from read_cache.store.location import Location
+from read_cache.tasks.data import split_recipe
 from read_cache.tasks.specs import TaskSpec
 
 

@@ -26,7 +26,13 @@ class BuildProgress:
         from rich.console import Console
 
         if self.enabled and Console(stderr=True).is_terminal:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
 
             self._bar = Progress(
                 TextColumn(f"[bold]{self.split:>10}"), BarColumn(), MofNCompleteColumn(),

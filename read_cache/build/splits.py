@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,15 +14,31 @@ from typing import Any
 import numpy as np
 
 from read_cache import distributed
-from read_cache.backbone.load import Backbone
 from read_cache.backbone.inputs import Tokenized
+from read_cache.backbone.load import Backbone
 from read_cache.build.progress import BuildProgress
 from read_cache.build.units import UnitWriter, compute_unit
 from read_cache.config import BuildConfig
-from read_cache.tasks.data import SplitData
 from read_cache.errors import ReadCacheError
 from read_cache.store import CacheWriter, Unit, plan_units
 from read_cache.store.formats import ErrorStats
+from read_cache.tasks.data import SplitData
+
+
+class Written:
+    """What of a split is durable: bytes this process wrote, and examples over every rank. The writer thread and
+    rank 0's poller thread both add to it, so every change goes through one lock."""
+
+    def __init__(self, examples: int):
+        self._lock = threading.Lock()
+        self.bytes, self.examples = 0, examples
+
+    def add(self, nbytes: int, examples: int) -> int:
+        """Count a durable unit; returns the examples written so far (what the split's status records)."""
+        with self._lock:
+            self.bytes += nbytes
+            self.examples += examples
+            return self.examples
 
 
 @dataclasses.dataclass
@@ -71,47 +88,37 @@ def build_split(
     mine = [units[u] for u in distributed.round_robin(pending, launch.rank, launch.world_size)]
     status = {"n_examples": len(offsets) - 1, "n_tokens": int(offsets[-1]), "truncated": tokenized.truncated, "source": data.source}
     started = time.perf_counter()
-    written = [0, len(offsets) - 1 - sum(units[u].examples[1] - units[u].examples[0] for u in pending)]
+    written = Written(len(offsets) - 1 - sum(units[u].examples[1] - units[u].examples[0] for u in pending))
     # The measured reconstruction error of the durable units: a resumed build continues the recorded one.
     # Units are merged in index order, whichever rank computed them, so every launch shape records the same sums.
     errors = {name: ErrorStats.from_dict(d) for name, d in writer.split_status(split).get("reconstruction_error", {}).items()} if launch.is_main else {}
     unit_errors_of: dict[int, dict[str, ErrorStats]] = {}
     if launch.is_main:
-        writer.update_split_status(split, {**status, "examples_written": written[1], "complete": not pending})
-    progress = BuildProgress(cfg.progress and launch.is_main, split, len(offsets) - 1, written[1])
+        writer.update_split_status(split, {**status, "examples_written": written.examples, "complete": not pending})
+    progress = BuildProgress(cfg.progress and launch.is_main, split, len(offsets) - 1, written.examples)
 
     def on_written(unit: Unit, nbytes: int, unit_errors: dict[str, ErrorStats]) -> None:
-        written[0] += nbytes
-        written[1] += unit.examples[1] - unit.examples[0]
+        examples_written = written.add(nbytes, unit.examples[1] - unit.examples[0])
         progress.written(nbytes)
         if launch.distributed:  # merged on rank 0 at the end, in unit order
             unit_errors_of[unit.index] = unit_errors
         else:  # one process writes units in index order: merge as they become durable (a resume continues it)
             merge_errors(errors, unit_errors)
         if not launch.distributed:  # under torchrun rank 0's poller records the count of every rank
-            writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False, **error_status(errors)})
+            writer.update_split_status(split, {**status, "examples_written": examples_written, "complete": False, **error_status(errors)})
 
     others = sorted(set(pending) - {u.index for u in mine}) if launch.is_main else []
     tail = contextlib.ExitStack()
     tail.enter_context(others_progress(writer, split, units, others, progress, status, written))
     unit_writer = UnitWriter(writer, split, on_written)
     tail.callback(unit_writer.close)
-    try:
-        with progress:
-            for unit in mine:
-                t = time.perf_counter()
-                tokens, examples, unit_errors = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
-                forward_seconds[0] += time.perf_counter() - t
-                unit_writer.put(unit, tokens, examples, unit_errors)
-    except BaseException:
-        tail.close()  # the units already computed are still written, as a rerun resumes from them
-        raise
+    compute_units(mine, backbone, tokenized, cfg, writer, unit_writer, progress, tail, forward_seconds)
     computed = time.perf_counter() - started
 
     def complete() -> SplitReport:
         waited = time.perf_counter()
         distributed.barrier(launch)  # every rank's units are durable now
-        ours = distributed.gather(launch, (len(mine), written[0], unit_errors_of))
+        ours = distributed.gather(launch, (len(mine), written.bytes, unit_errors_of))
         for _, by_unit in sorted(((u, e) for _, _, rank_units in ours for u, e in rank_units.items()), key=lambda ue: ue[0]):
             merge_errors(errors, by_unit)
         distributed.on_main(launch, lambda: finish_split(writer, split, units, {**status, **error_status(errors)}))
@@ -121,6 +128,25 @@ def build_split(
         )
 
     return ComputedSplit(tail, complete)
+
+
+def compute_units(
+    mine: list[Unit], backbone: Backbone, tokenized: Tokenized, cfg: BuildConfig, writer: CacheWriter, unit_writer: UnitWriter,
+    progress: BuildProgress, tail: contextlib.ExitStack, forward_seconds: list[float],
+) -> None:
+    """Run the backbone over this rank's units, handing each to the writer thread; on failure the units already
+    computed are still written (`tail`), as a rerun resumes from them."""
+    offsets = tokenized.offsets
+    try:
+        with progress:
+            for unit in mine:
+                t = time.perf_counter()
+                tokens, examples, unit_errors = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
+                forward_seconds[0] += time.perf_counter() - t
+                unit_writer.put(unit, tokens, examples, unit_errors)
+    except BaseException:
+        tail.close()
+        raise
 
 
 def open_split(writer: CacheWriter, split: str, data: SplitData, tokenized: Tokenized) -> tuple[bool, list[int]]:
@@ -158,7 +184,7 @@ def finish_split(writer: CacheWriter, split: str, units: list[Unit], status: dic
     writer.update_split_status(split, {**status, "examples_written": status["n_examples"], "complete": True})
 
 
-def others_progress(writer: CacheWriter, split: str, units: list[Unit], others: list[int], progress: BuildProgress, status: dict, written: list[int]) -> Any:
+def others_progress(writer: CacheWriter, split: str, units: list[Unit], others: list[int], progress: BuildProgress, status: dict, written: Written) -> Any:
     """On rank 0 of a launch: count the units other ranks make durable into the bar and the split's status."""
     if not others:
         return contextlib.nullcontext()
@@ -168,8 +194,7 @@ def others_progress(writer: CacheWriter, split: str, units: list[Unit], others: 
         examples = sum(units[u].examples[1] - units[u].examples[0] for u in indices)
         progress.computed(examples)
         progress.written(sum((units[u].tokens[1] - units[u].tokens[0]) * per_token for u in indices) + examples * per_example)
-        written[1] += examples
-        writer.update_split_status(split, {**status, "examples_written": written[1], "complete": False})
+        writer.update_split_status(split, {**status, "examples_written": written.add(0, examples), "complete": False})
 
     return distributed.UnitPoller(lambda: writer.group[split]["units_done"][...], others, on_done)
 

@@ -11,14 +11,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from read_cache.backbone.load import Backbone
 from read_cache.backbone.forward import forward_batches, to_stored
 from read_cache.backbone.inputs import Tokenized
+from read_cache.backbone.load import Backbone
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import CacheWriter, Geometry, Unit, token_rows
 from read_cache.store.formats import ErrorStats, dequantise, quantise_torch
-
 
 ERROR_SAMPLE_STRIDE = 8
 """Every 8th row of every batch is dequantised again and compared with the float32 it came from."""

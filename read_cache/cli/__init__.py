@@ -19,7 +19,7 @@ from rich.logging import RichHandler
 
 from read_cache.cli import bench, build, inspect, predict, sweep, train
 from read_cache.cli.common import console, is_main_rank
-from read_cache.config import METHODS
+from read_cache.kinds import BENCH_METHODS as METHODS
 
 __all__ = ["METHODS", "app", "main"]
 

@@ -8,7 +8,17 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from read_cache.cli.common import DropLayers, NoProgress, ProtocolOpt, StorageOptions, is_main_rank, out_console, print_command, user_errors
+from read_cache.cli.common import (
+    DropLayers,
+    NoProgress,
+    ProtocolOpt,
+    StorageOptions,
+    is_main_rank,
+    out_console,
+    print_command,
+    user_errors,
+)
+from read_cache.config import BuildConfig
 
 
 @user_errors
@@ -18,25 +28,24 @@ def build(
     data_dir: Annotated[Optional[Path], typer.Option(help="Local GLUE folder (original TSV layout or the hub's parquet); default: the hub.")] = None,
     out: Annotated[Optional[str], typer.Option(help="Cache folder or URL (s3://bucket/prefix, gs://, az://...); default: $READ_CACHE_HOME/caches/<model>/<task>.")] = None,
     limit: Annotated[Optional[int], typer.Option(help="At most this many examples per split (after the split recipe).")] = None,
-    max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens (truncations are counted).")] = 256,
+    max_length: Annotated[int, typer.Option(help="Truncate inputs to this many tokens (truncations are counted).")] = BuildConfig.max_length,
     dtype: Annotated[Optional[str], typer.Option(help="Compute dtype bf16|fp16|fp32; default: fast on this device.")] = None,
     device: Annotated[Optional[str], typer.Option(help="cuda, cuda:1, cpu; default: CUDA when present.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per forward pass (grouped by length).")] = 64,
-    cross_attention: Annotated[str, typer.Option(help="mean (over heads, the paper's) or heads.")] = "mean",
-    store_dtype: Annotated[str, typer.Option(help="Stored states: fp8 (8-bit floats + a scale per row), int8, int4, bfloat16 or float16 (docs/storage.md).")] = "fp8",
+    batch_size: Annotated[int, typer.Option(help="Examples per forward pass (grouped by length).")] = BuildConfig.batch_size,
+    cross_attention: Annotated[str, typer.Option(help="mean (over heads, the paper's) or heads.")] = BuildConfig.cross_attention,
+    store_dtype: Annotated[str, typer.Option(help="Stored states: fp8 (8-bit floats + a scale per row), int8, int4, bfloat16 or float16 (docs/storage.md).")] = BuildConfig.float_dtype,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model.")] = None,
-    chunk_mb: Annotated[float, typer.Option(help="Target raw MiB per chunk of token rows.")] = 4.0,
+    chunk_mb: Annotated[float, typer.Option(help="Target raw MiB per chunk of token rows.")] = BuildConfig.chunk_mb,
     force: Annotated[bool, typer.Option(help="Build even if the size estimate exceeds free disk.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Delete the cache already at --out and build it anew (default: resume it).")] = False,
-    protocol: ProtocolOpt = "t5",
-    drop_last_layers: DropLayers = 0,
+    protocol: ProtocolOpt = BuildConfig.protocol,
+    drop_last_layers: DropLayers = BuildConfig.drop_last_layers,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Tokenise only (no weights loaded), print examples, tokens and projected size per --store-dtype, exit.")] = False,
     storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
 ) -> None:
     """Stage one: run the frozen backbone once over every split and cache its states."""
-    from read_cache.config import BuildConfig
-    from read_cache.store.location import parse_storage_options
+    from read_cache.paths import parse_storage_options
 
     cfg = BuildConfig(
         model=model, task=task, data_dir=data_dir, out=out, limit=limit, max_length=max_length, dtype=dtype,

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import functools
-import logging
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
@@ -85,16 +83,3 @@ def is_main_rank() -> bool:
 def print_command(command: str) -> None:
     """A command to copy, on its own line and never wrapped, whatever the terminal's width."""
     typer.echo(f"  {command}")
-
-
-def resolve_cache(cache: Path | str | None) -> Path | str:
-    """The cache the user named, or the last one built (and say which)."""
-    from read_cache import paths
-
-    if cache is not None:
-        return cache
-    last = paths.last_cache()
-    if last is None:
-        raise ReadCacheError("no cache given and none built yet; pass --cache PATH or run `read-cache build` first")
-    logging.getLogger(__name__).info("using the last cache built: %s", last)
-    return last

@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from read_cache.cli.common import StorageOptions, out_console, resolve_cache, user_errors
+from read_cache.cli.common import StorageOptions, out_console, user_errors
+from read_cache.paths import resolve_cache
 
 
 @user_errors
@@ -19,9 +20,9 @@ def inspect(
     storage_options: StorageOptions = None,
 ) -> None:
     """Show what a cache holds: splits, sizes, shapes, types, completeness."""
-    from read_cache.store.describe import describe
+    from read_cache.paths import parse_storage_options
     from read_cache.store import open_cache
-    from read_cache.store.location import parse_storage_options
+    from read_cache.store.describe import describe
 
     info = describe(open_cache(resolve_cache(cache), parse_storage_options(storage_options)))
     if as_json:

@@ -8,8 +8,38 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from read_cache.cli.common import CacheArg, Device, DropLayers, Dtype, MemoryBudget, NoProgress, NoRecurrence, Preset, ProtocolOpt, Reader, ReaderWorkers, StorageOptions, Threads, WeightDecay, is_main_rank, out_console, print_command, resolve_cache, user_errors
+from read_cache.cli.common import (
+    CacheArg,
+    Device,
+    DropLayers,
+    Dtype,
+    MemoryBudget,
+    NoProgress,
+    NoRecurrence,
+    Preset,
+    ProtocolOpt,
+    Reader,
+    ReaderWorkers,
+    StorageOptions,
+    Threads,
+    WeightDecay,
+    is_main_rank,
+    out_console,
+    print_command,
+    user_errors,
+)
+from read_cache.config import (
+    GlueConfig,
+    SearchConfig,
+    SweepConfig,
+    TrainConfig,
+    check_seeds,
+    parse_list,
+    parse_range,
+    with_preset,
+)
 from read_cache.errors import ReadCacheError
+from read_cache.paths import resolve_cache
 
 
 @user_errors
@@ -22,22 +52,22 @@ def sweep(
     head: Annotated[Optional[str], typer.Option(help="Comma-separated heads (lm, linear); default: lm for T5 classification, else linear.")] = None,
     trials: Annotated[Optional[int], typer.Option(help="Draw this many learning rates log-uniformly over --lr-range, architectures taken in turn.")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Bayesian learning-rate search (optuna TPE) with this many rounds per architecture (--preset paper: 32).")] = None,
-    per_round: Annotated[int, typer.Option(help="Learning rates each architecture tries per search round, trained together.")] = 1,
+    per_round: Annotated[int, typer.Option(help="Learning rates each architecture tries per search round, trained together.")] = SearchConfig.per_round,
     lr_range: Annotated[str, typer.Option(help="LOW:HIGH for --trials and --rounds (the paper: 1e-6:3e-3).")] = "1e-6:3e-3",
-    search: Annotated[str, typer.Option(help="grid (each to --epochs or its early stop) or halving (after epochs 1, eta, eta^2... keep the best 1/eta).")] = "grid",
-    eta: Annotated[int, typer.Option(help="Successive halving's reduction factor.")] = 3,
+    search: Annotated[str, typer.Option(help="grid (each to --epochs or its early stop) or halving (after epochs 1, eta, eta^2... keep the best 1/eta).")] = SweepConfig.search,
+    eta: Annotated[int, typer.Option(help="Successive halving's reduction factor.")] = SweepConfig.eta,
     pooling: Annotated[Optional[str], typer.Option(help="Encoder-only caches: mean or first token; default: the model family's way, as the cache records it.")] = None,
-    weight_decay: WeightDecay = 0.0,
+    weight_decay: WeightDecay = TrainConfig.weight_decay,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default and the paper: 96).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Most epochs per configuration (default and the paper: 30).")] = None,
     patience: Annotated[Optional[int], typer.Option(help="A configuration stops after this many epochs without a better validation score (default 5; the paper: 1).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for every configuration's initialisation, the shuffling and the --trials draws.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for every configuration's initialisation, the shuffling and the --trials draws.")] = TrainConfig.seed,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Run every configuration with this many seeds (--seed, --seed+1, ...) and rank by the mean (--preset paper: 3).")] = None,
     preset: Preset = None,
     no_recurrence: NoRecurrence = False,
     overwrite: Annotated[bool, typer.Option(help="Replace the sweep's files in an existing --out.")] = False,
-    reader: Reader = "auto",
-    memory_budget: MemoryBudget = 2.0,
+    reader: Reader = TrainConfig.reader,
+    memory_budget: MemoryBudget = TrainConfig.memory_budget_gb,
     device: Device = None,
     dtype: Dtype = None,
     threads: Threads = None,
@@ -46,8 +76,7 @@ def sweep(
     no_progress: NoProgress = False,
 ) -> None:
     """Train many side networks from one read of the cache; select by validation, report that run's test score."""
-    from read_cache.config import SearchConfig, SweepConfig, TrainConfig, parse_list, parse_range, with_preset
-    from read_cache.store.location import parse_storage_options
+    from read_cache.paths import parse_storage_options
 
     shared = TrainConfig(
         cache=cache, pooling=pooling, weight_decay=weight_decay, seed=seed, reader=reader, memory_budget_gb=memory_budget,
@@ -60,43 +89,56 @@ def sweep(
     if rounds is not None or (preset == "paper" and lr is None and trials is None):
         if lr is not None or trials is not None:
             raise ReadCacheError("--rounds searches the learning rate itself; drop --lr and --trials (or --rounds)")
-        from read_cache.paper import ARCHITECTURES, PAPER
-
-        heads = (None,) if head is None else parse_list("--head", head, str)
-        if len(heads) != 1:
-            raise ReadCacheError("--rounds searches one head at a time; pass a single --head")
-        architectures = ARCHITECTURES if rnn is None else SweepConfig(out=out, rnn=parse_list("--rnn", rnn, str), dim=None if dim is None else parse_list("--dim", dim, int)).architectures()
-        search_cfg = SearchConfig(
-            out=out, architectures=tuple(a if isinstance(a, str) else f"{a[0]}/{a[1]}" for a in architectures),
-            rounds=rounds if rounds is not None else PAPER.rounds, per_round=per_round, lr_range=parse_range("--lr-range", lr_range), seeds=n_seeds,
-            head=heads[0], overwrite=overwrite, shared=shared,
-        )
-        search_cfg.validate()
-        shared.cache = resolve_cache(cache)
-        from read_cache.protocol.search import search as run_search
-
-        _print_search(run_search(search_cfg), out)
-        return
+        return _search(shared, out, rnn, dim, head, rounds, per_round, lr_range, n_seeds, overwrite, cache)
     cfg = SweepConfig(
         out=out, rnn=parse_list("--rnn", "gru" if rnn is None else rnn, str), dim=None if dim is None else parse_list("--dim", dim, int),
         lr=None if lr is None else parse_list("--lr", lr, float), head=(None,) if head is None else parse_list("--head", head, str),
         trials=trials, lr_range=parse_range("--lr-range", lr_range), search=search, eta=eta, overwrite=overwrite, shared=shared,
     )
+    _run_sweep(cfg, n_seeds, cache)
+
+
+def _run_sweep(cfg: SweepConfig, n_seeds: int, cache: str | None) -> None:
+    """The grid (or --trials), once or per seed, and its table."""
     cfg.validate()
-    if n_seeds <= 0:
-        raise ReadCacheError(f"--seeds {n_seeds} must be at least 1 (the paper averages 3)")
-    shared.cache = resolve_cache(cache)
+    check_seeds(n_seeds)
+    cfg.shared.cache = resolve_cache(cache)
     if n_seeds > 1:
         from read_cache.protocol.search import sweep_seeds
 
-        _print_seeds(sweep_seeds(cfg, n_seeds), out)
+        _print_seeds(sweep_seeds(cfg, n_seeds), cfg.out)
         return
-    from read_cache.training.sweep import ranked
     from read_cache.training.sweep import sweep as run_sweep
 
     report = run_sweep(cfg)
-    if not is_main_rank():
-        return
+    if is_main_rank():
+        _print_sweep(report, cfg.out)
+
+
+def _search(shared: TrainConfig, out: Path, rnn: str | None, dim: str | None, head: str | None, rounds: int | None, per_round: int,
+            lr_range: str, n_seeds: int, overwrite: bool, cache: str | None) -> None:
+    """`sweep --rounds` (or --preset paper without --lr): the Bayesian learning-rate search per architecture."""
+    from read_cache.paper import ARCHITECTURES, PAPER
+
+    heads = (None,) if head is None else parse_list("--head", head, str)
+    if len(heads) != 1:
+        raise ReadCacheError("--rounds searches one head at a time; pass a single --head")
+    architectures = ARCHITECTURES if rnn is None else SweepConfig(out=out, rnn=parse_list("--rnn", rnn, str), dim=None if dim is None else parse_list("--dim", dim, int)).architectures()
+    search_cfg = SearchConfig(
+        out=out, architectures=tuple(a if isinstance(a, str) else f"{a[0]}/{a[1]}" for a in architectures),
+        rounds=rounds if rounds is not None else PAPER.rounds, per_round=per_round, lr_range=parse_range("--lr-range", lr_range), seeds=n_seeds,
+        head=heads[0], overwrite=overwrite, shared=shared,
+    )
+    search_cfg.validate()
+    shared.cache = resolve_cache(cache)
+    from read_cache.protocol.search import search as run_search
+
+    _print_search(run_search(search_cfg), out)
+
+
+def _print_sweep(report: dict[str, Any], out: Path) -> None:
+    from read_cache.training.sweep import ranked
+
     best = report["best"]
     table = Table(title=f"{report['task']}: {report['configurations']} configurations ({report['search']}), ranked by validation {best['validation']['metric']}")
     for col in ("#", "configuration", "parameters", "epochs", "ended", "validation", "test"):
@@ -128,23 +170,30 @@ def glue(
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per training step (default and the paper: 96).")] = None,
     seeds: Annotated[Optional[int], typer.Option("--seeds", help="Seeds per configuration, averaged (default 1; --preset paper: 3).")] = None,
     rounds: Annotated[Optional[int], typer.Option(help="Bayesian learning-rate search rounds per architecture and task (default 8; --preset paper: 32).")] = None,
-    per_round: Annotated[int, typer.Option(help="Learning rates each architecture tries per round (trained together).")] = 1,
+    per_round: Annotated[int, typer.Option(help="Learning rates each architecture tries per round (trained together).")] = SearchConfig.per_round,
     rnn: Annotated[str, typer.Option(help="Architecture candidates, rnn/dim (the paper's Table 8).")] = "gru/256,gru/128,lstm/128",
     lr_range: Annotated[str, typer.Option(help="LOW:HIGH of the learning-rate search (the paper: 1e-6:3e-3).")] = "1e-6:3e-3",
     preset: Preset = None,
-    protocol: ProtocolOpt = "t5",
-    drop_last_layers: DropLayers = 0,
+    protocol: ProtocolOpt = GlueConfig.protocol,
+    drop_last_layers: DropLayers = GlueConfig.drop_last_layers,
     no_recurrence: NoRecurrence = False,
-    seed: Annotated[int, typer.Option(help="First seed.")] = 0,
+    seed: Annotated[int, typer.Option(help="First seed.")] = TrainConfig.seed,
     dtype: Annotated[Optional[str], typer.Option(help="Build compute dtype bf16|fp16|fp32; default: safe and fast on this device.")] = None,
-    build_batch_size: Annotated[int, typer.Option(help="Examples per forward pass of the builds.")] = 64,
+    build_batch_size: Annotated[int, typer.Option(help="Examples per forward pass of the builds.")] = GlueConfig.build_batch_size,
     device: Device = None,
     threads: Threads = None,
     memory_budget: MemoryBudget = 2.0,
     no_progress: NoProgress = False,
 ) -> None:
     """The paper's protocol end to end: build every task's cache, search, select one architecture, write Table 1."""
-    from read_cache.config import GlueConfig, SearchConfig, TrainConfig, parse_list, parse_range, with_preset
+    from read_cache.config import (
+        GlueConfig,
+        SearchConfig,
+        TrainConfig,
+        parse_list,
+        parse_range,
+        with_preset,
+    )
     from read_cache.paper import PAPER
 
     shared = TrainConfig(

@@ -8,27 +8,47 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.table import Table
 
-from read_cache.cli.common import CacheArg, Device, Dtype, MemoryBudget, NoProgress, NoRecurrence, Preset, Reader, ReaderWorkers, Seeds, StorageOptions, Threads, WeightDecay, is_main_rank, out_console, print_command, resolve_cache, user_errors
+from read_cache.cli.common import (
+    CacheArg,
+    Device,
+    Dtype,
+    MemoryBudget,
+    NoProgress,
+    NoRecurrence,
+    Preset,
+    Reader,
+    ReaderWorkers,
+    Seeds,
+    StorageOptions,
+    Threads,
+    WeightDecay,
+    is_main_rank,
+    out_console,
+    print_command,
+    user_errors,
+)
+from read_cache.config import TrainConfig, check_seeds, given, with_preset
 from read_cache.errors import ReadCacheError
+from read_cache.paths import resolve_cache
 
 
 @user_errors
 def train(
     cache: CacheArg = None,
-    rnn: Annotated[str, typer.Option(help="Side network RNN: gru, lstm, rnn (Elman), or none (a probe on the frozen states).")] = "gru",
-    dim: Annotated[int, typer.Option(help="RNN hidden size r (the paper: 128 or 256).")] = 256,
+    rnn: Annotated[str, typer.Option(help="Side network RNN: gru, lstm, rnn (Elman), or none (a probe on the frozen states).")] = TrainConfig.rnn,
+    dim: Annotated[int, typer.Option(help="RNN hidden size r (the paper: 128 or 256).")] = TrainConfig.dim,
     head: Annotated[Optional[str], typer.Option(help="lm (frozen LM head over the label words) or linear; default: lm for T5 classification, else linear.")] = None,
     pooling: Annotated[Optional[str], typer.Option(help="Encoder-only caches: mean or first token; default: the model family's way, as the cache records it.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate; default 1e-3, or Table 9's with --preset paper; with --method, the method's own.")] = None,
-    weight_decay: WeightDecay = 0.0,
+    weight_decay: WeightDecay = TrainConfig.weight_decay,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step (default and the paper: 96).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Most epochs (default and the paper: 30).")] = None,
     patience: Annotated[Optional[int], typer.Option(help="Stop after this many epochs without a better validation score (default 5; the paper: 1).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling (a CPU run repeats exactly).")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed for initialisation and shuffling (a CPU run repeats exactly).")] = TrainConfig.seed,
     out: Annotated[Optional[Path], typer.Option(help="Run folder; default: ./runs/<task>-<rnn><dim>-<head>-<time>.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace the run files in an existing --out.")] = False,
-    reader: Reader = "auto",
-    memory_budget: MemoryBudget = 2.0,
+    reader: Reader = TrainConfig.reader,
+    memory_budget: MemoryBudget = TrainConfig.memory_budget_gb,
     device: Device = None,
     dtype: Dtype = None,
     threads: Threads = None,
@@ -48,10 +68,9 @@ def train(
     --method a baseline (LoRA, prompt tuning, adapters, BitFit, LST, full) on the backbone itself."""
     if method is not None or model is not None or task is not None:
         return _train_method(method, model, task, cache, data_dir=data_dir, limit=limit, pooling=pooling, lr=lr, weight_decay=weight_decay,
-                             batch_size=batch_size or 96, epochs=epochs or 30, patience=patience or 5, seed=seed, out=out, overwrite=overwrite,
-                             device=device, threads=threads, progress=not no_progress)
-    from read_cache.config import TrainConfig, with_preset
-    from read_cache.store.location import parse_storage_options
+                             seed=seed, out=out, overwrite=overwrite, device=device, threads=threads, progress=not no_progress,
+                             **given(batch_size=batch_size, epochs=epochs, patience=patience))
+    from read_cache.paths import parse_storage_options
 
     values = with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience)
     cfg = TrainConfig(
@@ -61,25 +80,32 @@ def train(
         storage_options=parse_storage_options(storage_options),
     )
     cfg.validate()
-    if seeds <= 0:
-        raise ReadCacheError(f"--seeds {seeds} must be at least 1 (the paper averages 3)")
+    check_seeds(seeds)
     cfg.cache = resolve_cache(cache)
     if seeds > 1:
-        from read_cache.protocol.search import train_seeds
-
-        report = train_seeds(cfg, seeds)
-        out_console.print(
-            f"{report['task']}: {report['rnn']}/{report['dim']} lr {report['lr']:.3g}, seeds {report['seeds']}: "
-            f"validation {report['validation']['mean']:.4f} ± {report['validation']['std']:.4f}, "
-            f"test {report['metric']} {report['test']['mean']:.4f} ± {report['test']['std']:.4f}; runs in {Path(report['runs'][0]).parent}",
-            highlight=False,
-        )
-        return
+        return _train_seeds(cfg, seeds)
     from read_cache.training.train import train as train_side_network
 
     summary = train_side_network(cfg)
-    if not is_main_rank():
-        return
+    if is_main_rank():
+        _print_run(summary)
+
+
+def _train_seeds(cfg: TrainConfig, seeds: int) -> None:
+    """`train --seeds N`: the same run with N seeds, mean and std."""
+    from read_cache.protocol.search import train_seeds
+
+    report = train_seeds(cfg, seeds)
+    out_console.print(
+        f"{report['task']}: {report['rnn']}/{report['dim']} lr {report['lr']:.3g}, seeds {report['seeds']}: "
+        f"validation {report['validation']['mean']:.4f} ± {report['validation']['std']:.4f}, "
+        f"test {report['metric']} {report['test']['mean']:.4f} ± {report['test']['std']:.4f}; runs in {Path(report['runs'][0]).parent}",
+        highlight=False,
+    )
+
+
+def _print_run(summary: dict[str, Any]) -> None:
+    """The finished run's scores, speed and where it is."""
     table = Table(title=f"{summary['task']}: {summary['rnn']}/{summary['dim']} {summary['head']} head, {summary['trainable_parameters']:,} trainable parameters")
     for col in ("split", "metric", "score", "components"):
         table.add_column(col)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from read_cache.distributed.env import SINGLE, Launch, cpu_threads_per_rank, detect
+from read_cache.distributed.env import SINGLE, Launch, detect
 
 _LAZY = {
     "session": "group", "rank_device": "group", "barrier": "group", "gather": "group", "broadcast": "group",
@@ -27,7 +27,7 @@ _LAZY = {
     "round_robin": "shard", "balanced": "shard", "launch_lock": "lock", "LAUNCH_RECORD": "lock", "UnitPoller": "progress",
 }
 
-__all__ = ["SINGLE", "Launch", "cpu_threads_per_rank", "detect", *_LAZY]
+__all__ = ["SINGLE", "Launch", "detect", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

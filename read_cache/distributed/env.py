@@ -71,12 +71,3 @@ def detect(environ: Mapping[str, str] | None = None) -> Launch:
             f"RANK={env.get('RANK')!r} WORLD_SIZE={env.get('WORLD_SIZE')!r} are not whole numbers; launch with torchrun, which sets them"
         ) from None
     return Launch(rank, world, local_rank, local_world, env.get("TORCHELASTIC_RUN_ID"))
-
-
-def cpu_threads_per_rank(local_world_size: int) -> int:
-    """This process's fair share of the node's cores (at least one)."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, cores // max(local_world_size, 1))

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 import torch
 import torch.distributed as dist
 
+from read_cache.config import record
 from read_cache.distributed.env import Launch, detect
 from read_cache.errors import ReadCacheError
 
@@ -192,12 +193,13 @@ def _explain(failed: list[tuple[str, str]], world_size: int) -> str:
     return "; ".join(f"{', '.join(ranks)}: {message}" for message, ranks in by_message.items())
 
 
-def check_same_arguments(launch: Launch, arguments: dict[str, Any]) -> None:
-    """Refuse a launch whose ranks were given different arguments (compares a hash, names the flags)."""
+def check_same_arguments(launch: Launch, cfg: Any) -> None:
+    """Refuse a launch whose ranks were given different configs (compares a hash of the whole config, secrets
+    included; the message names the flags with secrets masked, through `config.record`)."""
     if not launch.distributed:
         return
-    digest = hashlib.sha256(_text(arguments).encode()).hexdigest()
-    every = gather(launch, (digest, arguments))
+    digest = hashlib.sha256(_text(record(cfg, masked=False)).encode()).hexdigest()
+    every = gather(launch, (digest, record(cfg)))
     reference_digest, reference = every[0]
     differing = []
     for rank, (other, values) in enumerate(every[1:], 1):
@@ -205,7 +207,7 @@ def check_same_arguments(launch: Launch, arguments: dict[str, Any]) -> None:
             continue
         keys = [k for k in sorted(set(values) | set(reference)) if _text(values.get(k)) != _text(reference.get(k))]
         shown = ", ".join(f"{FLAGS.get(k, '--' + k.replace('_', '-'))} {values.get(k)!r} where rank 0 has {reference.get(k)!r}" for k in keys)
-        differing.append(f"rank {rank} has {shown}")
+        differing.append(f"rank {rank} has {shown or 'other --storage-options secrets (masked)'}")
     if differing:
         raise RankError(f"the ranks of this launch were given different arguments ({'; '.join(differing)}); launch every rank with the same command")
 

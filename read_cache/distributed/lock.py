@@ -26,6 +26,7 @@ from read_cache.distributed.env import Launch
 from read_cache.distributed.group import agree, on_main
 from read_cache.errors import ReadCacheError
 from read_cache.store import BuildLock
+from read_cache.util.files import write_json
 
 LAUNCH_RECORD = ".build-launch.json"
 
@@ -60,11 +61,7 @@ def write_record(path: Path, launch: Launch) -> str:
     """Write this launch's record atomically; returns its token."""
     token = uuid.uuid4().hex
     record = {"token": token, "run_id": launch.run_id, "host": launch.host, "pid": os.getpid(), "world_size": launch.world_size, "started": time.time()}
-    tmp = path / (LAUNCH_RECORD + ".tmp")
-    tmp.write_text(json.dumps(record))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path / LAUNCH_RECORD)
+    write_json(path / LAUNCH_RECORD, record)
     return token
 
 

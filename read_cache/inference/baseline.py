@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from read_cache.backbone.load import load_backbone
 from read_cache.errors import ReadCacheError
 from read_cache.inference.results import Predictions
-from read_cache.methods import parse_method
+from read_cache.kinds import parse_method
 from read_cache.methods.model import TaskModel, build_task_model
-from read_cache.methods.train import CONFIG, WEIGHTS, Splits, Trainer
+from read_cache.methods.train import Splits, Trainer
 from read_cache.tasks.specs import TaskSpec, get_task
+from read_cache.training.runs import CONFIG, METHOD_WEIGHTS
 
 
 def is_method_run(run_dir: str | Path) -> bool:
@@ -31,8 +32,8 @@ def is_method_run(run_dir: str | Path) -> bool:
 def load_method_run(run_dir: str | Path, model: str | None = None, device: str | None = None) -> tuple[TaskModel, Any, TaskSpec, dict[str, Any]]:
     """The trained task model (eval mode), its backbone, task and config.json; refuses other weights than the run's."""
     run_dir = Path(run_dir)
-    if not (run_dir / WEIGHTS).is_file():
-        raise ReadCacheError(f"{run_dir} holds no finished run ({WEIGHTS} missing); pass a folder `read-cache train --method` wrote")
+    if not (run_dir / METHOD_WEIGHTS).is_file():
+        raise ReadCacheError(f"{run_dir} holds no finished run ({METHOD_WEIGHTS} missing); pass a folder `read-cache train --method` wrote")
     config = json.loads((run_dir / CONFIG).read_text())
     recorded = config["backbone"]
     backbone = load_backbone(model or recorded["model"], device=device, dtype="fp32")
@@ -43,7 +44,7 @@ def load_method_run(run_dir: str | Path, model: str | None = None, device: str |
         )
     task = get_task(config["task"])
     module = build_task_model(backbone, task, parse_method(config["method"]["label"]), pooling=config["pooling"]).to(backbone.device)
-    module.load_trainable_state(load_file(str(run_dir / WEIGHTS)))
+    module.load_trainable_state(load_file(str(run_dir / METHOD_WEIGHTS)))
     return module.eval(), backbone, task, config
 
 

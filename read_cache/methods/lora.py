@@ -19,7 +19,9 @@ ALPHA = 16
 
 
 def target_modules(model_type: str) -> list[str]:
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TARGETS
+    from peft.utils.constants import (
+        TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TARGETS,
+    )
 
     if model_type not in TARGETS:
         raise ReadCacheError(f"--method lora does not know the attention projections of {model_type!r} models; use another method")

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from read_cache.backbone.load import Backbone
-from read_cache.methods import MethodSpec
-from read_cache.training.side_network import pool
+from read_cache.kinds import MethodSpec
 from read_cache.tasks.specs import TaskSpec
+from read_cache.training.side_network import pool
 
 log = logging.getLogger(__name__)
 

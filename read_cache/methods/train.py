@@ -12,17 +12,20 @@ state restored), score validation and test, and write
       metrics.jsonl        one JSON line per epoch
       method.safetensors   the trainable parameters only (the backbone is reloaded from --model)
       summary.json         scores, parameter counts, time, memory (written last: its presence means done)
+      checkpoint.pt        while training: the state after the last epoch
+
+The epochs run on READ's engine (`training.engine`: the same loop, early stopping and checkpoints), so an
+interrupted run resumes with the same command and ends as an uninterrupted one would (`training.runs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,22 +33,38 @@ from safetensors.torch import save_file
 
 from read_cache.backbone.load import Backbone, load_backbone
 from read_cache.config import MethodConfig
+from read_cache.kinds import MethodSpec, parse_method
+from read_cache.methods.model import (
+    TaskModel,
+    backbone_parameters,
+    build_task_model,
+    head_parameters,
+)
 from read_cache.tasks.data import load_glue
-from read_cache.util.energy import Meter
-from read_cache.errors import ReadCacheError
-from read_cache.methods import MethodSpec, parse_method
-from read_cache.methods.model import TaskModel, backbone_parameters, build_task_model, head_parameters
 from read_cache.tasks.metrics import majority_baseline, score
 from read_cache.tasks.specs import TaskSpec, get_task
-from read_cache.training.train import torch_threads, write_json
+from read_cache.training import checkpoint, engine
+from read_cache.training.engine import (
+    EarlyStopping,
+    Evaluation,
+    Member,
+    Pass,
+    torch_threads,
+)
+from read_cache.training.runs import (
+    CONFIG,
+    METHOD_ARTIFACTS,
+    METHOD_WEIGHTS,
+    METRICS,
+    SUMMARY,
+    claim_folder,
+    default_folder,
+    finished,
+)
+from read_cache.util.energy import Meter
+from read_cache.util.files import write_json
 
 log = logging.getLogger(__name__)
-
-WEIGHTS = "method.safetensors"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-
 
 # --------------------------------------------------------------------------------------------------
 # The examples, tokenized the way the build tokenizes them
@@ -91,13 +110,6 @@ def bucketed_order(ids: list[list[int]], batch_size: int, rng: np.random.Generat
 # The loop every method on the live backbone shares (online READ in `bench` too)
 
 
-class Evaluation(NamedTuple):
-    logits: np.ndarray
-    """[n, C] logits, or [n] scores for regression, in split order."""
-    predictions: np.ndarray
-    labels: np.ndarray
-
-
 class Trainer:
     """Shuffled, length-bucketed batches of token ids through `module(ids, mask, types) -> logits`, AdamW."""
 
@@ -120,23 +132,38 @@ class Trainer:
             type_ids = pad([types[r] for r in rows], 0)[0].to(self.device) if types is not None else None
             yield rows, input_ids.to(self.device), mask.to(self.device), type_ids
 
-    def epoch(self, epoch: int, progress: bool = False, epochs: int | None = None) -> tuple[float, int, float]:
-        """One pass over train (0-based `epoch` seeds its order; `epochs` only labels the bar); returns (mean loss, examples, seconds)."""
-        from read_cache.training.train import EpochBar
-
-        started, total, n = time.perf_counter(), 0.0, 0
+    def train_batches(self, epoch: int) -> Iterator[tuple[tuple[torch.Tensor, ...], int, float]]:
+        """The engine's batches of 0-based `epoch` (its order seeded by (seed, epoch)): ((ids, mask, types, labels), examples, weight 1)."""
         order = bucketed_order(self.splits.ids["train"], self.batch_size, np.random.default_rng([self.seed, epoch]))
         labels = torch.as_tensor(self.splits.labels["train"])
-        self.module.train()
-        with EpochBar(progress, epoch + 1, epochs or epoch + 1, len(order), None) as advance:
-            for rows, input_ids, mask, types in self.batches("train", order):
-                loss = self.loss(self.module(input_ids, mask, types), labels[torch.from_numpy(rows)].to(self.device))
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                total, n = total + loss.item() * len(rows), n + len(rows)
-                advance(len(rows), total / n, n / (time.perf_counter() - started))
-        return total / max(n, 1), n, time.perf_counter() - started
+        for rows, input_ids, mask, types in self.batches("train", order):
+            yield (input_ids, mask, types, labels[torch.from_numpy(rows)].to(self.device)), len(rows), 1.0
+
+    def step(self, batch: tuple[torch.Tensor, ...], weight: float = 1.0) -> float:
+        """One AdamW step on one batch; returns its mean loss."""
+        input_ids, mask, types, labels = batch
+        loss = self.loss(self.module(input_ids, mask, types), labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss * weight if weight != 1.0 else loss).backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def member(self, patience: int = 1, metrics: Path | None = None) -> Member:
+        """The engine's member for this module: a `TaskModel`'s trainable state is what early stopping and checkpoints
+        keep; any other module (bench's online READ) only steps, with nothing kept."""
+        snapshot, restore = getattr(self.module, "trainable_state", dict), getattr(self.module, "load_trainable_state", lambda state: None)
+        stopping = EarlyStopping(self.task, patience, snapshot=snapshot, restore=restore, metrics=metrics)
+        return Member("", stopping, self.optimizer, self.step)
+
+    def engine_pass(self, epochs: int, progress: bool = False, **options: Any) -> Pass:
+        return Pass(
+            epochs=epochs, batches=lambda epoch: self.train_batches(epoch - 1), validate=lambda members: [self.evaluate("validation")],
+            train=lambda members: self.module.train(), progress=progress, bar_total=len(self.splits.ids["train"]), **options,
+        )
+
+    def epoch(self, epoch: int, progress: bool = False, epochs: int | None = None) -> tuple[float, int, float]:
+        """One pass over train on the engine (0-based `epoch`); returns (mean loss, examples, seconds)."""
+        return engine.train_epoch([self.member()], epoch + 1, self.engine_pass(epochs or epoch + 1, progress))[0]
 
     @torch.no_grad()
     def evaluate(self, split: str) -> Evaluation:
@@ -175,8 +202,7 @@ def train_method(cfg: MethodConfig) -> dict[str, Any]:
         counts = {"backbone_parameters": backbone_parameters(backbone.model)}
         module = build_task_model(backbone, task, spec, pooling=cfg.pooling, seed=cfg.seed).to(backbone.device)
         counts |= parameter_counts(module, backbone, task, spec, counts["backbone_parameters"])
-        out = claim_run_dir(cfg, task, spec)
-        write_json(out / CONFIG, run_config(cfg, spec, backbone, task, module))
+        out = claim_run_dir(cfg, task, spec, run_config(cfg, spec, backbone, task, module))
         lr = cfg.lr or spec.default_lr
         log.info("training %s on %s (%s): %s trainable parameters (%.3f%% of the backbone), lr %g",
                  spec.label, cfg.model, task.name, f"{counts['trainable_parameters']:,}", counts["trainable_percent"], lr)
@@ -192,8 +218,9 @@ def train_method(cfg: MethodConfig) -> dict[str, Any]:
         "test_majority_baseline": majority_baseline(task, splits.labels["train"], test.labels),
         "wall_seconds": time.perf_counter() - started, "device": str(backbone.device), "meter": meter.reading.to_dict(),
     }
-    save_file(module.trainable_state(), str(out / WEIGHTS))
+    save_file(module.trainable_state(), str(out / METHOD_WEIGHTS))
     write_json(out / SUMMARY, summary)
+    finished(out)
     log.info("%s: best epoch %d, validation %s %.4f, test %.4f; run saved to %s", spec.label, best_epoch,
              summary["validation"]["metric"], summary["validation"]["score"], summary["test"]["score"], out)
     return summary
@@ -209,39 +236,26 @@ def parameter_counts(module: TaskModel, backbone: Backbone, task: TaskSpec, spec
 
 
 def fit(trainer: Trainer, cfg: MethodConfig, out: Path) -> tuple[list[dict[str, Any]], int]:
-    """Up to --epochs, stopping after --patience epochs without a better validation score; the best state restored."""
-    module: TaskModel = trainer.module  # type: ignore[assignment]
-    best_score, best_epoch, best_state, history = -math.inf, 0, module.trainable_state(), []
-    (out / METRICS).write_text("")
-    for epoch in range(1, cfg.epochs + 1):
-        loss, n, seconds = trainer.epoch(epoch - 1, cfg.progress, cfg.epochs)
-        validation = trainer.validate()
-        record = {"epoch": epoch, "loss": loss, "validation": validation, "examples_per_second": n / seconds, "seconds": seconds}
-        history.append(record)
-        with (out / METRICS).open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info("epoch %d: loss %.3f, validation %s %.4f, %.0f ex/s", epoch, loss, validation["metric"], validation["score"], n / seconds)
-        current = validation["score"] if math.isfinite(validation["score"]) else -math.inf
-        if current > best_score or best_epoch == 0:
-            best_score, best_epoch, best_state = current, epoch, module.trainable_state()
-        elif epoch - best_epoch >= cfg.patience:
-            log.info("no better validation score for %d epochs: stopping early", cfg.patience)
-            break
-    module.load_trainable_state(best_state)
-    return history, best_epoch
+    """Up to --epochs on the engine, stopping after --patience epochs without a better validation score; the best
+    state restored. An interrupted run's checkpoint is resumed first. Returns (metrics history, best epoch)."""
+    member = trainer.member(cfg.patience, out / METRICS)
+    timeline: list[dict[str, Any]] = []
+    first = checkpoint.resume_members(out, [member], timeline, cfg.epochs)
+
+    def save(epoch: int, members: list[Member], timeline: list[dict[str, Any]]) -> None:
+        checkpoint.save_members(out, "method", epoch, members, timeline)
+
+    engine.fit([member], trainer.engine_pass(cfg.epochs, cfg.progress, save=save), first, timeline)
+    fitted = member.stopping.finish()
+    return member.stopping.history, fitted.best_epoch
 
 
-def claim_run_dir(cfg: MethodConfig, task: TaskSpec, spec: MethodSpec) -> Path:
-    """Refuse a non-empty --out unless --overwrite (which replaces only the run's own files)."""
-    out = Path(cfg.out) if cfg.out is not None else Path("runs") / f"{task.name}-{spec.label}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if out.exists() and not out.is_dir():
-        raise ReadCacheError(f"--out {out} is a file; choose a folder for the run")
-    if out.is_dir() and any(out.iterdir()):
-        if not cfg.overwrite:
-            raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
-        for name in (WEIGHTS, CONFIG, METRICS, SUMMARY):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+def claim_run_dir(cfg: MethodConfig, task: TaskSpec, spec: MethodSpec, record: dict[str, Any]) -> Path:
+    """The run folder, held, its config.json written: an interrupted run of this record resumes (the --out given, or
+    the newest under ./runs); another non-empty --out is refused unless --overwrite (see `runs.claim_folder`)."""
+    fresh = Path("runs") / f"{task.name}-{spec.label}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out = Path(cfg.out) if cfg.out is not None else default_folder(fresh, record)
+    claim_folder(out, record, overwrite=cfg.overwrite, own_files=METHOD_ARTIFACTS, first=CONFIG, last=SUMMARY)
     return out
 
 

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import statistics
@@ -34,6 +33,7 @@ from typing import Any
 from read_cache.config import GlueConfig, SearchConfig
 from read_cache.paper import PAPER_SCORES, TABLE1_TASKS, variant_of
 from read_cache.tasks.specs import get_task
+from read_cache.util.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def run_glue(cfg: GlueConfig) -> dict[str, Any]:
     report = make_report(cfg, searches, caches, build_seconds, time.perf_counter() - started)
     (out / TABLE).write_text(markdown(report))
     chart(report, out / CHART)
-    _write_json(out / REPORT, report)
+    write_json(out / REPORT, report)
     log.info("glue: selected %s; wrote %s, %s, %s", report["selected_architecture"], out / REPORT, out / TABLE, out / CHART)
     return report
 
@@ -73,13 +73,14 @@ def ensure_cache(cfg: GlueConfig, task: str) -> Path:
     """The task's cache: skipped when complete and built with these options, else built (or resumed)."""
     from read_cache.build import build_cache, check_same_build
     from read_cache.store import read_root_attrs
+    from read_cache.store.attributes import CacheAttributes
 
     build_cfg = cfg.build_config(task)
     path = Path(build_cfg.out)
     attrs = read_root_attrs(path) if path.is_dir() else None
     if attrs is not None:
         check_same_build(attrs, build_cfg, path, fingerprint=None)  # refuses a cache of other options
-        if all(attrs.get("splits", {}).get(s, {}).get("complete") for s in ("train", "validation", "test")):
+        if CacheAttributes.parse(attrs).complete():
             log.info("glue: %s cache at %s is complete; not rebuilding", task, path)
             return path
     log.info("glue: building the %s cache at %s", task, path)
@@ -111,12 +112,11 @@ def select_architecture(searches: dict[str, dict[str, Any]]) -> tuple[str, dict[
 
 
 def make_report(cfg: GlueConfig, searches: dict[str, dict[str, Any]], caches: dict[str, Path], build_seconds: float, wall: float) -> dict[str, Any]:
-    from read_cache.store import read_root_attrs
+    from read_cache.store import open_cache
 
     selected, quality = select_architecture(searches)
-    attrs = read_root_attrs(next(iter(caches.values()))) or {}
-    backbone = attrs.get("backbone", {})
-    variant = variant_of(int(backbone.get("d_model", 768)))
+    first = open_cache(next(iter(caches.values())))
+    variant = variant_of(first.info.d_model or 768)
     paper = PAPER_SCORES[variant]
     rows = {}
     for task, s in searches.items():
@@ -135,8 +135,8 @@ def make_report(cfg: GlueConfig, searches: dict[str, dict[str, Any]], caches: di
     shared = search_cfg.shared
     in_paper = [t for t in rows if t in paper]
     return {
-        "model": cfg.model, "backbone_kind": backbone.get("kind"), "d_model": backbone.get("d_model"),
-        "n_encoder_layers": backbone.get("n_encoder_layers"), "drop_last_layers": cfg.drop_last_layers,
+        "model": cfg.model, "backbone_kind": first.info.backbone_kind, "d_model": first.info.d_model,
+        "n_encoder_layers": first.geometry.n_encoder_layers, "drop_last_layers": cfg.drop_last_layers,
         "protocol": cfg.protocol, "preset": cfg.preset, "limit": cfg.limit, "data_dir": str(cfg.data_dir) if cfg.data_dir else None,
         "epochs": shared.epochs, "patience": shared.patience, "batch_size": shared.batch_size, "recurrence": shared.recurrence,
         "rounds": search_cfg.rounds, "per_round": search_cfg.per_round, "seeds": search_cfg.seeds,
@@ -240,10 +240,3 @@ def chart(report: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
-

@@ -19,7 +19,6 @@ is told the mean validation score over the seeds.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import statistics
@@ -27,10 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from read_cache.config import SearchConfig, SweepConfig, TrainConfig, Trial
+from read_cache.config import SearchConfig, SweepConfig, TrainConfig, Trial, check_seeds
 from read_cache.errors import ReadCacheError
 from read_cache.paper import resolve_lr
 from read_cache.store import open_cache
+from read_cache.training.runs import claim_folder
+from read_cache.util.files import write_json
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,7 @@ def train_seeds(cfg: TrainConfig, seeds: int) -> dict[str, Any]:
     """`read-cache train --seeds K`: the same run with K seeds, each in OUT/seed-S; writes OUT/seeds.json."""
     from read_cache.training.train import train
 
-    if seeds <= 0:
-        raise ReadCacheError(f"--seeds {seeds} must be at least 1 (the paper averages 3)")
+    check_seeds(seeds)
     out = Path(cfg.out) if cfg.out is not None else Path("runs") / f"seeds-{time.strftime('%Y%m%d-%H%M%S')}"
     summaries = [train(dataclasses.replace(cfg, seed=s, out=out / f"seed-{s}")) for s in seed_list(cfg.seed, seeds)]
     first = summaries[0]
@@ -70,7 +70,7 @@ def train_seeds(cfg: TrainConfig, seeds: int) -> dict[str, Any]:
         "test": spread([s["test"]["score"] for s in summaries]),
         "runs": [s["run_dir"] for s in summaries],
     }
-    _write_json(out / SEEDS_REPORT, report)
+    write_json(out / SEEDS_REPORT, report)
     return report
 
 
@@ -88,7 +88,7 @@ def sweep_seeds(cfg: SweepConfig, seeds: int) -> dict[str, Any]:
             "runs": [e["run_dir"] for e in entries],
         })
     report = {"task": reports[0]["task"], "seeds": seed_list(cfg.shared.seed, seeds), "configs": configs, "best": best_by_mean(configs)}
-    _write_json(Path(cfg.out) / SEEDS_REPORT, report)
+    write_json(Path(cfg.out) / SEEDS_REPORT, report)
     return report
 
 
@@ -162,7 +162,7 @@ def search(cfg: SearchConfig) -> dict[str, Any]:
             f"{r}/{d} lr {t[-1]['lr']:.3g} -> {t[-1]['validation']['mean']:.4f}" for (r, d), t in trials.items()
         ))
     report = _search_report(cfg, cache.task, trials, seeds, first_lr, time.perf_counter() - started)
-    _write_json(out / REPORT, report)
+    write_json(out / REPORT, report)
     return report
 
 
@@ -211,16 +211,6 @@ def first_lr_for(cfg: SearchConfig, task: str, d_model: int) -> float | None:
 
 
 def _claim(out: Path, overwrite: bool) -> Path:
-    if out.exists() and not out.is_dir():
-        raise ReadCacheError(f"--out {out} is a file; choose a folder for the search")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
+    """The search folder, held; a non-empty one is refused unless --overwrite (a search does not resume: its sweeps do)."""
+    claim_folder(out, None, overwrite=overwrite, own_files=(REPORT, SEEDS_REPORT), first=None, last=REPORT, what="search")
     return out
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)

@@ -12,7 +12,16 @@ whichever module holds them.
 
 from __future__ import annotations
 
-from read_cache.store.cache import Block, Cache, Example, Split, free_bytes, has_node, open_cache, open_node
+from read_cache.store.cache import (
+    Block,
+    Cache,
+    Example,
+    Split,
+    free_bytes,
+    has_node,
+    open_cache,
+    open_node,
+)
 from read_cache.store.layout import (
     CHUNK_BYTES,
     FLOAT_DTYPES,
@@ -36,7 +45,6 @@ from read_cache.store.writer import (
     BuildLock,
     CacheWriter,
     clear_cache_dir,
-    fsync_path,
     is_cache,
     prepare_cache_dir,
     remove_partial_files,
@@ -64,7 +72,6 @@ __all__ = [
     "decode_floats",
     "encode_floats",
     "free_bytes",
-    "fsync_path",
     "has_node",
     "is_cache",
     "open_cache",

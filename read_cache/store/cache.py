@@ -18,9 +18,21 @@ import numpy as np
 import zarr
 
 from read_cache.errors import CacheCorruptError, ReadCacheError
+from read_cache.store.attributes import CacheAttributes
 from read_cache.store.formats import dequantise
-from read_cache.store.layout import SPLITS, Geometry, check_format_version, decode_floats, read_root_attrs
-from read_cache.store.location import Location, is_storage_failure, storage_error, translated
+from read_cache.store.layout import (
+    SPLITS,
+    Geometry,
+    check_format_version,
+    decode_floats,
+    read_root_attrs,
+)
+from read_cache.store.location import (
+    Location,
+    is_storage_failure,
+    storage_error,
+    translated,
+)
 
 
 @dataclasses.dataclass
@@ -90,7 +102,7 @@ class Split:
 
     @property
     def complete(self) -> bool:
-        return bool(self.cache.attrs.get("splits", {}).get(self.name, {}).get("complete", False))
+        return bool(self.cache.split_status(self.name).get("complete", False))
 
     @property
     def token_chunk(self) -> int:
@@ -209,6 +221,8 @@ class Cache:
             raise ReadCacheError(f"{self.path} holds no cache (no zarr.json); build one with `read-cache build` or pass its path")
         check_format_version(attrs, self.path)
         self.attrs = attrs
+        """The raw root attributes (docs/cache-format.md); `info` is their typed view."""
+        self.info = CacheAttributes.parse(attrs)
         self.geometry = Geometry(**attrs["geometry"])
         with translated(self.location):
             self._group = zarr.open_group(self.location.store(read_only=True), mode="r", zarr_format=3)
@@ -219,22 +233,22 @@ class Cache:
 
     @property
     def splits(self) -> list[str]:
-        return [s for s in SPLITS if s in self.attrs.get("splits", {}) and has_node(self._group, s, self.path)]
+        return [s for s in SPLITS if s in self.info.splits and has_node(self._group, s, self.path)]
 
     @property
     def model(self) -> str:
-        return self.attrs["backbone"]["model"]
+        return self.info.model
 
     @property
     def task(self) -> str:
-        return self.attrs["task"]["name"]
+        return self.info.task
 
     @property
     def backbone_kind(self) -> str:
-        return self.attrs["backbone"]["kind"]
+        return self.info.backbone_kind
 
     def split_status(self, split: str) -> dict[str, Any]:
-        return self.attrs.get("splits", {}).get(split, {})
+        return self.info.splits.get(split, {})
 
     def lm_head_rows(self) -> np.ndarray | None:
         return self._group["lm_head_rows"][...] if "lm_head_rows" in self._group else None

@@ -14,7 +14,7 @@ from read_cache.store import BuildLock, Cache, is_cache, open_cache
 
 def describe(cache: Cache) -> dict[str, Any]:
     """A JSON-friendly summary: model, task, types, and per split sizes, shapes and completeness."""
-    attrs = cache.attrs
+    info = cache.info
     splits = {}
     for name in cache.splits:
         split = cache[name]
@@ -40,19 +40,19 @@ def describe(cache: Cache) -> dict[str, Any]:
         }
     return {
         "path": str(cache.path),
-        "format_version": attrs["format_version"],
-        "model": cache.model,
-        "backbone": cache.backbone_kind,
-        "fingerprint": attrs["backbone"].get("fingerprint"),
-        "task": cache.task,
-        "float_dtype": attrs["float_dtype"],
-        "compute_dtype": attrs["compute_dtype"],
-        "codec": attrs["codec"],
-        "cross_attention": attrs["cross_attention"],
-        "max_length": attrs["build"]["max_length"],
-        "split_recipe": attrs["data"]["split_recipe"],
-        "protocol": attrs["build"].get("protocol", "t5"),
-        "drop_last_layers": attrs["build"].get("drop_last_layers", 0),
+        "format_version": info.format_version,
+        "model": info.model,
+        "backbone": info.backbone_kind,
+        "fingerprint": info.fingerprint,
+        "task": info.task,
+        "float_dtype": info.float_dtype,
+        "compute_dtype": info.compute_dtype,
+        "codec": info.codec,
+        "cross_attention": info.cross_attention,
+        "max_length": info.max_length,
+        "split_recipe": info.split_recipe,
+        "protocol": info.protocol,
+        "drop_last_layers": info.drop_last_layers,
         "splits": splits,
     }
 

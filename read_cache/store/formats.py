@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from read_cache.errors import ReadCacheError
+from read_cache.kinds import STORE_DTYPES
 
 FP8_MAX = 448.0
 INT8_MAX = 127
@@ -98,10 +99,7 @@ FORMATS: dict[str, StoreFormat] = {
         StoreFormat("int4", "uint8", 4, "float16", 0.20, 0.35, 0.40, "zstd", 0.47),
     )
 }
-STORE_DTYPES = tuple(FORMATS)
-DEFAULT_STORE_DTYPE = "fp8"
-"""Chosen by measurement (docs/storage.md): READ's scores within noise of bfloat16's on every task measured,
-0.885 bytes per value, and it holds outlier channels that int8 and int4 cannot."""
+assert tuple(FORMATS) == STORE_DTYPES, "read_cache.kinds.STORE_DTYPES names the same formats in the same order"
 COMPACT_DTYPES = tuple(n for n, f in FORMATS.items() if f.compact)
 
 

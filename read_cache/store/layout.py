@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from read_cache.config import BuildConfig
 from read_cache.errors import CacheCorruptError, ReadCacheError
 from read_cache.store.formats import STORE_DTYPES, StoreFormat, get_format
 from read_cache.store.location import Location
@@ -64,7 +65,7 @@ SCALED_ARRAYS = ("encoder_hidden", "decoder_hidden")
 """The arrays a compact format quantises; cross-attention stays bfloat16 (N_D values per token)."""
 # Chunk targets, in raw bytes: big enough that codec and file overheads vanish, small enough that a
 # training reader's shuffle blocks stay fine-grained (DESIGN: ~1-8 MB).
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = int(BuildConfig.chunk_mb * 2**20)  # the default lives on BuildConfig
 UNIT_TOKEN_CHUNKS = 32  # a unit spans about this many token chunks, so its boundary costs ~1%
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import json
 import logging
 import os
 import re
@@ -39,54 +38,17 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from read_cache.errors import ReadCacheError
+from read_cache.paths import URL_PATTERN, check_bucket, is_url
 
 log = logging.getLogger(__name__)
 
 OBJECT_SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gs", "gcs": "gs", "az": "az", "azure": "az", "abfs": "az", "abfss": "az", "adl": "az"}
 """URL schemes served by obstore, and the service each means."""
 BACKENDS = ("obstore", "fsspec")
-_URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
 
 # Short enough that a dead endpoint fails in seconds; long enough for a 4-8 MB chunk on a slow link.
 DEFAULT_CLIENT_OPTIONS = {"connect_timeout": "5s", "timeout": "120s"}
 DEFAULT_RETRY = {"max_retries": 3, "retry_timeout": 20.0, "backoff": {"init_backoff": 0.1, "max_backoff": 2.0, "base": 2.0}}
-
-
-def is_url(where: str | os.PathLike[str]) -> bool:
-    """True for `scheme://...` (other than file://), which names a cache in a store rather than a folder."""
-    match = _URL.match(str(where))
-    return bool(match) and match.group(1).lower() != "file"
-
-
-def parse_storage_options(text: str | None, flag: str = "--storage-options") -> dict[str, Any] | None:
-    """The `--storage-options` JSON object, or a one-line error naming the flag."""
-    if text is None or not str(text).strip():
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ReadCacheError(f"{flag} is not valid JSON ({e.msg}); pass an object such as '{{\"region\": \"eu-west-1\"}}'") from None
-    if not isinstance(value, dict):
-        raise ReadCacheError(f"{flag} must be a JSON object such as '{{\"region\": \"eu-west-1\"}}', not {type(value).__name__}")
-    return value
-
-
-def check_location(flag: str, where: str | os.PathLike[str] | None, storage_options: dict[str, Any] | None) -> None:
-    """Refuse, in one line, a URL with no bucket or storage options given for a local path."""
-    if where is not None and is_url(where):
-        Location.parse(where, storage_options)
-    elif storage_options and where is not None:
-        raise ReadCacheError(f"--storage-options apply to object-store URLs, and {flag} {where} is a local path; drop them or pass a URL")
-
-
-_SECRET = re.compile(r"secret|token|password|key|credential|sas|signature", re.I)
-
-
-def redact_options(options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """Storage options fit to write into a run's files: values of secret-looking keys masked."""
-    if options is None:
-        return None
-    return {k: redact_options(v) if isinstance(v, dict) else ("***" if _SECRET.search(k) else v) for k, v in options.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +70,7 @@ class Location:
         if isinstance(where, Location):
             return where if storage_options is None and backend is None else cls.parse(where.url if where.path is None else where.path, storage_options, backend=backend)
         text = str(where)
-        match = _URL.match(text)
+        match = URL_PATTERN.match(text)
         if storage_options and not is_url(text):
             raise ReadCacheError(f"--storage-options apply to object-store URLs, and {text} is a local path; drop them or pass a URL")
         if not match:
@@ -118,8 +80,7 @@ class Location:
         if scheme == "file":
             path = Path(rest if rest.startswith("/") else "/" + rest)
             return cls(str(path), path)
-        if not rest.strip("/"):
-            raise ReadCacheError(f"{text} names no bucket; write {scheme}://BUCKET/PREFIX")
+        check_bucket(text)
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         chosen = backend or ("obstore" if scheme in OBJECT_SCHEMES else "fsspec")

@@ -16,9 +16,16 @@ import logging
 import sys
 from pathlib import Path
 
-
 from read_cache.errors import ReadCacheError
-from read_cache.store import SPLITS, CacheWriter, Geometry, codec_description, open_cache, plan_units, prepare_cache_dir
+from read_cache.store import (
+    SPLITS,
+    CacheWriter,
+    Geometry,
+    codec_description,
+    open_cache,
+    plan_units,
+    prepare_cache_dir,
+)
 from read_cache.store.formats import ErrorStats, dequantise, get_format, quantise
 
 log = logging.getLogger(__name__)

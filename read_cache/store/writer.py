@@ -5,9 +5,7 @@ A unit's chunk files are fsynced before `units_done[u]` is set; the format is in
 
 from __future__ import annotations
 
-import fcntl
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,35 +15,21 @@ import zarr
 
 from read_cache.errors import ReadCacheError
 from read_cache.store.formats import format_attrs
-from read_cache.store.layout import FORMAT_VERSION, Geometry, Unit, _compressors, choose_unit_examples, storage_numpy_dtype
+from read_cache.store.layout import (
+    FORMAT_VERSION,
+    Geometry,
+    Unit,
+    _compressors,
+    choose_unit_examples,
+    storage_numpy_dtype,
+)
 from read_cache.store.location import Location
+from read_cache.util.files import FolderLock, fsync_path
 
 
-class BuildLock:
-    """An exclusive flock on the cache folder: two builds into one path cannot both write.
-
-    The kernel drops the lock when the process dies, even by kill -9, so a crashed build never
-    leaves a stale lock behind.
-    """
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd: int | None = None
-
-    def __enter__(self) -> BuildLock:
-        self._fd = os.open(self.path, os.O_RDONLY)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self._fd)
-            raise ReadCacheError(
-                f"another build is writing {self.path} right now; wait for it to finish or choose another --out"
-            ) from None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
+def BuildLock(path: Path) -> FolderLock:  # noqa: N802 - reads as the lock it returns
+    """The build's lock: an exclusive flock on the cache folder, so two builds into one path cannot both write."""
+    return FolderLock(path, busy="another build is writing {path} right now; wait for it to finish or choose another --out")
 
 
 def prepare_cache_dir(where: Path | Location) -> None:
@@ -243,15 +227,6 @@ def _fsync_chunks(array_dir: Path, arr: zarr.Array, start: int, stop: int) -> No
         folders.add(chunk.parent)
     for folder in folders | {array_dir / "c"}:
         fsync_path(folder)
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file, or a folder (which makes the names in it, e.g. a rename's, durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:

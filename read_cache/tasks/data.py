@@ -47,7 +47,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from read_cache.errors import ReadCacheError
-from read_cache.tasks.specs import PROTOCOLS, TaskSpec
+from read_cache.kinds import PROTOCOLS
+from read_cache.tasks.specs import TaskSpec
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 from enum import Enum
 
-from read_cache.errors import ReadCacheError
-
+from read_cache.kinds import TASK_NAMES, task_name
 
 PROTOCOLS = ("t5", "lst")
 """How splits, inputs and targets are made (`--protocol`): this package's recipe with T5's label words,
@@ -145,11 +144,9 @@ TASKS: dict[str, TaskSpec] = {
     )
 }
 """All nine GLUE tasks, keyed by `TaskSpec.name`, in GLUE's order."""
+assert tuple(TASKS) == TASK_NAMES, "read_cache.kinds.TASK_NAMES names the same tasks in the same order"
 
 
 def get_task(name: str) -> TaskSpec:
     """Look a task up by name; GLUE's spellings ("SST-2", "STS-B") are accepted too."""
-    key = name.strip().lower().replace("-", "")
-    if key not in TASKS:
-        raise ReadCacheError(f"unknown task {name!r}; choose one of {', '.join(TASKS)}")
-    return TASKS[key]
+    return TASKS[task_name(name)]

@@ -38,10 +38,16 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from read_cache.config import READER_MODES
 from read_cache.errors import ReadCacheError
+from read_cache.kinds import READER_MODES
 from read_cache.store import Block, Cache, Split, token_rows
-from read_cache.store.formats import StoreFormat, dequantise, dequantise_torch, get_format, to_torch_codes
+from read_cache.store.formats import (
+    StoreFormat,
+    dequantise,
+    dequantise_torch,
+    get_format,
+    to_torch_codes,
+)
 from read_cache.store.readahead import default_inflight, read_ahead
 
 Batch = dict[str, torch.Tensor]

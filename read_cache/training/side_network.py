@@ -12,7 +12,6 @@ The RNNs run over the LAYER axis with tokens (encoder) or examples (decoder) as 
 from __future__ import annotations
 
 import dataclasses
-from enum import Enum
 from typing import Any
 
 import torch
@@ -20,25 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from read_cache.errors import ReadCacheError
-
-
-class RNNKind(str, Enum):
-    GRU = "gru"
-    LSTM = "lstm"
-    RNN = "rnn"
-    NONE = "none"
-    """No side network: the head reads the frozen states (the linear-probe baseline)."""
-
-
-class HeadKind(str, Enum):
-    LM = "lm"
-    LINEAR = "linear"
-
-
-class Pooling(str, Enum):
-    MEAN = "mean"
-    FIRST = "first"
-
+from read_cache.kinds import HeadKind, Pooling, RNNKind, check_choice
 
 _RNN_CLASSES = {RNNKind.GRU: nn.GRU, RNNKind.LSTM: nn.LSTM, RNNKind.RNN: nn.RNN}
 
@@ -75,9 +56,9 @@ class SideNetworkConfig:
         self.validate()
 
     def validate(self) -> None:
-        _choice("--rnn", self.rnn, RNNKind)
-        _choice("--head", self.head, HeadKind)
-        _choice("--pooling", self.pooling, Pooling)
+        check_choice("--rnn", self.rnn, RNNKind)
+        check_choice("--head", self.head, HeadKind)
+        check_choice("--pooling", self.pooling, Pooling)
         if self.dim <= 0:
             raise ReadCacheError(f"--dim {self.dim} must be a positive RNN hidden size (the paper uses 128 or 256)")
         if self.num_labels < 1:
@@ -98,12 +79,6 @@ class SideNetworkConfig:
     def from_dict(cls, values: dict[str, Any]) -> SideNetworkConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
-
-
-def _choice(flag: str, value: str, kind: type[Enum]) -> None:
-    allowed = [k.value for k in kind]
-    if value not in allowed:
-        raise ReadCacheError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
 
 
 def make_rnn(kind: str, d_model: int, dim: int, layers: int | None = None) -> nn.Module:

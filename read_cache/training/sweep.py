@@ -7,9 +7,10 @@ The paper chose READ's RNN, size and learning rate by a search, each trial payin
 From a cache, trials share everything but the side network. `sweep(SweepConfig(...))` builds every
 configuration's network exactly as `read-cache train` does (seeded right before it is built), then reads
 and decodes each training batch once per epoch and steps every network still training on it, and reads
-validation once per epoch (and test once) for all of them. Each network keeps its own AdamW, early
-stopping and best state (`train.EarlyStopping`), so its scores equal those of a lone `read-cache train`
-with the same flags and seed; networks that stop leave the pass. The selection is the paper's: the best
+validation once per epoch (and test once) for all of them: the engine's pass of many members (a lone
+`read-cache train` is the pass of one). Each network keeps its own AdamW, early stopping and best state
+(`engine.EarlyStopping`), so its scores equal those of a lone `read-cache train` with the same flags and
+seed; networks that stop leave the pass. The selection is the paper's: the best
 validation score wins, and its test score is the one to report.
 
     DIR/
@@ -23,71 +24,51 @@ validation score wins, and its test score is the one to report.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from read_cache import distributed
-from read_cache.training import checkpoint
-from read_cache.config import Search, SweepConfig, TrainConfig
-from read_cache.util.device import autocast_dtype, pick_device, training_threads
-from read_cache.util.energy import Meter
-from read_cache.errors import ReadCacheError
-from read_cache.training.reader import batch_to
-from read_cache.training.side_network import RNNKind
+from read_cache.config import Search, SweepConfig, record
+from read_cache.kinds import RNNKind
+from read_cache.training import checkpoint, engine
+from read_cache.training.engine import Evaluation, Fitted, Member, torch_threads
+from read_cache.training.runs import (
+    CHECKPOINT,
+    RUNS,
+    SWEEP_ARTIFACTS,
+    SWEEP_CHART,
+    SWEEP_CONFIG,
+    SWEEP_REPORT,
+    claim_folder,
+    finished,
+)
 from read_cache.training.train import (
-    EarlyStopping,
-    EpochBar,
-    Evaluation,
-    Fitted,
     Run,
     build_network,
     cache_record,
     claim_run_dir,
     evaluate_many,
-    make_optimizer,
     make_readers,
     open_task_cache,
+    read_member,
+    read_pass,
     run_config,
     save_run,
     side_network_config,
     summarize,
-    torch_threads,
-    train_step,
-    trainable,
-    write_json,
-    write_run_config,
 )
+from read_cache.util.device import autocast_dtype, pick_device, training_threads
+from read_cache.util.energy import Meter
+from read_cache.util.files import write_json
 
 log = logging.getLogger(__name__)
-
-REPORT = "sweep.json"
-SWEEP_CONFIG = "sweep-config.json"
-CHART = "sweep.png"
-RUNS = "runs"
 
 
 # --------------------------------------------------------------------------------------------------
 # The verb
-
-
-@dataclasses.dataclass
-class Member:
-    """One configuration in the pass: a Run sharing the cache and readers, its optimizer and bookkeeping."""
-
-    name: str
-    run: Run
-    stopping: EarlyStopping
-    optimizer: torch.optim.Optimizer | None
-    ended: str | None = None
-    """Why it left the pass: 'early stop', 'halved', 'last epoch' or 'nothing to train'; None while training."""
-    index: int = 0
-    """Its place in the grid (under torchrun a rank holds only some configurations)."""
 
 
 def sweep(cfg: SweepConfig) -> dict[str, Any]:
@@ -98,10 +79,10 @@ def sweep(cfg: SweepConfig) -> dict[str, Any]:
 
 
 def _sweep(cfg: SweepConfig, launch: distributed.Launch, started: float) -> dict[str, Any]:
-    distributed.check_same_arguments(launch, dataclasses.asdict(cfg))
+    distributed.check_same_arguments(launch, cfg)
     if not launch.is_main:  # one progress bar per launch: rank 0's
         cfg = dataclasses.replace(cfg, shared=dataclasses.replace(cfg.shared, progress=False))
-    with torch_threads(cfg.shared.threads):
+    with torch_threads(cfg.shared.threads, launch.local_world_size):
         members = setup(cfg, launch)
         with Meter() as meter:
             timeline = fit_all(members, cfg, launch)
@@ -122,14 +103,14 @@ def _sweep(cfg: SweepConfig, launch: distributed.Launch, started: float) -> dict
     out = Path(cfg.out)
     if not launch.is_main:
         return report
-    chart(report, out / CHART)
-    write_json(out / REPORT, report)
-    checkpoint.finished(out)
+    chart(report, out / SWEEP_CHART)
+    write_json(out / SWEEP_REPORT, report)
+    finished(out)
     best = report["best"]
     log.info(
         "selected %s: validation %s %.4f, test %.4f; %d configurations, %d epochs in %.1f s; wrote %s",
         best["name"], best["validation"]["metric"], best["validation"]["score"], best["test"]["score"],
-        len(entries), report["epochs_trained"], wall, out / REPORT,
+        len(entries), report["epochs_trained"], wall, out / SWEEP_REPORT,
     )
     return report
 
@@ -154,9 +135,9 @@ def setup(cfg: SweepConfig, launch: distributed.Launch = distributed.SINGLE) -> 
     if launch.world_size > len(unique):
         raise distributed.RankError(f"{len(unique)} configurations cannot keep {launch.world_size} ranks busy; launch at most {len(unique)} processes")
     readers = make_readers(cfg.shared, cache)
-    record = {"sweep": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)), "cache": cache_record(cache)}
-    out = distributed.on_main(launch, lambda: claim_sweep_dir(cfg, record))
-    resuming = distributed.broadcast(launch, (out / checkpoint.CHECKPOINT).is_file())  # its members may be finished already: they are redone
+    sweep_record = {"sweep": record(cfg), "cache": cache_record(cache)}
+    out = distributed.on_main(launch, lambda: claim_sweep_dir(cfg, sweep_record))
+    resuming = distributed.broadcast(launch, (out / CHECKPOINT).is_file())  # its members may be finished already: they are redone
     width = len(str(len(unique) - 1))
     members = []
     for i, (config, net_cfg) in enumerate(unique.values()):
@@ -166,9 +147,8 @@ def setup(cfg: SweepConfig, launch: distributed.Launch = distributed.SINGLE) -> 
         name = f"{i:0{width}d}-{config.rnn}{size}-{net_cfg.head}-lr{config.lr:.3g}"
         config = dataclasses.replace(config, out=out / RUNS / name, overwrite=cfg.overwrite or resuming)
         run_dir = claim_run_dir(config, task.name, net_cfg, run_config(config, net_cfg, cache))
-        write_run_config(run_dir, config, net_cfg, cache)
         run = Run(config, cache, task, build_network(config, net_cfg, cache, device), readers, device, amp, run_dir)
-        members.append(Member(name, run, EarlyStopping(run, name), make_optimizer(run) if trainable(run.net) else None, index=i))
+        members.append(read_member(run, name, index=i))
     log.info(
         "sweep of %d configurations (%s) on %s (%s): readers %s; %s",
         len(members), cfg.search, cache.path, task.name, ", ".join(f"{s} {r.mode}" for s, r in readers.items()),
@@ -177,20 +157,11 @@ def setup(cfg: SweepConfig, launch: distributed.Launch = distributed.SINGLE) -> 
     return members
 
 
-def claim_sweep_dir(cfg: SweepConfig, record: dict[str, Any]) -> Path:
-    """The sweep folder, locked: an interrupted sweep of this config resumes; another non-empty --out is
-    refused unless --overwrite (which replaces only the sweep's own files)."""
+def claim_sweep_dir(cfg: SweepConfig, sweep_record: dict[str, Any]) -> Path:
+    """The sweep folder, held, its sweep-config.json written: an interrupted sweep of this config resumes; another
+    non-empty --out is refused unless --overwrite (which replaces only the sweep's own files)."""
     out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ReadCacheError(f"--out {out} is a file; choose a folder for the sweep")
-    if checkpoint.claim(out, record, overwrite=cfg.overwrite, config=SWEEP_CONFIG, done=REPORT, what="sweep"):
-        return out  # interrupted: `fit_all` resumes from its checkpoint
-    if any(out.iterdir()):
-        if not cfg.overwrite:
-            raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
-        for name in (REPORT, CHART, SWEEP_CONFIG, checkpoint.CHECKPOINT):
-            (out / name).unlink(missing_ok=True)
-    write_json(out / SWEEP_CONFIG, record)
+    claim_folder(out, sweep_record, overwrite=cfg.overwrite, own_files=SWEEP_ARTIFACTS, first=SWEEP_CONFIG, last=SWEEP_REPORT, what="sweep")
     return out
 
 
@@ -199,99 +170,19 @@ def claim_sweep_dir(cfg: SweepConfig, record: dict[str, Any]) -> Path:
 
 
 def fit_all(members: list[Member], cfg: SweepConfig, launch: distributed.Launch = distributed.SINGLE) -> list[dict[str, Any]]:
-    """Epochs of the shared pass: train every active network, validate them together, retire the stopped.
+    """Epochs of the shared pass (`engine.fit`); returns where each epoch's time went.
 
-    Returns where each epoch's time went: the pass over train (and within it the networks' own steps) and validation.
+    Under torchrun a rerun starts the sweep over (each rank holds only its members), so only one process checkpoints.
     """
-    shared, rungs, timeline = cfg.shared, halving_rungs(cfg), []
-    for member in members:
-        if member.optimizer is None:
-            member.ended = "nothing to train"
-    out = Path(cfg.out)
-    first = 1 if launch.distributed else checkpoint.resume_sweep(out, members, timeline, shared.epochs)  # 1, unless an interrupted sweep goes on
-    for epoch in range(first, shared.epochs + 1):
-        active = [m for m in members if m.ended is None]
-        if not distributed.any_rank(launch, bool(active)):
-            break
-        if not active:  # this rank's configurations have all stopped; others still train (and may halve)
-            if epoch in rungs:
-                halve(members, epoch, cfg.eta, launch)
-            continue
-        started = time.perf_counter()
-        results = train_epoch_many(active, epoch, shared)
-        trained = time.perf_counter()
-        first = active[0].run
-        validations = evaluate_many([m.run.net for m in active], first.readers["validation"], device=first.device, amp=first.amp)
-        timeline.append({
-            "epoch": epoch, "configurations": len(active), "train_seconds": trained - started,
-            "step_seconds": sum(secs for _, _, secs in results), "validation_seconds": time.perf_counter() - trained,
-        })
-        for member, (loss, n, secs), validation in zip(active, results, validations):
-            if member.stopping.update(epoch, loss, n, secs, validation):
-                member.ended = "early stop"
-            elif epoch == shared.epochs:
-                member.ended = "last epoch"
-        if epoch in rungs:
-            halve(members, epoch, cfg.eta, launch)
-        if not launch.distributed:  # under torchrun a rerun starts the sweep over (each rank holds only its members)
-            checkpoint.save_sweep(out, epoch, members, timeline)
-        left = sum(m.ended is None for m in members)
-        log.info(
-            "epoch %d: trained %d in %.1f s (their steps %.1f s), validated them in %.1f s; %d go on",
-            epoch, len(active), timeline[-1]["train_seconds"], timeline[-1]["step_seconds"], timeline[-1]["validation_seconds"], left,
-        )
-    return timeline
+    out, timeline = Path(cfg.out), []
+    first = 1 if launch.distributed else checkpoint.resume_members(out, members, timeline, cfg.shared.epochs)  # 1, unless an interrupted sweep goes on
 
+    def save(epoch: int, members: list[Member], timeline: list[dict[str, Any]]) -> None:
+        if not launch.distributed:
+            checkpoint.save_members(out, "sweep", epoch, members, timeline)
 
-def train_epoch_many(active: list[Member], epoch: int, shared: TrainConfig) -> list[tuple[float, int, float]]:
-    """One pass over train, each batch read and decoded once and stepped through every active network.
-
-    Returns, per network, what `train.train_epoch` returns for one: (mean loss, examples, seconds), the
-    seconds being its own steps'.
-    """
-    first = active[0].run
-    reader = first.readers["train"]
-    for member in active:
-        member.run.net.train()
-    losses, seconds, n = [0.0] * len(active), [0.0] * len(active), 0
-    started = time.perf_counter()
-    best = max((m.stopping.last for m in active if m.stopping.last), key=lambda s: s["score"], default=None)
-    with EpochBar(shared.progress, epoch, shared.epochs, reader.n_examples, best) as advance:
-        for batch in reader.epoch(epoch - 1, next_epoch=epoch if epoch < shared.epochs else None):
-            batch = batch_to(batch, first.device)
-            b = len(batch["rows"])
-            for i, member in enumerate(active):
-                step_started = time.perf_counter()
-                losses[i] = losses[i] + train_step(member.run, member.optimizer, batch) * b
-                seconds[i] += time.perf_counter() - step_started
-            n += b
-            advance(b, sum(losses) / len(active) / n, n / (time.perf_counter() - started))
-    return [(loss / max(n, 1), n, secs) for loss, secs in zip(losses, seconds)]
-
-
-def halving_rungs(cfg: SweepConfig) -> set[int]:
-    """Epochs after which successive halving culls: 1, eta, eta^2, ... before the last epoch."""
-    if cfg.search != Search.HALVING:
-        return set()
-    rungs, epoch = set(), 1
-    while epoch < cfg.shared.epochs:
-        rungs.add(epoch)
-        epoch *= cfg.eta
-    return rungs
-
-
-def halve(members: list[Member], epoch: int, eta: int, launch: distributed.Launch = distributed.SINGLE) -> None:
-    """Of the configurations still training (on every rank), only the best 1/eta by validation so far go on."""
-    alive = [(m.index, m.stopping.best_score, m.name) for m in members if m.ended is None]
-    everyone = sorted(a for part in distributed.gather(launch, alive) for a in part)  # the grid's order
-    keep = math.ceil(len(everyone) / eta)
-    ranked = sorted(everyone, key=lambda a: -a[1])  # stable: ties keep the grid's order
-    kept = {index for index, _, _ in ranked[:keep]}
-    for member in members:
-        if member.ended is None and member.index not in kept:
-            member.ended = "halved"
-    if everyone:
-        log.info("epoch %d: successive halving keeps %d of %d: %s", epoch, keep, len(everyone), ", ".join(name for _, _, name in ranked[:keep]))
+    rungs = engine.halving_rungs(cfg.shared.epochs, cfg.eta) if cfg.search == Search.HALVING else frozenset()
+    return engine.fit(members, read_pass(members[0].run, save=save, launch=launch, rungs=rungs, eta=cfg.eta), first, timeline)
 
 
 def score_all(members: list[Member], fitted: list[Fitted]) -> tuple[list[Evaluation], list[Evaluation]]:
@@ -347,7 +238,7 @@ def _report(
         "epochs_trained": sum(e["epochs_run"] for e in entries),
         "wall_seconds": wall,
         "device": str(run.device),
-        "threads": shared.threads or training_threads(),
+        "threads": shared.threads or training_threads(distributed.detect().local_world_size),
         "reader": {s: r.mode for s, r in run.readers.items()},
         "meter": meter,
         "timeline": timeline,

@@ -16,7 +16,6 @@ write the run folder:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import json
@@ -25,53 +24,55 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from read_cache import distributed, paths
-from read_cache.training import checkpoint
 from read_cache.config import TrainConfig
-from read_cache.util.device import autocast_dtype, pick_device, training_threads
-from read_cache.util.energy import Meter
 from read_cache.errors import ReadCacheError
-from read_cache.tasks.metrics import majority_baseline, score
+from read_cache.kinds import HeadKind, RNNKind
 from read_cache.paper import resolve_lr
+from read_cache.store import Cache, open_cache
+from read_cache.tasks.metrics import majority_baseline, score
+from read_cache.tasks.specs import TaskSpec, get_task
+from read_cache.training import checkpoint, engine
+from read_cache.training.engine import (
+    EarlyStopping,
+    Evaluation,
+    Fitted,
+    Member,
+    Pass,
+    torch_threads,
+)
 from read_cache.training.reader import Batch, SplitReader, batch_to, choose_modes
+from read_cache.training.runs import (
+    ARTIFACTS,
+    CONFIG,
+    METRICS,
+    SUMMARY,
+    WEIGHTS,
+    claim_folder,
+    default_folder,
+    finished,
+)
 from read_cache.training.side_network import (
-    HeadKind,
-    RNNKind,
     SideNetwork,
     SideNetworkConfig,
     count_trainable,
     forward_batch,
     parameter_breakdown,
 )
-from read_cache.store import Cache, open_cache
-from read_cache.tasks.specs import TaskSpec, get_task
+from read_cache.util.device import autocast_dtype, pick_device, training_threads
+from read_cache.util.energy import Meter
+from read_cache.util.files import write_json
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "side_network.safetensors"
-CONFIG = "config.json"
-METRICS = "metrics.jsonl"
-SUMMARY = "summary.json"
-ARTIFACTS = (WEIGHTS, CONFIG, METRICS, SUMMARY)
 SHARE_BLOCKS = 8
 """Under torchrun, a split of fewer than this many blocks per rank is read in chunk-sized blocks instead."""
-
-
-class Evaluation(NamedTuple):
-    """The side network's outputs on one split, in split order."""
-
-    logits: np.ndarray
-    """[n, C] logits, or [n] scores for regression."""
-    predictions: np.ndarray
-    """[n] class ids, or scores."""
-    labels: np.ndarray
-    """[n] the cached labels."""
 
 
 @dataclasses.dataclass
@@ -101,7 +102,7 @@ class Run:
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train a side network from a cache, score it, write the run folder; returns the summary."""
     started = time.perf_counter()
-    with distributed.session(cfg.device) as launch, torch_threads(cfg.threads):
+    with distributed.session(cfg.device) as launch, torch_threads(cfg.threads, launch.local_world_size):
         run = setup(cfg, launch)
         with Meter() as meter, distributed.peers_alive(launch):
             fitted = fit(run)
@@ -138,7 +139,7 @@ def summarize(run: Run, fitted: Fitted, validation: Evaluation, test: Evaluation
         "wall_seconds": wall_seconds,
         "reader": {s: r.mode for s, r in run.readers.items()},
         "device": str(run.device),
-        "threads": cfg.threads or training_threads(),
+        "threads": cfg.threads or training_threads(run.launch.local_world_size),
         "autocast": str(run.amp).removeprefix("torch.") if run.amp else "fp32",
         "meter": meter,
         "world_size": run.launch.world_size,
@@ -152,7 +153,7 @@ def save_run(run: Run, summary: dict[str, Any]) -> None:
         return
     save_file({k: v.detach().cpu().contiguous() for k, v in run.net.state_dict().items()}, str(run.out / WEIGHTS))
     write_json(run.out / SUMMARY, summary)
-    checkpoint.finished(run.out)
+    finished(run.out)
     log.info(
         "best epoch %d: validation %s %.4f, test %s %.4f; run saved to %s",
         summary["best_epoch"], summary["validation"]["metric"], summary["validation"]["score"],
@@ -171,7 +172,7 @@ def setup(cfg: TrainConfig, launch: distributed.Launch = distributed.SINGLE) -> 
     claims --out and writes the run folder; each rank reads its share of every split.
     """
     cfg.validate()
-    distributed.check_same_arguments(launch, cfg.to_dict())
+    distributed.check_same_arguments(launch, cfg)
     cache, task = distributed.agree(launch, lambda: open_task_cache(cfg))
     cfg = dataclasses.replace(cfg, lr=resolve_lr(cfg.lr, cfg.preset, task.name, cache.geometry.d_model))
     device = pick_device(launch.device or cfg.device)
@@ -185,8 +186,6 @@ def setup(cfg: TrainConfig, launch: distributed.Launch = distributed.SINGLE) -> 
             "the split is too small to share: launch fewer processes"
         )
     out = distributed.on_main(launch, lambda: claim_run_dir(cfg, task.name, net_cfg, run_config(cfg, net_cfg, cache)))
-    if launch.is_main:
-        write_run_config(out, cfg, net_cfg, cache)
     log.info(
         "training %s/%d with a %s head on %s (%s): %s trainable parameters; readers %s; %s",
         cfg.rnn, cfg.dim, net_cfg.head, cache.path, task.name, f"{count_trainable(net):,}",
@@ -206,7 +205,7 @@ def data_parallel(net: SideNetwork, launch: distributed.Launch, device: torch.de
 
 def open_task_cache(cfg: TrainConfig) -> tuple[Cache, TaskSpec]:
     """The --cache (or the last one built), refused unless every split is complete, and its task."""
-    cache = open_cache(_cache_path(cfg), cfg.storage_options)
+    cache = open_cache(paths.resolve_cache(cfg.cache), cfg.storage_options)
     cache.require_complete()
     return cache, get_task(cache.task)
 
@@ -238,20 +237,11 @@ def make_readers(cfg: TrainConfig, cache: Cache, launch: distributed.Launch = di
     return readers
 
 
-def _cache_path(cfg: TrainConfig) -> Path | str:
-    if cfg.cache is not None:
-        return cfg.cache  # a folder or a URL: open_cache tells them apart
-    last = paths.last_cache()
-    if last is None:
-        raise ReadCacheError("no --cache given and no cache built yet; pass --cache PATH or run `read-cache build` first")
-    return last
-
-
 def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideNetworkConfig:
     """The side network this cache and these flags call for; refuses a head the task cannot use."""
     g = cache.geometry
     encoder_only = g.cross_attention is None
-    has_lm = cache.attrs.get("lm_head") is not None and cache.lm_head_rows() is not None
+    has_lm = cache.info.lm_output_scale is not None and cache.lm_head_rows() is not None
     head = cfg.head or (HeadKind.LM.value if has_lm and not task.is_regression and not encoder_only else HeadKind.LINEAR.value)
     if head == HeadKind.LM and not task.is_regression and not encoder_only and not has_lm:
         raise ReadCacheError(f"--head lm needs the LM-head rows in the cache, and {cache.path} has none; use --head linear or rebuild the cache")
@@ -262,36 +252,21 @@ def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideN
         n_encoder_layers=g.n_encoder_layers,
         n_decoder_layers=g.n_decoder_layers,
         encoder_only=encoder_only,
-        pooling=cfg.pooling or cache.attrs["backbone"].get("pooling") or "mean",
+        pooling=cfg.pooling or cache.info.pooling or "mean",
         head=head,
         num_labels=task.num_labels,
-        output_scale=float(cache.attrs["lm_head"]["output_scale"]) if has_lm else 1.0,
+        output_scale=cache.info.lm_output_scale if has_lm else 1.0,
         recurrence=cfg.recurrence,
     )
 
 
 def claim_run_dir(cfg: TrainConfig, task: str, net_cfg: SideNetworkConfig, record: dict[str, Any]) -> Path:
-    """The run folder, locked: an interrupted run of this config to resume (the --out given, or the newest
-    under ./runs), else a new one. A finished or foreign non-empty --out is refused unless --overwrite
-    (which replaces only the run's own files)."""
+    """The run folder, held, with its config.json written: an interrupted run of this record to resume (the --out
+    given, or the newest under ./runs), else a new one (see `runs.claim_folder` for what is refused)."""
     dim = 0 if cfg.rnn == RNNKind.NONE else cfg.dim
-    fresh = paths.default_run_dir(task, cfg.rnn, dim, net_cfg.head)
-    out = Path(cfg.out) if cfg.out is not None else checkpoint.find_interrupted(fresh.parent, record, config=CONFIG, done=SUMMARY) or checkpoint.unused(fresh)
-    if out.exists() and not out.is_dir():
-        raise ReadCacheError(f"--out {out} is a file; choose a folder for the run")
-    if checkpoint.claim(out, record, overwrite=cfg.overwrite, config=CONFIG, done=SUMMARY):
-        return out  # interrupted: `fit` resumes from its checkpoint
-    if any(out.iterdir()):
-        if not cfg.overwrite:
-            raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
-        for name in (*ARTIFACTS, checkpoint.CHECKPOINT):
-            (out / name).unlink(missing_ok=True)
+    out = Path(cfg.out) if cfg.out is not None else default_folder(paths.default_run_dir(task, cfg.rnn, dim, net_cfg.head), record)
+    claim_folder(out, record, overwrite=cfg.overwrite, own_files=ARTIFACTS, first=CONFIG, last=SUMMARY)
     return out
-
-
-def write_run_config(out: Path, cfg: TrainConfig, net_cfg: SideNetworkConfig, cache: Cache) -> None:
-    """config.json, written first: the side network, the cache's identity and the TrainConfig."""
-    write_json(out / CONFIG, run_config(cfg, net_cfg, cache))
 
 
 def run_config(cfg: TrainConfig, net_cfg: SideNetworkConfig, cache: Cache) -> dict[str, Any]:
@@ -300,23 +275,23 @@ def run_config(cfg: TrainConfig, net_cfg: SideNetworkConfig, cache: Cache) -> di
 
 def cache_record(cache: Cache) -> dict[str, Any]:
     """What a run must know about its cache to be used online without it (see `read_cache.inference.predict`)."""
-    backbone, build = cache.attrs["backbone"], cache.attrs.get("build", {})
+    info = cache.info
     return {
         "path": str(cache.path.resolve()),
-        "model": backbone["model"],
-        "fingerprint": backbone["fingerprint"],
-        "backbone_kind": backbone["kind"],
-        "task": cache.task,
-        "format_version": cache.attrs["format_version"],
-        "max_length": build.get("max_length"),
-        "build_batch_size": build.get("batch_size"),
+        "model": info.model,
+        "fingerprint": info.fingerprint,
+        "backbone_kind": info.backbone_kind,
+        "task": info.task,
+        "format_version": info.format_version,
+        "max_length": info.max_length,
+        "build_batch_size": info.build_batch_size,
         "cross_attention": cache.geometry.cross_attention,
         "float_dtype": cache.geometry.float_dtype,
-        "compute_dtype": cache.attrs.get("compute_dtype"),
-        "tokenizer": cache.attrs.get("tokenizer"),
-        "label_words": cache.attrs["task"].get("label_words"),
-        "protocol": build.get("protocol", "t5"),
-        "drop_last_layers": build.get("drop_last_layers", 0),
+        "compute_dtype": info.compute_dtype,
+        "tokenizer": info.tokenizer,
+        "label_words": list(info.label_words) if info.label_words else None,
+        "protocol": info.protocol,
+        "drop_last_layers": info.drop_last_layers,
     }
 
 
@@ -324,70 +299,71 @@ def cache_record(cache: Cache) -> dict[str, Any]:
 # fit
 
 
-class Fitted(NamedTuple):
-    epochs_run: int
-    best_epoch: int
-    examples_per_second: float
-    validation: Evaluation | None
-    """The best epoch's validation outputs, which the restored state reproduces; None when nothing trained."""
-
-
 def fit(run: Run) -> Fitted:
-    """Train up to --epochs, stop after --patience epochs without a better validation score, restore the best."""
-    stopping = EarlyStopping(run)
-    if not trainable(run.net):
+    """Train up to --epochs, stop after --patience epochs without a better validation score, restore the best:
+    the engine's pass of one member (under torchrun, data-parallel over every rank's share of the blocks)."""
+    member = read_member(run)
+    if member.optimizer is None:
         log.info("nothing to train (--rnn none --head lm is T5's own zero-shot verbalizer); scoring only")
-        return stopping.finish()
-    optimizer = make_optimizer(run)
-    first = checkpoint.resume_fit(run, optimizer, stopping)  # 1, unless an interrupted run goes on
-    for epoch in range(first, run.cfg.epochs + 1):
-        loss, n, secs = train_epoch(run, optimizer, epoch, stopping.last)
-        stop = stopping.update(epoch, loss, n, secs, evaluate(run, "validation"))
-        checkpoint.save_fit(run, optimizer, stopping, epoch, stopped=stop)
-        if stop:
-            break
-    return stopping.finish()
+        return member.stopping.finish()
+    timeline: list[dict[str, Any]] = []
+    first = checkpoint.resume_members(run.out, [member], timeline, run.cfg.epochs)  # 1, unless an interrupted run goes on
+
+    def save(epoch: int, members: list[Member], timeline: list[dict[str, Any]]) -> None:
+        if run.launch.is_main:  # rank 0 alone writes the run folder
+            checkpoint.save_members(run.out, "train", epoch, members, timeline)
+
+    p = read_pass(run, save=save, data_parallel=run.launch, bar_total=math.ceil(run.readers["train"].n_examples / run.launch.world_size))
+    engine.fit([member], p, first, timeline)
+    run.rank_examples.extend(p.rank_examples)
+    return member.stopping.finish()
 
 
-class EarlyStopping:
-    """One network's epoch bookkeeping: a metrics.jsonl line per epoch, the best state, and when to stop.
+def read_member(run: Run, name: str = "", index: int = 0) -> Member:
+    """The engine's member for one READ run: its side network, AdamW (None when nothing trains) and early stopping."""
+    net = run.net
+    optimizer = make_optimizer(run) if trainable(net) else None
+    stopping = EarlyStopping(
+        run.task, run.cfg.patience, snapshot=lambda: copy.deepcopy(net.state_dict()), restore=net.load_state_dict,
+        metrics=run.out / METRICS if run.launch.is_main else None, name=name,
+    )
+    return Member(name, stopping, optimizer, lambda batch, weight: train_step(run, optimizer, batch, weight), index=index, run=run)
 
-    `fit` keeps one; a sweep keeps one per configuration and feeds them the same batches.
+
+def read_pass(run: Run, **options: Any) -> Pass:
+    """The engine's pass over a READ cache: `run`'s train batches, validation of every member at once."""
+    return Pass(
+        epochs=run.cfg.epochs, batches=lambda epoch: train_batches(run, epoch), validate=validate,
+        train=lambda members: [m.run.net.train() for m in members], progress=run.cfg.progress,
+        bar_total=options.pop("bar_total", run.readers["train"].n_examples), **options,
+    )
+
+
+def train_batches(run: Run, epoch: int) -> Iterator[tuple[Batch, int, float]]:
+    """(batch on the device, examples, loss weight) for each step of `epoch` (1-based).
+
+    Under torchrun every rank must step as often as the others (each step all-reduces gradients): a rank
+    whose share ran out repeats its last batch with weight 0, adding nothing.
     """
+    reader = run.readers["train"]
+    steps = max(distributed.gather(run.launch, reader.batches_in(epoch - 1)))
+    own = reader.epoch(epoch - 1, next_epoch=epoch if epoch < run.cfg.epochs else None)
+    batch: Batch | None = None
+    try:
+        for _ in range(steps):
+            fresh = next(own, None)
+            batch = fresh if fresh is not None else batch
+            yield batch_to(batch, run.device), len(batch["rows"]) if fresh is not None else 0, 1.0 if fresh is not None else 0.0
+    finally:
+        own.close()
 
-    def __init__(self, run: Run, name: str = ""):
-        self.run, self.prefix = run, f"{name}: " if name else ""
-        self.best_score, self.best_epoch, self.best_state = -math.inf, 0, copy.deepcopy(run.net.state_dict())
-        self.best_validation: Evaluation | None = None
-        self.epoch, self.seen, self.seconds, self.last = 0, 0, 0.0, None
-        self.history: list[dict[str, Any]] = []
-        self.writes = run.launch.is_main  # under torchrun rank 0 alone writes the run folder
-        if self.writes:
-            (run.out / METRICS).write_text("")
 
-    def update(self, epoch: int, loss: float, n: int, secs: float, validation: Evaluation) -> bool:
-        """Record one epoch; True when --patience epochs have passed without a better validation score."""
-        self.epoch, self.seen, self.seconds = epoch, self.seen + n, self.seconds + secs
-        self.last = score(self.run.task, validation.predictions, validation.labels)
-        log.info("%sepoch %d: loss %.3f, validation %s %.3f, %s ex/s", self.prefix, epoch, loss, self.last["metric"], self.last["score"], f"{n / secs:,.0f}")
-        record = {"epoch": epoch, "loss": loss, "validation": self.last, "examples_per_second": n / secs, "seconds": secs}
-        self.history.append(record)
-        if self.writes:
-            with (self.run.out / METRICS).open("a") as metrics_file:
-                metrics_file.write(json.dumps(record) + "\n")
-        current = self.last["score"] if math.isfinite(self.last["score"]) else -math.inf
-        if current > self.best_score or self.best_epoch == 0:
-            self.best_score, self.best_epoch = current, epoch
-            self.best_state, self.best_validation = copy.deepcopy(self.run.net.state_dict()), validation
-        elif epoch - self.best_epoch >= self.run.cfg.patience:
-            log.info("%sno better validation score for %d epochs: stopping early", self.prefix, self.run.cfg.patience)
-            return True
-        return False
-
-    def finish(self) -> Fitted:
-        """Restore the best state; what fit returns."""
-        self.run.net.load_state_dict(self.best_state)
-        return Fitted(self.epoch, self.best_epoch, self.seen / max(self.seconds, 1e-9), self.best_validation)
+def validate(members: list[Member]) -> list[Evaluation]:
+    """Every member's validation outputs, each batch read once for all (one data-parallel run: its ranks' shares)."""
+    first = members[0].run
+    if first.launch.distributed:
+        return [evaluate(first, "validation")]
+    return evaluate_many([m.run.net for m in members], first.readers["validation"], device=first.device, amp=first.amp)
 
 
 def trainable(net: SideNetwork) -> list[torch.nn.Parameter]:
@@ -396,33 +372,6 @@ def trainable(net: SideNetwork) -> list[torch.nn.Parameter]:
 
 def make_optimizer(run: Run) -> torch.optim.Optimizer:
     return torch.optim.AdamW(trainable(run.net), lr=run.cfg.lr, weight_decay=run.cfg.weight_decay)
-
-
-def train_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, last: dict | None) -> tuple[float, int, float]:
-    """One pass over train; returns (mean loss, examples, seconds), over every rank under torchrun."""
-    reader = run.readers["train"]
-    run.net.train()
-    total_loss, n = 0.0, 0
-    started = time.perf_counter()
-    # Under torchrun every rank must step as often as the others (each step all-reduces gradients):
-    # a rank whose share ran out repeats its last batch with weight 0, adding nothing.
-    steps = max(distributed.gather(run.launch, reader.batches_in(epoch - 1)))
-    own = reader.epoch(epoch - 1, next_epoch=epoch if epoch < run.cfg.epochs else None)
-    batch: Batch | None = None
-    with EpochBar(run.cfg.progress and run.launch.is_main, epoch, run.cfg.epochs, math.ceil(reader.n_examples / run.launch.world_size), last) as advance:
-        for _ in range(steps):
-            fresh = next(own, None)
-            batch = fresh if fresh is not None else batch
-            loss = train_step(run, optimizer, batch_to(batch, run.device), weight=1.0 if fresh is not None else 0.0)
-            if fresh is not None:
-                b = len(batch["rows"])
-                total_loss, n = total_loss + loss * b, n + b
-                advance(b, total_loss / n, n / (time.perf_counter() - started))
-    own.close()
-    every = distributed.gather(run.launch, (total_loss, n))  # the epoch's numbers over every rank
-    run.rank_examples.append([k for _, k in every])
-    total_loss, n = sum(t for t, _ in every), sum(k for _, k in every)
-    return total_loss / max(n, 1), n, time.perf_counter() - started
 
 
 def train_step(run: Run, optimizer: torch.optim.Optimizer, batch: Batch, weight: float = 1.0) -> float:
@@ -500,53 +449,3 @@ def load_run(run_dir: str | Path) -> tuple[SideNetwork, dict[str, Any]]:
     net = SideNetwork(SideNetworkConfig.from_dict(config["side_network"]))
     net.load_state_dict(load_file(str(run_dir / WEIGHTS)))
     return net.eval(), config
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Use `threads` CPU threads inside the block, and give the caller its own setting back after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or training_threads())
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    tmp.replace(path)
-
-
-class EpochBar:
-    """A rich progress bar for one epoch with loss, last validation score and examples/s (or nothing)."""
-
-    def __init__(self, enabled: bool, epoch: int, epochs: int, total: int, last: dict | None):
-        self.enabled, self.epoch, self.epochs, self.total = enabled, epoch, epochs, total
-        self.metric = f"{last['metric']} {last['score']:.3f}" if last else "-"
-
-    def __enter__(self):
-        if not self.enabled:
-            return lambda n, loss, rate: None
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self._bar = Progress(
-            TextColumn(f"[bold]epoch {self.epoch}/{self.epochs}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}, validation {task.fields[metric]}, {task.fields[rate]} ex/s"),
-            TimeElapsedColumn(),
-            transient=True,
-        )
-        self._bar.start()
-        task = self._bar.add_task("train", total=self.total, loss="-", metric=self.metric, rate="-")
-
-        def advance(n: int, loss: float, rate: float) -> None:
-            self._bar.update(task, advance=n, loss=f"{loss:.3f}", rate=f"{rate:,.0f}")
-
-        return advance
-
-    def __exit__(self, *exc: object) -> None:
-        if self.enabled:
-            self._bar.stop()

@@ -10,6 +10,7 @@ matmul runs ~30x slower than fp32 (measured on the 2-core EPYC build machines: 1
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -33,15 +34,22 @@ def cpu_has_fast_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def training_threads() -> int:
+def training_threads(local_world_size: int = 1) -> int:
     """CPU threads for the training step: every core but one, which the reader thread needs.
 
     On the 2-core build machines torch's default (one per core) makes every small op wait for a
     descheduled OpenMP thread whenever anything else runs: measured 47 ex/s against 550 with one thread.
     """
-    from read_cache.distributed.env import cpu_threads_per_rank, detect
+    return max(1, cpu_threads_per_rank(local_world_size) - 1)  # under torchrun: this rank's share of the cores (`local_world_size`)
 
-    return max(1, cpu_threads_per_rank(detect().local_world_size) - 1)  # under torchrun: this rank's share of the cores
+
+def cpu_threads_per_rank(local_world_size: int) -> int:
+    """This process's fair share of the node's cores (at least one)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(local_world_size, 1))
 
 
 def pick_device(device: str | None) -> torch.device:
