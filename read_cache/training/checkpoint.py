@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 FORMAT = 1
 KILL_ENV = "READ_CACHE_TEST_KILL"
 """Test-only: 'before:K', 'written:K' or 'after:K' SIGKILLs this process around the checkpoint of epoch K
-(before it is written, written but not yet in place, in place); a ':int' suffix sends Ctrl-C instead."""
+(before it is written, written but not yet in place, in place); a ':int' suffix raises Ctrl-C's KeyboardInterrupt there instead."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -167,9 +167,11 @@ def kill_point(stage: str, epoch: int) -> None:
     """Die as kill -9 would (or take Ctrl-C with ':int') where a test asked: READ_CACHE_TEST_KILL=STAGE:EPOCH[:int]."""
     asked = os.environ.get(KILL_ENV, "")
     if asked.removesuffix(":int") == f"{stage}:{epoch}":
+        if asked.endswith(":int"):  # what Python's SIGINT handler raises, here and now: a signal sent to the
+            raise KeyboardInterrupt  # process may land on a reader thread and reach the main one only later
         import signal
 
-        os.kill(os.getpid(), signal.SIGINT if asked.endswith(":int") else signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------------------------------
