@@ -35,6 +35,7 @@ from read_cache.kinds import (
     check_installed,
     is_method,
     parse_method,
+    positive_int,
     task_name,
 )
 from read_cache.paper import DEFAULT_LR, PAPER, check_preset
@@ -528,11 +529,8 @@ class GlueConfig:
 
 
 def _size(entry: str, size: str) -> int:
-    try:
-        value = int(size)
-    except ValueError:
-        value = 0
-    if value <= 0:
+    value = positive_int(size)
+    if value is None:
         raise ReadCacheError(f"--rnn entry {entry!r} needs a positive size after the '/', e.g. gru/256")
     return value
 

@@ -122,13 +122,19 @@ def parse_method(text: str) -> MethodSpec:
         return MethodSpec(name, None)
     if not dash:
         return MethodSpec(name, DEFAULT_METHOD_SIZE[name])
-    try:
-        size = int(size_text)
-    except ValueError:
-        size = 0
-    if size <= 0:
+    size = positive_int(size_text)
+    if size is None:
         raise ReadCacheError(f"--method {text!r}: the {SIZE_NAMES[name]} after '-' must be a positive whole number, e.g. {name}-{DEFAULT_METHOD_SIZE[name]}")
     return MethodSpec(name, size)
+
+
+def positive_int(text: str) -> int | None:
+    """`text` as a whole number above 0 (a method's size, an RNN's size after '/'), or None."""
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return value if value > 0 else None
 
 
 def check_installed(spec: MethodSpec) -> None:

@@ -70,17 +70,15 @@ def claim_folder(
     if not hold(out):
         raise ReadCacheError(f"another read-cache process is training in --out {out} right now; wait for it or choose another --out")
     (out / (CHECKPOINT + ".tmp")).unlink(missing_ok=True)
-    if first is not None and record is not None and _resumable(out, record, overwrite=overwrite, first=first, last=last, what=what):
-        write_json(out / first, record)
-        return True
-    if any(out.iterdir()):
+    resuming = first is not None and record is not None and _resumable(out, record, overwrite=overwrite, first=first, last=last, what=what)
+    if not resuming and any(out.iterdir()):
         if not overwrite:
             raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
         for name in (*own_files, CHECKPOINT):
             (out / name).unlink(missing_ok=True)
     if first is not None and record is not None:
         write_json(out / first, record)
-    return False
+    return resuming
 
 
 def _resumable(out: Path, record: dict[str, Any], *, overwrite: bool, first: str, last: str, what: str) -> bool:

@@ -313,9 +313,8 @@ def fit(run: Run) -> Fitted:
         if run.launch.is_main:  # rank 0 alone writes the run folder
             checkpoint.save_members(run.out, "train", epoch, members, timeline)
 
-    p = read_pass(run, save=save, data_parallel=run.launch, bar_total=math.ceil(run.readers["train"].n_examples / run.launch.world_size))
-    engine.fit([member], p, first, timeline)
-    run.rank_examples.extend(p.rank_examples)
+    bar_total = math.ceil(run.readers["train"].n_examples / run.launch.world_size)
+    engine.fit([member], read_pass(run, save=save, data_parallel=run.launch, bar_total=bar_total, rank_examples=run.rank_examples), first, timeline)
     return member.stopping.finish()
 
 
