@@ -163,6 +163,24 @@ def check_finite(part: str, states: torch.Tensor) -> None:
     )
 
 
+def use_fast_attention(net: torch.nn.Module, kind: str) -> str:
+    """Switch the attention that needs no probabilities to SDPA (fused kernels); returns what each part runs.
+
+    Loading is eager, because T5's decoder must return its cross-attention probabilities (SDPA returns
+    none). But those are one query per layer (decoder position 0), so only the encoder's self-attention,
+    L x L per head and layer, is worth fusing; an encoder-only backbone needs no probabilities at all. The
+    states are the eager path's within float rounding (tests/test_build.py holds them to it). A family
+    without an SDPA kernel keeps eager.
+    """
+    part = net.encoder if kind == "t5" else net
+    try:
+        part.set_attn_implementation("sdpa")
+    except (ValueError, ImportError, AttributeError) as e:
+        log.info("%s keeps eager attention (%s)", type(net).__name__, _first_line(e))
+        return "eager"
+    return "encoder sdpa, decoder eager" if kind == "t5" else "sdpa"
+
+
 def truncate_layers(net: torch.nn.Module, kind: str, drop: int) -> None:
     """Drop the last `drop` encoder (and decoder) layers in place, before any forward pass (READ-large's T5-large).
 
@@ -204,7 +222,8 @@ def load_backbone(
     if dtype not in DTYPES:
         raise ReadCacheError(f"--dtype {dtype} is not supported; choose one of {', '.join(DTYPES)}")
     warn_if_risky_dtype(dtype, kind)
-    # Attention maps need eager attention in transformers 5 (SDPA refuses output_attentions).
+    # Attention maps need eager attention in transformers 5 (SDPA refuses output_attentions); the parts
+    # that need none switch to SDPA after loading (use_fast_attention).
     cls = T5ForConditionalGeneration if kind == "t5" else AutoModel
     try:
         net = cls.from_pretrained(model, revision=revision, attn_implementation="eager", dtype=torch.float32)
@@ -212,6 +231,7 @@ def load_backbone(
     except (OSError, ValueError) as e:
         raise ReadCacheError(f"cannot load model {model!r}: {_first_line(e)}") from e
     truncate_layers(net, kind, drop_last_layers)
+    attention = use_fast_attention(net, kind)
     net.requires_grad_(False).eval().to(device)
     info = {
         "kind": kind,
@@ -221,6 +241,7 @@ def load_backbone(
         "fingerprint": model_fingerprint(model, config),
         "config": config.to_diff_dict(),
         "drop_last_layers": drop_last_layers,
+        "attention": attention,
     }
     if kind == "encoder":
         # What `read-cache train` pools by when no --pooling is given (the family's own way).
