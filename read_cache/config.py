@@ -21,6 +21,7 @@ import numpy as np
 from read_cache.errors import ReadCacheError
 from read_cache.kinds import (
     BENCH_METHODS,
+    CODECS,
     COMPUTE_DTYPES,
     CROSS_ATTENTION,
     HEADS,
@@ -73,6 +74,9 @@ class BuildConfig:
     float_dtype: str = "fp8"
     """`--store-dtype`: 'bfloat16' (T5's range), 'float16', or 8-/4-bit codes with scales 'fp8', 'int8', 'int4'.
     The default was chosen by measurement (docs/storage.md: size, error and READ scores)."""
+    codec: str = "auto"
+    """`--codec`: 'auto' (raw 8-/4-bit codes, zstd for 16-bit floats: what reads fastest, docs/storage.md), 'none',
+    'zstd' (12-19% smaller 8-/4-bit caches, decoded 14-60x slower) or 'lz4'."""
     revision: str | None = None
     """Hub revision of the model."""
     chunk_mb: float = 4.0
@@ -111,6 +115,7 @@ class BuildConfig:
             check_choice("--dtype", self.dtype, COMPUTE_DTYPES, " (or leave it out to pick what is fast here)")
         task_name(self.task)
         check_choice("--store-dtype", self.float_dtype, STORE_DTYPES, " (see docs/storage.md)")
+        check_choice("--codec", self.codec, CODECS, " (see docs/storage.md)")
         check_location("--out", self.out, self.storage_options)
 
 

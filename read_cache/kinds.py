@@ -52,6 +52,9 @@ TRAIN_DTYPES = ("bf16", "fp32")
 """`train --dtype`: autocast in bf16, or plain fp32."""
 STORE_DTYPES = ("bfloat16", "float16", "fp8", "int8", "int4")
 """`--store-dtype`: how hidden states are stored (read_cache.store.formats; docs/storage.md)."""
+CODECS = ("auto", "none", "zstd", "lz4")
+"""`build --codec`: auto (raw codes for fp8/int8/int4, blosc-zstd for 16-bit floats: measured, docs/storage.md), none
+(crc32c only), or blosc with zstd or lz4; every chunk keeps its crc32c checksum."""
 CROSS_ATTENTION = ("mean", "heads")
 """`--cross-attention`: averaged over heads (the paper's single head), or every head kept."""
 PROTOCOLS = ("t5", "lst")

@@ -182,6 +182,42 @@ def test_plain_zarr_read_following_the_docs(caches: dict[str, Path], name: str) 
     np.testing.assert_array_equal(values, read_cache.open_cache(caches[name])["train"][i].encoder_hidden)
 
 
+def array_codecs(path: Path, array: str) -> list[str]:
+    meta = json.loads((path / "train" / array / "zarr.json").read_text())
+    return [c["name"] for c in meta["codecs"]]
+
+
+def test_codes_are_stored_raw_with_a_checksum_and_zstd_on_request(caches: dict[str, Path], tiny_t5: Path, tmp_path: Path) -> None:
+    """--codec auto: 8-/4-bit codes and their scales raw + crc32c, 16-bit floats blosc-zstd; --codec zstd: smaller, same values."""
+    for name in COMPACT_DTYPES:
+        assert array_codecs(caches[name], "encoder_hidden") == ["bytes", "crc32c"]
+        assert array_codecs(caches[name], "encoder_hidden_scale") == ["bytes", "crc32c"]
+        assert read_cache.open_cache(caches[name]).geometry.codec == "none"
+    assert array_codecs(caches["bfloat16"], "encoder_hidden") == ["bytes", "blosc", "crc32c"]
+    zstd = build_quietly(tiny_t5, "sst2", caches["glue"], tmp_path / "zstd", float_dtype="int8", codec="zstd", batch_size=8)
+    assert array_codecs(zstd, "encoder_hidden") == ["bytes", "blosc", "crc32c"]
+    raw, packed = read_cache.open_cache(caches["int8"]), read_cache.open_cache(zstd)
+    assert packed.attrs["build"]["codec"] == "zstd" and packed.disk_bytes("train") < raw.disk_bytes("train")
+    np.testing.assert_array_equal(packed["train"][4].encoder_hidden, raw["train"][4].encoder_hidden)
+
+
+def test_version_2_caches_still_open_and_resume(caches: dict[str, Path], tiny_t5: Path, tmp_path: Path) -> None:
+    """A format-2 int8 cache (blosc-zstd codes, no codec recorded) reads the same values, and `build` resumes it."""
+    old = build_quietly(tiny_t5, "sst2", caches["glue"], tmp_path / "v2", float_dtype="int8", codec="zstd", batch_size=8)
+    meta = json.loads((old / "zarr.json").read_text())
+    meta["attributes"]["format_version"] = 2
+    meta["attributes"]["geometry"].pop("codec")
+    meta["attributes"]["build"].pop("codec")
+    (old / "zarr.json").write_text(json.dumps(meta))
+    ours, reference = read_cache.open_cache(old), read_cache.open_cache(caches["int8"])
+    assert ours.attrs["format_version"] == 2
+    np.testing.assert_array_equal(ours["train"][2].encoder_hidden, reference["train"][2].encoder_hidden)
+    chunks = lambda: {k: v for k, v in cache_files(old).items() if not k.endswith("zarr.json")}  # noqa: E731
+    before = chunks()
+    build_quietly(tiny_t5, "sst2", caches["glue"], old, float_dtype="int8", batch_size=8)  # --codec auto: the cache's own
+    assert chunks() == before
+
+
 def test_version_1_caches_still_open(caches: dict[str, Path], tmp_path: Path) -> None:
     """A bfloat16 cache written by format 1 (same arrays, version 1, no error record) reads unchanged."""
     old = tmp_path / "v1"

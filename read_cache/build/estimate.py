@@ -68,6 +68,7 @@ def config_geometry(config: Any, kind: str, cfg: BuildConfig, regression: bool, 
         float_dtype=float_dtype,
         regression=regression,
         chunk_bytes=int(cfg.chunk_mb * 2**20),
+        codec=cfg.codec,
     )
 
 

@@ -9,7 +9,7 @@ from typing import Any
 from read_cache.backbone.load import Backbone, model_reference, package_versions
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
-from read_cache.store import Geometry, codec_description
+from read_cache.store import Geometry, codec_description, resolve_codec
 from read_cache.store.location import Location
 from read_cache.tasks.data import split_recipe
 from read_cache.tasks.specs import TaskSpec
@@ -25,6 +25,7 @@ def make_geometry(backbone: Backbone, cfg: BuildConfig, task: TaskSpec) -> Geome
         float_dtype=cfg.float_dtype,
         regression=task.is_regression,
         chunk_bytes=int(cfg.chunk_mb * 2**20),
+        codec=resolve_codec(cfg.float_dtype, cfg.codec),
     )
 
 
@@ -36,6 +37,7 @@ def identity(cfg: BuildConfig) -> dict[str, Any]:
         "batch_size": cfg.batch_size,
         "cross_attention": cfg.cross_attention,
         "float_dtype": cfg.float_dtype,
+        "codec": resolve_codec(cfg.float_dtype, cfg.codec),
         "chunk_mb": cfg.chunk_mb,
         "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
         "protocol": cfg.protocol,
@@ -43,7 +45,7 @@ def identity(cfg: BuildConfig) -> dict[str, Any]:
     }
 
 
-IDENTITY_DEFAULTS = {"protocol": "t5", "drop_last_layers": 0}
+IDENTITY_DEFAULTS = {"protocol": "t5", "drop_last_layers": 0, "codec": "zstd"}
 """What a cache built before these options existed was built with."""
 
 
@@ -56,13 +58,17 @@ def check_same_build(attrs: dict[str, Any], cfg: BuildConfig, out: Location, fin
             "choose another --out (or delete that cache) to build a different model or task"
         )
     differing = [k for k, v in identity(cfg).items() if attrs["build"].get(k, IDENTITY_DEFAULTS.get(k)) != v]
+    if cfg.codec == "auto" and "codec" in differing:
+        # auto resumes whatever the cache holds (a format-2 cache's zstd too): existing arrays keep their codecs,
+        # and zarr reads each array's own
+        differing.remove("codec")
     if differing == ["float_dtype"]:
         stored = attrs["build"]["float_dtype"]
         raise ReadCacheError(
             f"--out {out} holds a {stored} cache; resume it with --store-dtype {stored}, or choose another --out for a {cfg.float_dtype} cache"
         )
     if differing:
-        was = ", ".join(f"{k}={attrs['build'].get(k)!r}" for k in differing)
+        was = ", ".join(f"{k}={attrs['build'].get(k, IDENTITY_DEFAULTS.get(k))!r}" for k in differing)
         raise ReadCacheError(f"--out {out} was built with {was}; rerun with those options to resume it, or choose another --out")
     if cfg.dtype and attrs["compute_dtype"] != cfg.dtype:
         raise ReadCacheError(f"--out {out} was built with --dtype {attrs['compute_dtype']}; resume with that dtype or choose another --out")
@@ -96,7 +102,7 @@ def root_attributes(cfg: BuildConfig, task: TaskSpec, backbone: Backbone, lm: di
         "build": identity(cfg),
         "compute_dtype": backbone.dtype,
         "float_dtype": cfg.float_dtype,
-        "codec": codec_description(cfg.float_dtype),
+        "codec": codec_description(cfg.float_dtype, cfg.codec),
         "cross_attention": cfg.cross_attention if backbone.kind == "t5" else None,
         "lm_head": {k: v for k, v in lm.items() if k != "rows"} if lm else None,
         "packages": package_versions(),

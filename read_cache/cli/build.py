@@ -34,6 +34,7 @@ def build(
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass (grouped by length).")] = BuildConfig.batch_size,
     cross_attention: Annotated[str, typer.Option(help="mean (over heads, the paper's) or heads.")] = BuildConfig.cross_attention,
     store_dtype: Annotated[str, typer.Option(help="Stored states: fp8 (8-bit floats + a scale per row), int8, int4, bfloat16 or float16 (docs/storage.md).")] = BuildConfig.float_dtype,
+    codec: Annotated[str, typer.Option(help="auto (raw 8-/4-bit codes, zstd for 16-bit floats), none, zstd or lz4; crc32c always (docs/storage.md).")] = BuildConfig.codec,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model.")] = None,
     chunk_mb: Annotated[float, typer.Option(help="Target raw MiB per chunk of token rows.")] = BuildConfig.chunk_mb,
     force: Annotated[bool, typer.Option(help="Build even if the size estimate exceeds free disk.")] = False,
@@ -49,7 +50,7 @@ def build(
 
     cfg = BuildConfig(
         model=model, task=task, data_dir=data_dir, out=out, limit=limit, max_length=max_length, dtype=dtype,
-        device=device, batch_size=batch_size, cross_attention=cross_attention, float_dtype=store_dtype,
+        device=device, batch_size=batch_size, cross_attention=cross_attention, float_dtype=store_dtype, codec=codec,
         revision=revision, chunk_mb=chunk_mb, force=force, overwrite=overwrite, dry_run=dry_run, progress=not no_progress, protocol=protocol,
         drop_last_layers=drop_last_layers,
         storage_options=parse_storage_options(storage_options),

@@ -38,6 +38,7 @@ from read_cache.store.layout import (
     encode_floats,
     plan_units,
     read_root_attrs,
+    resolve_codec,
     storage_numpy_dtype,
     token_rows,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "choose_unit_examples",
     "clear_cache_dir",
     "codec_description",
+    "resolve_codec",
     "decode_floats",
     "encode_floats",
     "free_bytes",

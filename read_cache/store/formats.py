@@ -56,9 +56,11 @@ class StoreFormat:
     """Largest allowed channel-weighted relative RMS error of a layer (every channel scaled to unit RMS first):
     what outlier channels do to the small ones under a shared scale, which the two above barely see."""
     codec: str
-    """Chosen codec for the codes (docs/storage.md: measured): 'zstd' (blosc zstd-1) or 'lz4' or 'none'."""
+    """The codec `--codec auto` picks for the codes and scales (docs/storage.md: measured): 'none' (raw, crc32c
+    only) for the 8-/4-bit codes, which quantisation has already compressed and which blosc-zstd would decode at
+    ~0.6 GB/s a core; 'zstd' (blosc zstd-1, byte-shuffled) for 16-bit floats, whose exponent bytes compress."""
     disk_bytes_per_value: float
-    """Measured bytes per value on disk, codes + scales after compression (for size projections)."""
+    """Bytes per value on disk with that codec, codes + scales (measured for zstd; exact for raw), for projections."""
 
     @property
     def compact(self) -> bool:
@@ -94,13 +96,17 @@ FORMATS: dict[str, StoreFormat] = {
     for f in (
         StoreFormat("bfloat16", "uint16", 16, None, 0.003, 0.004, 0.05, "zstd", 1.59),
         StoreFormat("float16", "float16", 16, None, 0.001, 0.002, 0.05, "zstd", 1.62),
-        StoreFormat("fp8", "uint8", 8, "float32", 0.05, 0.07, 0.20, "zstd", 0.89),
-        StoreFormat("int8", "int8", 8, "float32", 0.05, 0.15, 0.20, "zstd", 0.82),
-        StoreFormat("int4", "uint8", 4, "float16", 0.20, 0.35, 0.40, "zstd", 0.47),
+        StoreFormat("fp8", "uint8", 8, "float32", 0.05, 0.07, 0.20, "none", 1.01),
+        StoreFormat("int8", "int8", 8, "float32", 0.05, 0.15, 0.20, "none", 1.01),
+        StoreFormat("int4", "uint8", 4, "float16", 0.20, 0.35, 0.40, "none", 0.5625),
     )
 }
 assert tuple(FORMATS) == STORE_DTYPES, "read_cache.kinds.STORE_DTYPES names the same formats in the same order"
 COMPACT_DTYPES = tuple(n for n, f in FORMATS.items() if f.compact)
+
+
+ZSTD_BYTES_PER_VALUE = {"fp8": 0.89, "int8": 0.82, "int4": 0.47}
+"""Measured bytes per value of the compact formats under `--codec zstd` (MiniLM SST-2; docs/storage.md)."""
 
 
 def get_format(name: str) -> StoreFormat:

@@ -57,8 +57,10 @@ from read_cache.errors import CacheCorruptError, ReadCacheError
 from read_cache.store.formats import STORE_DTYPES, StoreFormat, get_format
 from read_cache.store.location import Location
 
-FORMAT_VERSION = 2
-"""2 added the compact formats (fp8, int8, int4: codes + `*_scale` arrays); version-1 caches read unchanged."""
+FORMAT_VERSION = 3
+"""2 added the compact formats (fp8, int8, int4: codes + `*_scale` arrays); 3 stores their codes and scales raw
+(crc32c only) by default and records the codec in the geometry. Caches of versions 1 and 2 read unchanged: zarr
+reads every array's codecs from its own zarr.json."""
 SPLITS = ("train", "validation", "test")
 FLOAT_DTYPES = STORE_DTYPES
 SCALED_ARRAYS = ("encoder_hidden", "decoder_hidden")
@@ -94,8 +96,13 @@ def storage_numpy_dtype(float_dtype: str) -> str:
     return "uint16" if float_dtype == "bfloat16" else "float16"
 
 
-def codec_description(float_dtype: str = "bfloat16") -> dict[str, Any]:
-    codec = get_format(float_dtype).codec
+def resolve_codec(float_dtype: str, codec: str = "auto") -> str:
+    """`--codec auto` is the format's measured choice (`StoreFormat.codec`); any other value is taken as given."""
+    return get_format(float_dtype).codec if codec == "auto" else codec
+
+
+def codec_description(float_dtype: str = "bfloat16", codec: str = "auto") -> dict[str, Any]:
+    codec = resolve_codec(float_dtype, codec)
     if codec == "none":
         return {"compressor": "none", "cname": "none", "clevel": 0, "shuffle": "none", "checksum": "crc32c"}
     return {"compressor": "blosc", "cname": codec, "clevel": 1, "shuffle": "shuffle", "checksum": "crc32c"}
@@ -142,6 +149,13 @@ class Geometry:
     """Labels are float scores (STS-B) rather than class ids."""
     chunk_bytes: int = CHUNK_BYTES
     """Target raw size of a token chunk (an example chunk gets half)."""
+    codec: str = "auto"
+    """Codec of the states and their scales ('none', 'zstd', 'lz4'; 'auto': the format's, see `resolve_codec`).
+    Caches before format 3 do not record it; zarr reads each array's codecs from its zarr.json either way."""
+
+    @property
+    def states_codec(self) -> str:
+        return resolve_codec(self.float_dtype, self.codec)
 
     @property
     def format(self) -> StoreFormat:

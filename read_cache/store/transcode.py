@@ -25,26 +25,27 @@ from read_cache.store import (
     open_cache,
     plan_units,
     prepare_cache_dir,
+    resolve_codec,
 )
 from read_cache.store.formats import ErrorStats, dequantise, get_format, quantise
 
 log = logging.getLogger(__name__)
 
 
-def transcode(source: Path, dest: Path, store_dtype: str) -> Path:
-    """Write `source` (complete) to `dest` (new) in `store_dtype`; returns dest."""
+def transcode(source: Path, dest: Path, store_dtype: str, codec: str = "auto") -> Path:
+    """Write `source` (complete) to `dest` (new) in `store_dtype` with `codec` (see `store.resolve_codec`); returns dest."""
     fmt = get_format(store_dtype)
     src = open_cache(source)
     src.require_complete()
     if (dest / "zarr.json").exists():
         raise ReadCacheError(f"{dest} already holds a cache; choose a new folder to transcode into")
     prepare_cache_dir(dest)
-    geometry = dataclasses.replace(src.geometry, float_dtype=fmt.name)
+    geometry = dataclasses.replace(src.geometry, float_dtype=fmt.name, codec=resolve_codec(fmt.name, codec))
     attrs = {k: v for k, v in src.attrs.items() if k not in ("format_version", "geometry", "splits")}
     attrs.update(
         float_dtype=fmt.name,
-        codec=codec_description(fmt.name),
-        build={**src.attrs["build"], "float_dtype": fmt.name},
+        codec=codec_description(fmt.name, codec),
+        build={**src.attrs["build"], "float_dtype": fmt.name, "codec": geometry.codec},
         transcoded_from={"path": str(source), "float_dtype": src.geometry.float_dtype},
     )
     writer = CacheWriter.create(dest, geometry, attrs, src.lm_head_rows())

@@ -147,10 +147,10 @@ class CacheWriter:
         g, fmt = self.geometry, self.geometry.format
         attrs = format_attrs(fmt, g.d_model)
         width = fmt.code_width(g.d_model)
-        self._empty(group, name, (rows, layers, width), (chunk, layers, width), fmt.code_dtype, attrs, fmt.codec)
+        self._empty(group, name, (rows, layers, width), (chunk, layers, width), fmt.code_dtype, attrs, g.states_codec)
         if fmt.compact:
             scales = g.scale_shape()
-            self._empty(group, f"{name}_scale", (rows, layers, *scales), (chunk, layers, *scales), fmt.scale_dtype, {"scale_of": name}, "zstd")
+            self._empty(group, f"{name}_scale", (rows, layers, *scales), (chunk, layers, *scales), fmt.scale_dtype, {"scale_of": name}, g.states_codec)
 
     def _array(self, group: zarr.Group, name: str, data: np.ndarray, chunks: tuple[int, ...]) -> None:
         arr = self._empty(group, name, data.shape, (min(chunks[0], max(len(data), 1)),), data.dtype.str, {})
