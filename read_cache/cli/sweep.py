@@ -11,9 +11,9 @@ from rich.table import Table
 from read_cache.cli.common import (
     CacheArg,
     Device,
+    DeviceMemoryBudget,
     DropLayers,
     Dtype,
-    DeviceMemoryBudget,
     MemoryBudget,
     NoProgress,
     NoRecurrence,

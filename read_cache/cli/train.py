@@ -11,8 +11,8 @@ from rich.table import Table
 from read_cache.cli.common import (
     CacheArg,
     Device,
-    Dtype,
     DeviceMemoryBudget,
+    Dtype,
     MemoryBudget,
     NoProgress,
     NoRecurrence,
