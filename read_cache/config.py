@@ -180,8 +180,10 @@ class TrainConfig(TrainingOptions):
     """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 classification, else linear."""
     memory_budget_gb: float = 2.0
     """RAM the decoded splits may take; splits beyond it are streamed from disk."""
+    device_memory_budget_gb: float | None = None
+    """GPU memory the device tier may fill with splits' codes; None: 0.8 of the free memory (reader.DEVICE_SHARE)."""
     reader: str = "auto"
-    """'auto' (RAM where it fits the budget, else stream), 'ram', or 'stream'."""
+    """'auto' (the GPU, then RAM, where the splits fit the budgets, else stream), 'device', 'ram', or 'stream'."""
     block_tokens: int | None = None
     """Tokens per streamed read; None: whole chunks, ~32 MB (reader.BLOCK_BYTES)."""
     reader_workers: int | None = None
@@ -214,6 +216,8 @@ class TrainConfig(TrainingOptions):
             raise ReadCacheError(f"--weight-decay {self.weight_decay} must not be negative")
         if not self.memory_budget_gb > 0:
             raise ReadCacheError(f"--memory-budget {self.memory_budget_gb} must be a positive number of GB")
+        if self.device_memory_budget_gb is not None and not self.device_memory_budget_gb > 0:
+            raise ReadCacheError(f"--device-memory-budget {self.device_memory_budget_gb} must be a positive number of GB (or left out)")
         for flag, value in (("--block-tokens", self.block_tokens), ("--shuffle-blocks", self.shuffle_blocks)):
             if value is not None and value <= 0:
                 raise ReadCacheError(f"{flag} {value} must be positive (or left out)")

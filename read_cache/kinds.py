@@ -44,8 +44,9 @@ class Pooling(str, Enum):
 RNN_KINDS = tuple(k.value for k in RNNKind)
 HEADS = tuple(k.value for k in HeadKind)
 POOLINGS = tuple(k.value for k in Pooling)
-READER_MODES = ("auto", "ram", "stream")
-"""`--reader`: auto (RAM where it fits --memory-budget, else stream), ram, stream."""
+READER_MODES = ("auto", "device", "ram", "stream")
+"""`--reader`: auto (the GPU where it fits --device-memory-budget, else RAM where it fits --memory-budget, else
+stream), device (codes held on the GPU), ram (codes held in host memory), stream (read from the store)."""
 COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 """`build --dtype`: the backbone's compute precision."""
 TRAIN_DTYPES = ("bf16", "fp32")

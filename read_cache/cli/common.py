@@ -25,8 +25,11 @@ StorageOptions = Annotated[
 NoProgress = Annotated[bool, typer.Option("--no-progress", help="Hide progress bars (logs stay).")]
 WeightDecay = Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Examples per step (the paper: 96).")]
-Reader = Annotated[str, typer.Option("--reader", help="auto (RAM where it fits --memory-budget), ram, or stream.")]
+Reader = Annotated[str, typer.Option("--reader", help="auto (the GPU, then RAM, where the splits fit the budgets), device (codes on the GPU), ram, or stream.")]
 MemoryBudget = Annotated[float, typer.Option("--memory-budget", help="GB of RAM the decoded splits may take.")]
+DeviceMemoryBudget = Annotated[
+    Optional[float], typer.Option("--device-memory-budget", help="GB of GPU memory --reader device/auto may fill with codes; default: 0.8 of the free memory.")
+]
 Device = Annotated[Optional[str], typer.Option("--device", help="cpu, cuda, cuda:N; default: CUDA when present.")]
 Dtype = Annotated[Optional[str], typer.Option("--dtype", help="bf16 or fp32 autocast; default: bf16 where it pays.")]
 Threads = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch; default: all cores but one (one feeds the reader).")]

@@ -11,6 +11,7 @@ from rich.table import Table
 from read_cache.cli.common import (
     CacheArg,
     Device,
+    DeviceMemoryBudget,
     DropLayers,
     Dtype,
     MemoryBudget,
@@ -68,6 +69,7 @@ def sweep(
     overwrite: Annotated[bool, typer.Option(help="Replace the sweep's files in an existing --out.")] = False,
     reader: Reader = TrainConfig.reader,
     memory_budget: MemoryBudget = TrainConfig.memory_budget_gb,
+    device_memory_budget: DeviceMemoryBudget = TrainConfig.device_memory_budget_gb,
     device: Device = None,
     dtype: Dtype = None,
     threads: Threads = None,
@@ -79,7 +81,7 @@ def sweep(
     from read_cache.paths import parse_storage_options
 
     shared = TrainConfig(
-        cache=cache, pooling=pooling, weight_decay=weight_decay, seed=seed, reader=reader, memory_budget_gb=memory_budget,
+        cache=cache, pooling=pooling, weight_decay=weight_decay, seed=seed, reader=reader, memory_budget_gb=memory_budget, device_memory_budget_gb=device_memory_budget,
         device=device, dtype=dtype, threads=threads, reader_workers=reader_workers, progress=not no_progress, recurrence=not no_recurrence, preset=preset,
         storage_options=parse_storage_options(storage_options),
         **with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience),

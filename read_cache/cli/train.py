@@ -11,6 +11,7 @@ from rich.table import Table
 from read_cache.cli.common import (
     CacheArg,
     Device,
+    DeviceMemoryBudget,
     Dtype,
     MemoryBudget,
     NoProgress,
@@ -49,6 +50,7 @@ def train(
     overwrite: Annotated[bool, typer.Option(help="Replace the run files in an existing --out.")] = False,
     reader: Reader = TrainConfig.reader,
     memory_budget: MemoryBudget = TrainConfig.memory_budget_gb,
+    device_memory_budget: DeviceMemoryBudget = TrainConfig.device_memory_budget_gb,
     device: Device = None,
     dtype: Dtype = None,
     threads: Threads = None,
@@ -75,7 +77,7 @@ def train(
     values = with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience)
     cfg = TrainConfig(
         cache=cache, rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
-        overwrite=overwrite, reader=reader, memory_budget_gb=memory_budget, device=device, dtype=dtype, threads=threads, reader_workers=reader_workers,
+        overwrite=overwrite, reader=reader, memory_budget_gb=memory_budget, device_memory_budget_gb=device_memory_budget, device=device, dtype=dtype, threads=threads, reader_workers=reader_workers,
         progress=not no_progress, recurrence=not no_recurrence, preset=preset, **values,
         storage_options=parse_storage_options(storage_options),
     )

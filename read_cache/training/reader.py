@@ -18,6 +18,10 @@ thread assembles batches into a bounded queue: memory stays bounded whatever the
 second thread reads window i+1 while window i's batches are made and, in training, the next epoch's
 first window while this epoch's last batches train (`epoch(e, next_epoch=e + 1)`).
 
+Three tiers hold a split: `stream` reads the store per window, `ram` holds the codes as stored in host
+memory, `device` holds them as stored on a torch device (a GPU, or any device in tests) and gathers and
+dequantises each batch there. Every tier yields the same batches in the same order, bit for bit.
+
 Decoding (decompression + dequantisation) runs on `workers` threads (blosc and numpy release the GIL),
 batches still in order. On CUDA the batches carry the stored codes and scales in pinned memory, and
 `batch_to` dequantises them on the device: the host then moves 1-2 bytes per value instead of 4.
@@ -63,6 +67,10 @@ streaming reader's memory (the window, its blocks while they are concatenated, a
 being read) whatever the store's size; the block order is shuffled across the whole split as well,
 so examples still mix split-wide."""
 PREFETCH_BATCHES = 4
+TIERS = ("device", "ram", "stream")
+"""Where a reader holds its split, fastest first (`--reader` adds auto: the fastest that fits)."""
+DEVICE_SHARE = 0.8
+"""Of the GPU's free memory, what the device tier may fill when --device-memory-budget is left out."""
 
 
 def default_workers(device: str | torch.device | None = None) -> int:
@@ -83,12 +91,19 @@ class Decoding:
     """Format of cross_attention (16-bit)."""
     on_device: bool = False
     """Ship codes + scales (pinned) and dequantise in `batch_to` on the device, instead of on the host."""
+    channel: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, compare=False)
+    """Per-(layer, channel) scales ([layers, d] float32) of "enc" / "dec", where the cache has them."""
 
     @classmethod
     def of(cls, split: Split, device: str | torch.device | None = None) -> Decoding:
         g = split.cache.geometry
         on_device = str(device or "cpu").startswith("cuda") and torch.cuda.is_available()
-        return cls(g.format, get_format(g.cross_dtype), on_device)
+        channel = {key: split.cache.channel_scale(name) for key, name in (("enc", "encoder_hidden"), ("dec", "decoder_hidden"))}
+        return cls(g.format, get_format(g.cross_dtype), on_device, {k: v for k, v in channel.items() if v is not None})
+
+    def torch_channel(self, key: str, device: torch.device) -> torch.Tensor | None:
+        scale = self.channel.get(key)
+        return None if scale is None else torch.from_numpy(scale).to(device)
 
 
 class CodedBatch(dict):
@@ -172,7 +187,7 @@ class Pool:
                 if scale is not None:
                     batch[f"{key}_scale"] = _pinned(torch.from_numpy(np.ascontiguousarray(scale)))
             else:
-                batch[key] = decode(codes, scale, fmt)
+                batch[key] = decode(codes, scale, fmt, decoding.channel.get(key))
         if decoding.on_device:
             batch.decoding = decoding
         return batch
@@ -183,13 +198,62 @@ def _pinned(t: torch.Tensor) -> torch.Tensor:
     return t.pin_memory() if torch.cuda.is_available() else t
 
 
-def decode(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat) -> torch.Tensor:
+@dataclasses.dataclass
+class DevicePool:
+    """Examples' stored codes (+ scales) as tensors on a torch device: the `device` tier gathers and
+    dequantises each batch there, so the host moves no states at all after the first read."""
+
+    offsets: np.ndarray  # [n+1] local token offsets
+    label: np.ndarray  # [n]
+    rows: np.ndarray  # [n] rows in the split
+    tensors: dict[str, torch.Tensor]  # enc, cross, dec and *_scale, as stored (`to_torch_codes`)
+    device: torch.device
+
+    @classmethod
+    def of(cls, pool: Pool, device: torch.device) -> DevicePool:
+        arrays = {"enc": pool.enc, "enc_scale": pool.enc_scale, "cross": pool.cross, "dec": pool.dec, "dec_scale": pool.dec_scale}
+        tensors = {k: to_torch_codes(np.ascontiguousarray(v)).to(device) for k, v in arrays.items() if v is not None}
+        return cls(pool.offsets, pool.label, pool.rows, tensors, device)
+
+    @classmethod
+    def concat(cls, pools: list[DevicePool]) -> DevicePool:
+        if len(pools) == 1:
+            return pools[0]
+        lengths = np.concatenate([np.diff(p.offsets) for p in pools])
+        return cls(
+            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            np.concatenate([p.label for p in pools]),
+            np.concatenate([p.rows for p in pools]),
+            {k: torch.cat([p.tensors[k] for p in pools]) for k in pools[0].tensors},
+            pools[0].device,
+        )
+
+    def batch(self, positions: np.ndarray, decoding: Decoding) -> Batch:
+        """The examples at `positions`, decoded on the device exactly as `Pool.to_batch` decodes on the host."""
+        positions = np.asarray(positions, dtype=np.int64)
+        tokens = torch.from_numpy(np.asarray(token_rows(self.offsets, positions), dtype=np.int64)).to(self.device)
+        examples = torch.from_numpy(positions).to(self.device)
+        batch: Batch = {
+            "token_example": torch.from_numpy(np.repeat(np.arange(len(positions)), np.diff(self.offsets)[positions])),
+            "label": torch.from_numpy(np.ascontiguousarray(self.label[positions])),
+            "rows": torch.from_numpy(np.ascontiguousarray(self.rows[positions])),
+        }
+        for key, index, fmt in (("enc", tokens, decoding.states), ("cross", tokens, decoding.cross), ("dec", examples, decoding.states)):
+            if key in self.tensors:
+                scale = self.tensors.get(f"{key}_scale")
+                codes = self.tensors[key].index_select(0, index)
+                scale = None if scale is None else scale.index_select(0, index)
+                batch[key] = dequantise_torch(codes, scale, fmt, decoding.torch_channel(key, self.device))
+        return batch
+
+
+def decode(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat, channel_scale: np.ndarray | None = None) -> torch.Tensor:
     """Stored codes (+ scales) -> a float32 tensor.
 
     Decoded by numpy, not torch: this runs on the reader's threads, and a torch kernel there would start
     a second OpenMP team that fights the training step's for the cores (on 2 cores, 10x slower steps).
     """
-    return torch.from_numpy(dequantise(codes, scale, fmt))
+    return torch.from_numpy(dequantise(codes, scale, fmt, channel_scale=channel_scale))
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -199,7 +263,7 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
         d = batch.decoding
         for key, fmt in (("enc", d.states), ("cross", d.cross), ("dec", d.states)):
             if key in moved:
-                moved[key] = dequantise_torch(moved[key], moved.pop(f"{key}_scale", None), fmt)
+                moved[key] = dequantise_torch(moved[key], moved.pop(f"{key}_scale", None), fmt, d.torch_channel(key, device))
     return moved
 
 
@@ -264,8 +328,8 @@ class SplitReader:
         inflight: int | None = None,
         shard: tuple[int, int] = (0, 1),
     ):
-        if mode not in ("ram", "stream"):
-            raise ValueError(f"mode must be 'ram' or 'stream', got {mode!r}")
+        if mode not in TIERS:
+            raise ValueError(f"mode must be one of {', '.join(TIERS)}, got {mode!r}")
         self.split = split
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -274,6 +338,8 @@ class SplitReader:
         self.prefetch = prefetch
         self.workers = workers or default_workers(device)
         self.decoding = Decoding.of(split, device)
+        self.device = torch.device(device or "cpu")
+        """Where the `device` tier holds the split (any torch device; the CLI asks for CUDA)."""
         per_token = split.cache.geometry.bytes_per_token
         self.block_tokens = block_tokens or split.token_chunk * max(1, round(BLOCK_BYTES / (split.token_chunk * per_token)))
         self.inflight = inflight or default_inflight(split, self.block_tokens * per_token)
@@ -284,6 +350,8 @@ class SplitReader:
         self.rank, self.world_size = shard
         """This rank's share of every epoch (see `epoch_windows`); (0, 1) reads everything."""
         self._blocks: dict[int, Pool] = {}
+        self._held: DevicePool | None = None
+        self._device_blocks: dict[int, DevicePool] = {}
         self._early: dict[int, Future[list[Pool]]] = {}
         """The next epoch's first window, being read (streaming with `epoch(e, next_epoch)`)."""
         self._background: ThreadPoolExecutor | None = None
@@ -319,6 +387,10 @@ class SplitReader:
         that epoch's first window read in the background once this epoch's reads are done: an epoch's first
         batch needs its whole first window, and reading it would otherwise stall the training step."""
         windows = self.windows(epoch)
+        if self.mode == "device":
+            # On the consumer's thread: GPU kernels are asynchronous anyway, and torch ops on a reader
+            # thread would start a second OpenMP team on a CPU device (see `decode`).
+            return self._device_batches(windows)
         if self.mode == "ram" and self.world_size > 1:
             return prefetch(lambda: self._ram_share_batches(windows), self.prefetch)
         if self.mode == "ram":
@@ -331,13 +403,32 @@ class SplitReader:
     # --- RAM: read once, gather every batch from memory ---------------------------------------------
     def load(self) -> Pool:
         if self._ram is None:
-            pieces = self.split.block_bounds(self.block_tokens)
-            if self.workers > 1 and len(pieces) > 1:
-                with ThreadPoolExecutor(self.workers, thread_name_prefix="read-cache-load") as executor:
-                    self._ram = Pool.concat([Pool.from_block(b) for b in executor.map(lambda ab: self.split.read_block(*ab), pieces)])
-            else:
-                self._ram = Pool.from_block(self.split.read_block(0, len(self.split)))
+            self._ram = self._read_all()
         return self._ram
+
+    def _read_all(self) -> Pool:
+        pieces = self.split.block_bounds(self.block_tokens)
+        if self.workers > 1 and len(pieces) > 1:
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="read-cache-load") as executor:
+                return Pool.concat([Pool.from_block(b) for b in executor.map(lambda ab: self.split.read_block(*ab), pieces)])
+        return Pool.from_block(self.split.read_block(0, len(self.split)))
+
+    # --- device: the codes held on a torch device, every batch gathered and decoded there -----------
+    def _device_batches(self, windows: list[Window]) -> Iterator[Batch]:
+        order = np.concatenate([w.order for w in windows]) if windows else np.zeros(0, dtype=np.int64)
+        if not len(order):
+            return
+        if self.world_size == 1:
+            if self._held is None:
+                self._held = DevicePool.of(self._read_all(), self.device)
+            pool, positions = self._held, order  # the whole split: rows are positions
+        else:  # this rank's share: each block moved to the device once, when the rank first needs it
+            for b in (b for w in windows for b in w.blocks if b not in self._device_blocks):
+                self._device_blocks[b] = DevicePool.of(Pool.from_block(self.split.read_block(*self.bounds[b])), self.device)
+            pool = DevicePool.concat([self._device_blocks[b] for w in windows for b in w.blocks])
+            positions = _positions(pool.rows, order)
+        for i in range(0, len(order), self.batch_size):
+            yield pool.batch(positions[i : i + self.batch_size], self.decoding)
 
     def _ram_jobs(self, windows: list[Window]) -> Iterator[Callable[[], Batch]]:
         pool = self.load()
@@ -425,26 +516,48 @@ def split_bytes(split: Split) -> int:
     return split.n_tokens * g.bytes_per_token + len(split) * g.bytes_per_example
 
 
-def choose_modes(cache: Cache, splits: tuple[str, ...], mode: str, budget_bytes: int) -> dict[str, str]:
-    """'ram' or 'stream' per split: auto keeps splits in RAM, train first, while they fit the budget."""
+def choose_modes(
+    cache: Cache,
+    splits: tuple[str, ...],
+    mode: str,
+    budget_bytes: int,
+    device: torch.device | str = "cpu",
+    device_budget_bytes: int | None = None,
+) -> dict[str, str]:
+    """A tier per split: auto holds splits on the GPU, train first, while they fit its budget, then in
+    RAM while they fit --memory-budget, and streams the rest; device and ram insist (one-line errors)."""
     if mode not in READER_MODES:
         raise ReadCacheError(f"--reader {mode!r} is not one of {', '.join(READER_MODES)}")
     if mode == "stream":
         return {s: "stream" for s in splits}
     need = {s: split_bytes(cache[s]) for s in splits}
-    if mode == "ram":
-        total = sum(need.values())
-        if total > budget_bytes:
+    on_gpu = torch.device(device).type == "cuda" and torch.cuda.is_available()
+    if mode == "device" and not on_gpu:
+        raise ReadCacheError("--reader device needs a CUDA GPU and none is in use here; use --reader ram (or auto) instead")
+    gpu_left = (device_budget_bytes if device_budget_bytes is not None else gpu_share(device)) if on_gpu else 0
+    if mode in ("device", "ram"):
+        total, budget = sum(need.values()), gpu_left if mode == "device" else budget_bytes
+        if total > budget:
+            flag = "--device-memory-budget" if mode == "device" else "--memory-budget"
             raise ReadCacheError(
-                f"--reader ram needs {total / 1e9:.2f} GB but --memory-budget is {budget_bytes / 1e9:.2f} GB; "
-                "raise --memory-budget or use --reader stream"
+                f"--reader {mode} needs {total / 1e9:.2f} GB but {flag} allows {budget / 1e9:.2f} GB; raise {flag} or use --reader auto"
             )
-        return {s: "ram" for s in splits}
+        return {s: mode for s in splits}
     modes, left = {}, budget_bytes
     for s in splits:
-        modes[s] = "ram" if need[s] <= left else "stream"
-        left -= need[s] if modes[s] == "ram" else 0
+        if need[s] <= gpu_left:
+            modes[s], gpu_left = "device", gpu_left - need[s]
+        elif need[s] <= left:
+            modes[s], left = "ram", left - need[s]
+        else:
+            modes[s] = "stream"
     return modes
+
+
+def gpu_share(device: torch.device | str) -> int:
+    """What the device tier may hold by default: DEVICE_SHARE of the GPU's free memory."""
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return int(free * DEVICE_SHARE)
 
 
 # --------------------------------------------------------------------------------------------------

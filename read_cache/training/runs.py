@@ -51,7 +51,7 @@ RUNS = "runs"
 # Fields of a command's record a rerun may change without changing a single number: where it writes, whether
 # it shows bars, how the reader holds the splits (every tier yields identical batches), where metrics are
 # reported, and the cache's spelling (its identity is compared through the record's "cache" entry).
-VOLATILE = frozenset({"cache", "out", "overwrite", "progress", "reader", "memory_budget_gb", "report_to"})
+VOLATILE = frozenset({"cache", "out", "overwrite", "progress", "reader", "memory_budget_gb", "device_memory_budget_gb", "report_to"})
 
 
 def claim_folder(

@@ -222,12 +222,14 @@ def make_readers(cfg: TrainConfig, cache: Cache, launch: distributed.Launch = di
 
     Under torchrun each reads only this rank's share of its split (see `reader.epoch_windows`).
     """
-    modes = choose_modes(cache, ("train", "validation", "test"), cfg.reader, int(cfg.memory_budget_gb * 1e9))
+    device = pick_device(launch.device or cfg.device)
+    device_budget = None if cfg.device_memory_budget_gb is None else int(cfg.device_memory_budget_gb * 1e9)
+    modes = choose_modes(cache, ("train", "validation", "test"), cfg.reader, int(cfg.memory_budget_gb * 1e9), device, device_budget)
     readers = {}
     for split, mode in modes.items():
         options = dict(
             batch_size=cfg.batch_size, shuffle=split == "train", seed=cfg.seed, mode=mode, shuffle_blocks=cfg.shuffle_blocks,
-            workers=cfg.reader_workers, device=pick_device(cfg.device), shard=(launch.rank, launch.world_size),
+            workers=cfg.reader_workers, device=device, shard=(launch.rank, launch.world_size),
         )
         reader = SplitReader(cache[split], block_tokens=cfg.block_tokens, **options)
         if launch.distributed and cfg.block_tokens is None and len(reader.bounds) < SHARE_BLOCKS * launch.world_size:
