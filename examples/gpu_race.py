@@ -82,7 +82,11 @@ def synthetic_cache(path: Path, shape: str, fmt: str, examples: int, mean_tokens
 
 def side_step(shape: str, device: str) -> Callable[[dict[str, torch.Tensor]], None]:
     """One GRU/256 training step on a batch already on `device` (bf16 autocast on CUDA, as `train` runs)."""
-    from read_cache.training.side_network import SideNetwork, SideNetworkConfig, forward_batch
+    from read_cache.training.side_network import (
+        SideNetwork,
+        SideNetworkConfig,
+        forward_batch,
+    )
 
     n_e, n_d, d, *_ = SHAPES[shape]
     cfg = SideNetworkConfig(rnn="gru", dim=256, d_model=d, n_encoder_layers=n_e, n_decoder_layers=n_d, head="linear", num_labels=2)
@@ -145,7 +149,7 @@ def best_forward(backbone: Any, mean_tokens: int, batches: tuple[int, ...], repe
 
 def step_rate(split: Any, step: Callable, device: str, batches: int) -> float:
     """Examples/s of the step alone, on batches already on the device (reading free)."""
-    reader = SplitReader(split, batch_size=BATCH, shuffle=True, seed=0, mode="ram", device=device, coded=True)
+    reader = SplitReader(split, batch_size=BATCH, shuffle=True, seed=0, mode="ram", device=device)
     ready = [batch_to(b, torch.device(device)) for _, b in zip(range(batches), reader.epoch(0))]
     step(ready[0])
     sync(device)
@@ -158,7 +162,7 @@ def step_rate(split: Any, step: Callable, device: str, batches: int) -> float:
 
 def cached_rate(split: Any, tier: str, step: Callable, device: str) -> float:
     """Examples/s of one cached epoch: read (tier) + move + dequantise + step; the tier's one-time load is paid first."""
-    reader = SplitReader(split, batch_size=BATCH, shuffle=True, seed=0, mode=tier, device=device, coded=True)
+    reader = SplitReader(split, batch_size=BATCH, shuffle=True, seed=0, mode=tier, device=device)
     for _, b in zip(range(2), reader.epoch(0)):  # loads a ram/device tier, warms the stream's first window
         step(batch_to(b, torch.device(device)))
     sync(device)
