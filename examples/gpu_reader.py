@@ -107,26 +107,10 @@ def reader_epoch(split, workers: int, on_gpu: bool, step=None) -> float:
 
 
 def side_step_fn():
-    from read_cache.training.side_network import (
-        SideNetwork,
-        SideNetworkConfig,
-        forward_batch,
-    )
+    """One GRU/256 step at T5-base's shape: the same step the race times (examples/gpu_race.py)."""
+    from gpu_race import side_step  # this folder is on sys.path when a script here runs
 
-    cfg = SideNetworkConfig(rnn="gru", dim=256, d_model=768, n_encoder_layers=12, n_decoder_layers=12, encoder_only=False,
-                            pooling="mean", head="linear", num_labels=2, output_scale=1.0)
-    net = SideNetwork(cfg, None).to(DEVICE)
-    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
-
-    def step(b):
-        with torch.autocast(DEVICE.split(":")[0], dtype=torch.bfloat16):
-            logits = forward_batch(net, b)
-        loss = torch.nn.functional.cross_entropy(logits.float(), b["label"].long())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
+    return side_step("t5-base", DEVICE)
 
 
 def forward_rate(mean_tokens: int, batches: int = 30) -> float:

@@ -169,7 +169,7 @@ def use_fast_attention(net: torch.nn.Module, kind: str) -> str:
     Loading is eager, because T5's decoder must return its cross-attention probabilities (SDPA returns
     none). But those are one query per layer (decoder position 0), so only the encoder's self-attention,
     L x L per head and layer, is worth fusing; an encoder-only backbone needs no probabilities at all. The
-    states are the eager path's within float rounding (tests/test_build.py holds them to it). A family
+    states are the eager path's within float rounding (tests/test_fast_forward.py holds them to it). A family
     without an SDPA kernel keeps eager.
     """
     part = net.encoder if kind == "t5" else net

@@ -140,11 +140,6 @@ class Split:
                 "delete the cache and rebuild it"
             ) from e
 
-    def read_into(self, name: str, start: int, stop: int, out: np.ndarray) -> np.ndarray:
-        """Rows [start, stop) of array `name` into `out` (a reused buffer); errors as `_read`'s."""
-        out[...] = self._read(name, slice(start, stop))
-        return out
-
     def __getitem__(self, i: int) -> Example:
         if not -len(self) <= i < len(self):
             raise IndexError(f"example {i} out of range for split {self.name!r} of {len(self)} examples")
@@ -257,10 +252,6 @@ class Cache:
 
     def lm_head_rows(self) -> np.ndarray | None:
         return self._group["lm_head_rows"][...] if "lm_head_rows" in self._group else None
-
-    def channel_scale(self, name: str) -> np.ndarray | None:
-        """Per-(layer, channel) scales of array `name` ([layers, d] float32), or None where it has none."""
-        return None
 
     def __getitem__(self, split: str) -> Split:
         if split not in self.splits:

@@ -105,10 +105,6 @@ assert tuple(FORMATS) == STORE_DTYPES, "read_cache.kinds.STORE_DTYPES names the 
 COMPACT_DTYPES = tuple(n for n, f in FORMATS.items() if f.compact)
 
 
-ZSTD_BYTES_PER_VALUE = {"fp8": 0.89, "int8": 0.82, "int4": 0.47}
-"""Measured bytes per value of the compact formats under `--codec zstd` (MiniLM SST-2; docs/storage.md)."""
-
-
 def get_format(name: str) -> StoreFormat:
     try:
         return FORMATS[name]
@@ -198,17 +194,8 @@ def _int4_scale(absmax: np.ndarray) -> np.ndarray:
     return (absmax / np.float32(INT4_MAX)).astype(np.float16)
 
 
-def dequantise(
-    codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat, out: np.ndarray | None = None, channel_scale: np.ndarray | None = None
-) -> np.ndarray:
-    """Stored codes (+ scales) -> float32 [..., d], times `channel_scale` ([layers, d]) where given."""
-    values = _dequantise(codes, scale, fmt, out)
-    if channel_scale is not None:
-        values *= channel_scale
-    return values
-
-
-def _dequantise(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat, out: np.ndarray | None) -> np.ndarray:
+def dequantise(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat, out: np.ndarray | None = None) -> np.ndarray:
+    """Stored codes (+ scales) -> float32 [..., d]."""
     if fmt.name == "bfloat16":
         wide = np.empty(codes.shape, np.uint32) if out is None else out.view(np.uint32)
         wide[...] = codes  # widen first: a shift in uint16 would drop the bits
@@ -284,13 +271,8 @@ def to_torch_codes(codes: np.ndarray) -> Any:
     return torch.from_numpy(codes.view(np.int16) if codes.dtype == np.uint16 else codes)
 
 
-def dequantise_torch(codes: Any, scale: Any | None, fmt: StoreFormat, channel_scale: Any | None = None) -> Any:
-    """Codes (from `to_torch_codes`) + scales on any device -> float32 there, times `channel_scale` where given."""
-    values = _dequantise_torch(codes, scale, fmt)
-    return values if channel_scale is None else values * channel_scale
-
-
-def _dequantise_torch(codes: Any, scale: Any | None, fmt: StoreFormat) -> Any:
+def dequantise_torch(codes: Any, scale: Any | None, fmt: StoreFormat) -> Any:
+    """Codes (from `to_torch_codes`) + scales on any device -> float32 there."""
     import torch
 
     if fmt.name == "bfloat16":

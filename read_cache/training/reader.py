@@ -91,19 +91,12 @@ class Decoding:
     """Format of cross_attention (16-bit)."""
     on_device: bool = False
     """Ship codes + scales (pinned) and dequantise in `batch_to` on the device, instead of on the host."""
-    channel: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, compare=False)
-    """Per-(layer, channel) scales ([layers, d] float32) of "enc" / "dec", where the cache has them."""
 
     @classmethod
     def of(cls, split: Split, device: str | torch.device | None = None) -> Decoding:
         g = split.cache.geometry
         on_device = str(device or "cpu").startswith("cuda") and torch.cuda.is_available()
-        channel = {key: split.cache.channel_scale(name) for key, name in (("enc", "encoder_hidden"), ("dec", "decoder_hidden"))}
-        return cls(g.format, get_format(g.cross_dtype), on_device, {k: v for k, v in channel.items() if v is not None})
-
-    def torch_channel(self, key: str, device: torch.device) -> torch.Tensor | None:
-        scale = self.channel.get(key)
-        return None if scale is None else torch.from_numpy(scale).to(device)
+        return cls(g.format, get_format(g.cross_dtype), on_device)
 
 
 class CodedBatch(dict):
@@ -146,7 +139,7 @@ class Pool:
             return pools[0]
         lengths = np.concatenate([np.diff(p.offsets) for p in pools])
         return cls(
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            offsets=offsets_of(lengths),
             enc=np.concatenate([p.enc for p in pools]),
             cross=None if pools[0].cross is None else np.concatenate([p.cross for p in pools]),
             dec=None if pools[0].dec is None else np.concatenate([p.dec for p in pools]),
@@ -161,7 +154,7 @@ class Pool:
         tokens = token_rows(self.offsets, positions)
         lengths = np.diff(self.offsets)[positions]
         return Pool(
-            offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            offsets=offsets_of(lengths),
             enc=self.enc[tokens],
             cross=None if self.cross is None else self.cross[tokens],
             dec=None if self.dec is None else self.dec[positions],
@@ -175,9 +168,7 @@ class Pool:
         if isinstance(decoding, str):  # a 16-bit float_dtype, as older callers pass
             decoding = Decoding(get_format(decoding), get_format(decoding))
         batch: Batch = CodedBatch() if decoding.on_device else {}
-        batch["token_example"] = torch.from_numpy(np.repeat(np.arange(len(self)), np.diff(self.offsets)))
-        batch["label"] = torch.from_numpy(np.ascontiguousarray(self.label))
-        batch["rows"] = torch.from_numpy(np.ascontiguousarray(self.rows))
+        batch.update(example_fields(np.diff(self.offsets), self.label, self.rows))
         arrays = {"enc": (self.enc, self.enc_scale, decoding.states)}
         if self.cross is not None:
             arrays.update({"cross": (self.cross, None, decoding.cross), "dec": (self.dec, self.dec_scale, decoding.states)})
@@ -187,10 +178,24 @@ class Pool:
                 if scale is not None:
                     batch[f"{key}_scale"] = _pinned(torch.from_numpy(np.ascontiguousarray(scale)))
             else:
-                batch[key] = decode(codes, scale, fmt, decoding.channel.get(key))
+                batch[key] = decode(codes, scale, fmt)
         if decoding.on_device:
             batch.decoding = decoding
         return batch
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """Token offsets [n+1] of n examples of `lengths` tokens laid end to end."""
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def example_fields(lengths: np.ndarray, label: np.ndarray, rows: np.ndarray) -> Batch:
+    """A batch's per-example entries, on the host in every tier: token -> example map, labels, split rows."""
+    return {
+        "token_example": torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)),
+        "label": torch.from_numpy(np.ascontiguousarray(label)),
+        "rows": torch.from_numpy(np.ascontiguousarray(rows)),
+    }
 
 
 def _pinned(t: torch.Tensor) -> torch.Tensor:
@@ -221,7 +226,7 @@ class DevicePool:
             return pools[0]
         lengths = np.concatenate([np.diff(p.offsets) for p in pools])
         return cls(
-            np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            offsets_of(lengths),
             np.concatenate([p.label for p in pools]),
             np.concatenate([p.rows for p in pools]),
             {k: torch.cat([p.tensors[k] for p in pools]) for k in pools[0].tensors},
@@ -233,27 +238,23 @@ class DevicePool:
         positions = np.asarray(positions, dtype=np.int64)
         tokens = torch.from_numpy(np.asarray(token_rows(self.offsets, positions), dtype=np.int64)).to(self.device)
         examples = torch.from_numpy(positions).to(self.device)
-        batch: Batch = {
-            "token_example": torch.from_numpy(np.repeat(np.arange(len(positions)), np.diff(self.offsets)[positions])),
-            "label": torch.from_numpy(np.ascontiguousarray(self.label[positions])),
-            "rows": torch.from_numpy(np.ascontiguousarray(self.rows[positions])),
-        }
+        batch = example_fields(np.diff(self.offsets)[positions], self.label[positions], self.rows[positions])
         for key, index, fmt in (("enc", tokens, decoding.states), ("cross", tokens, decoding.cross), ("dec", examples, decoding.states)):
             if key in self.tensors:
                 scale = self.tensors.get(f"{key}_scale")
                 codes = self.tensors[key].index_select(0, index)
                 scale = None if scale is None else scale.index_select(0, index)
-                batch[key] = dequantise_torch(codes, scale, fmt, decoding.torch_channel(key, self.device))
+                batch[key] = dequantise_torch(codes, scale, fmt)
         return batch
 
 
-def decode(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat, channel_scale: np.ndarray | None = None) -> torch.Tensor:
+def decode(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat) -> torch.Tensor:
     """Stored codes (+ scales) -> a float32 tensor.
 
     Decoded by numpy, not torch: this runs on the reader's threads, and a torch kernel there would start
     a second OpenMP team that fights the training step's for the cores (on 2 cores, 10x slower steps).
     """
-    return torch.from_numpy(dequantise(codes, scale, fmt, channel_scale=channel_scale))
+    return torch.from_numpy(dequantise(codes, scale, fmt))
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
@@ -263,7 +264,7 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
         d = batch.decoding
         for key, fmt in (("enc", d.states), ("cross", d.cross), ("dec", d.states)):
             if key in moved:
-                moved[key] = dequantise_torch(moved[key], moved.pop(f"{key}_scale", None), fmt, d.torch_channel(key, device))
+                moved[key] = dequantise_torch(moved[key], moved.pop(f"{key}_scale", None), fmt)
     return moved
 
 
