@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 from read_cache.store import CacheWriter, Geometry, open_cache, plan_units
-from read_cache.store.formats import get_format, quantise_torch
-from read_cache.training.reader import SplitReader, batch_to, decode
+from read_cache.store.formats import dequantise, get_format, quantise_torch
+from read_cache.training.reader import SplitReader, batch_to
 
 FORMATS = ("bfloat16", "fp8", "int8", "int4")
 DEVICE = "cuda"  # --device cpu runs a (slow, small) smoke test of this script without a GPU
@@ -84,9 +84,9 @@ def limit(split, threads: int) -> float:
 
     def one(bounds):
         b = split.read_block(*bounds)
-        decode(b.encoder_hidden, b.encoder_scale, g.format)
-        decode(b.decoder_hidden, b.decoder_scale, g.format)
-        decode(b.cross_attention, None, cross)
+        dequantise(b.encoder_hidden, b.encoder_scale, g.format)
+        dequantise(b.decoder_hidden, b.decoder_scale, g.format)
+        dequantise(b.cross_attention, None, cross)
 
     started = time.perf_counter()
     with ThreadPoolExecutor(threads) as pool:

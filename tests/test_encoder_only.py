@@ -227,6 +227,11 @@ def test_bench_runs_every_method_on_an_encoder(tiny_bert: Path, glue_dir: Path, 
     assert full["test"]["metric"] == "mean_pearson_spearman" and full["scaled_from_epochs"] == 1
     assert report["methods"]["online"]["trainable_parameters"] == report["methods"]["cached_ram"]["trainable_parameters"]
     assert report["methods"]["build"]["cached_values"] > 0
+    for fmt, entry in report["methods"]["reader"]["formats"].items():  # the fields bench.json promises
+        assert entry["limit_preadv_gbps"] > 0, fmt
+        for path in ("stream", "ram"):
+            assert entry[path]["stored_gbps"] > 0 and entry[path]["examples_per_second"] > 0, (fmt, path)
+        assert "zarr" in entry["engines_gbps"] and ("direct" in entry["engines_gbps"]) == (fmt in ("fp8", "int8", "int4")), fmt
 
 
 # --------------------------------------------------------------------------------------------------

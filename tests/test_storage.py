@@ -37,7 +37,7 @@ from read_cache.store.formats import (
     quantise_torch,
     to_torch_codes,
 )
-from read_cache.training.reader import CodedBatch, Decoding, SplitReader, batch_to
+from read_cache.training.reader import CodedBatch, SplitReader, batch_to
 
 SMALL_CHUNKS = 0.01  # MiB: several units even for a tiny split
 
@@ -329,9 +329,8 @@ def test_device_decoding_equals_host_decoding(caches: dict[str, Path], name: str
     """The CUDA path (codes shipped, dequantised in torch by batch_to), run on the CPU."""
     split = read_cache.open_cache(caches[name])["train"]
     host = SplitReader(split, batch_size=16)
-    device = SplitReader(split, batch_size=16)
-    device.decoding = dataclasses.replace(Decoding.of(split), on_device=True)
-    for a, coded in zip(host.epoch(0), device.epoch(0)):
+    device = SplitReader(split, batch_size=16, coded=True)
+    for a, coded in zip(host.epoch(0), device.epoch(0), strict=True):
         assert isinstance(coded, CodedBatch) and coded["enc"].dtype != torch.float32
         b = batch_to(coded, torch.device("cpu"))
         assert a.keys() == b.keys()

@@ -61,8 +61,8 @@ def test_each_configuration_equals_a_lone_run(grid: tuple[SweepConfig, dict], tm
 
 def test_each_batch_is_decoded_once_per_epoch(sst2_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     decoded = []
-    to_batch = reader_module.Pool.to_batch
-    monkeypatch.setattr(reader_module.Pool, "to_batch", lambda pool, float_dtype: decoded.append(len(pool)) or to_batch(pool, float_dtype))
+    gather = reader_module.Pool.gather
+    monkeypatch.setattr(reader_module.Pool, "gather", lambda pool, positions, *a: decoded.append(len(positions)) or gather(pool, positions, *a))
     epochs = 3
     cfg = SweepConfig(out=tmp_path / "sweep", rnn=("gru/8", "lstm/8"), lr=(1e-2, 3e-3), shared=shared(sst2_cache, epochs=epochs, patience=epochs))
     report = sweep(cfg)

@@ -216,8 +216,10 @@ def test_the_next_epochs_first_window_is_read_ahead_without_changing_batches(sst
     options = dict(batch_size=32, shuffle=True, seed=3, block_tokens=64, shuffle_blocks=3, mode="stream")
     plain, ahead = SplitReader(split, **options), SplitReader(split, **options)
     reads: list[tuple[int, int]] = []
-    read_block = type(split).read_block
-    monkeypatch.setattr(type(split), "read_block", lambda self, a, b: reads.append((a, b)) or read_block(self, a, b))
+    from read_cache.training.windows import WindowReader
+
+    read = WindowReader.read
+    monkeypatch.setattr(WindowReader, "read", lambda self, bounds, carry=None: reads.extend(bounds) or read(self, bounds, carry))
     list(ahead.epoch(0, next_epoch=1))
     ahead._early[1].result()  # the read ahead (started at the end of epoch 0) has finished
     reads.clear()

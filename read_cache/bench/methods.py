@@ -7,7 +7,7 @@ cached_ram    E epochs of READ from the same data held in RAM
 interleaved   store and RAM epochs alternated in one process (the robust store/RAM ratio)
 online        E epochs of READ the paper's way: a backbone forward for every batch of every epoch
 full          E epochs of full fine-tuning: backpropagation through the whole backbone, same head
-reader        each store format's read rate (no training step), against the raw read+decode limit
+reader        each store format's read rate (no training step), against memcpy and preadv of its own files
 lora-8, ...   E epochs of a baseline of `read_cache.methods` (any `--method` spelling: lora-32, prompt-10, adapter-64, bitfit, lst-8)
 """
 

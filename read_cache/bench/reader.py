@@ -3,15 +3,18 @@
 For every format (bfloat16, fp8, int8, int4; each a transcode of the bench's cache, so the same
 states) and in one process, formats interleaved round by round so they share the machine's moods:
 
-  limit        read every chunk of the train split in order and decode it to float32 (read_block +
-               dequantise), on 1 and on 2 threads: what the bytes and the codec allow
-  stream / ram one shuffled epoch of `SplitReader` batches (float32 tensors, as training gets them),
-               from the store and from RAM, with 1 and 2 reader workers
+  limit    memcpy of a window-sized buffer, and `preadv` of every chunk file of the train split's stored
+           arrays from the page cache into a reused buffer (1 and 2 threads; the faster is the limit)
+  engines  the states array read whole, block by block, through zarr-python's pipeline, the `zarrs`
+           pipeline, tensorstore and store.direct (preadv + crc32c): which engine the reader uses, by data
+  stream   one shuffled epoch of `SplitReader` batches from the store, as a GPU gets them: codes + scales +
+  ram      offsets in reused buffers, ready for the device copy (`coded`); and from RAM; 1 and 2 workers.
+           `stream-float32` is the same epoch dequantised to float32 on the host, as a CPU run trains on it
 
-Reported: examples/s and decoded GB/s (float32 bytes delivered), medians over the rounds, the cores
-kept busy (process CPU seconds / wall seconds: zarr decodes a read's chunks on its own thread pool, so
-one worker can already keep more than one core busy), and the ratios the issue asks for (reader /
-limit, 8-bit / bfloat16, 2 workers / 1).
+Reported (medians over the rounds): examples/s, GB/s of stored bytes (the chunk files' sizes: what an
+epoch reads), the cores kept busy (process CPU seconds / wall), and per format the bench.json entry the
+issue names: `limit_preadv_gbps` and, per path (`stream`, `ram`, best worker count), `stored_gbps` and
+`examples_per_second`.
 """
 
 from __future__ import annotations
@@ -20,20 +23,25 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from read_cache.bench.common import metered
 from read_cache.config import BenchConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import Split, open_cache, read_root_attrs
-from read_cache.store.formats import get_format
+from read_cache.store.engines import ENGINES, engine_readers
 from read_cache.store.transcode import transcode
-from read_cache.training.reader import SplitReader, decode
+from read_cache.training.pools import STORED
+from read_cache.training.reader import SplitReader
 
 FORMATS = ("bfloat16", "fp8", "int8", "int4")
 WORKERS = (1, 2)
+PATHS = ("stream", "ram", "stream-float32")
 
 
 def format_caches(source: Path, root: Path) -> dict[str, Path]:
@@ -53,41 +61,52 @@ def format_caches(source: Path, root: Path) -> dict[str, Path]:
     return caches
 
 
-def _decoded_bytes(split: Split) -> int:
-    g = split.cache.geometry
-    states, cross = g.values(split.n_tokens, len(split))
-    return 4 * (states + cross)
+def stored_files(split: Split) -> list[Path]:
+    """The chunk files of the split's stored arrays (what a training epoch reads)."""
+    root = split.cache.location.path / split.name
+    return [f for name in STORED.values() if (root / name / "c").is_dir() for f in sorted((root / name / "c").rglob("*")) if f.is_file()]
 
 
-def limit(split: Split, threads: int) -> tuple[float, float]:
-    """(wall, CPU) seconds to read and decode every chunk of the split once, in order: the bytes' and
-    the codec's limit. Each read is one chunk of the states (with its scales and cross-attention), so
-    nothing is decoded twice, as a reader's blocks do where they cut through a chunk."""
-    g = split.cache.geometry
-    scaled = g.format.compact
-    pieces = [("encoder_hidden", "cross_attention" if g.cross_attention else None)]
-    if g.cross_attention:
-        pieces.append(("decoder_hidden", None))
-    jobs = []
-    for states, beside in pieces:
-        rows, chunk = split.array(states).shape[0], split.array(states).chunks[0]
-        jobs += [(states, beside, slice(a, min(a + chunk, rows))) for a in range(0, rows, chunk)]
+def preadv_seconds(files: list[Path], threads: int) -> float:
+    """Wall seconds to `preadv` every file into a reused buffer per thread (from the page cache once warm)."""
+    size = max(f.stat().st_size for f in files)
+    buffers = [bytearray(size) for _ in range(threads)]
 
-    def one(job: tuple[str, str | None, slice]) -> None:
-        states, beside, rows = job
-        scale = split.array(f"{states}_scale")[rows] if scaled else None
-        decode(split.array(states)[rows], scale, g.format)
-        if beside is not None:
-            decode(split.array(beside)[rows], None, get_format(g.cross_dtype))
+    def read(args: tuple[int, list[Path]]) -> None:
+        buffer = memoryview(buffers[args[0]])
+        for f in args[1]:
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.preadv(fd, [buffer[: os.fstat(fd).st_size]], 0)
+            finally:
+                os.close(fd)
 
-    started, cpu = time.perf_counter(), time.process_time()
+    shares = [(t, files[t::threads]) for t in range(threads)]
+    started = time.perf_counter()
     if threads == 1:
-        for job in jobs:
-            one(job)
+        read(shares[0])
     else:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(one, jobs))
-    return time.perf_counter() - started, time.process_time() - cpu
+            list(pool.map(read, shares))
+    return time.perf_counter() - started
+
+
+def memcpy_gbps(nbytes: int = 128 << 20, repeats: int = 5) -> float:
+    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    np.copyto(dst, src)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        np.copyto(dst, src)
+    return nbytes * repeats / (time.perf_counter() - started) / 1e9
+
+
+def engine_seconds(read: Callable[[int, int], Any], rows: int, chunk_rows: int, block_chunks: int = 8) -> float:
+    """Wall seconds to read every row of an array in blocks of whole chunks (a reader's reads)."""
+    step = chunk_rows * block_chunks
+    started = time.perf_counter()
+    for a in range(0, rows, step):
+        read(a, min(rows, a + step))
+    return time.perf_counter() - started
 
 
 def epoch(reader: SplitReader) -> tuple[float, float]:
@@ -103,66 +122,99 @@ def reader(cfg: BenchConfig, rounds: int = 3) -> dict[str, Any]:
     return {"meter": meter, "total_seconds": meter["wall_seconds"], **result}
 
 
-def _measure(cfg: BenchConfig, rounds: int) -> dict[str, Any]:
-    caches = format_caches(cfg.out / "cache", cfg.out / "reader-caches")
-    splits = {fmt: open_cache(path)["train"] for fmt, path in caches.items()}
+def _readers(splits: dict[str, Split], batch_size: int) -> dict[tuple[str, str, int], SplitReader]:
     readers = {}
     for fmt, split in splits.items():
         for workers in WORKERS:
-            for mode in ("stream", "ram"):
-                r = SplitReader(split, batch_size=cfg.batch_size, shuffle=True, seed=0, mode=mode, workers=workers, device="cpu")
+            for path in PATHS:
+                mode = "ram" if path == "ram" else "stream"
+                r = SplitReader(split, batch_size=batch_size, shuffle=True, seed=0, mode=mode, workers=workers, device="cpu", coded=path != "stream-float32")
                 if mode == "ram":
                     r.load()
-                readers[fmt, mode, workers] = r
+                readers[fmt, path, workers] = r
+    return readers
+
+
+def _measure(cfg: BenchConfig, rounds: int) -> dict[str, Any]:
+    caches = format_caches(cfg.out / "cache", cfg.out / "reader-caches")
+    splits = {fmt: open_cache(path)["train"] for fmt, path in caches.items()}
+    files = {fmt: stored_files(split) for fmt, split in splits.items()}
+    stored = {fmt: sum(f.stat().st_size for f in fs) for fmt, fs in files.items()}
+    readers = _readers(splits, cfg.batch_size)
+    engines = {fmt: engine_readers(split) for fmt, split in splits.items()}
     seconds: dict[str, list[tuple[float, float]]] = {}
+    memcpy = []
     for round_ in range(rounds):
-        order = FORMATS[round_ % len(FORMATS) :] + FORMATS[: round_ % len(FORMATS)]
-        for fmt in order:
+        memcpy.append(memcpy_gbps())
+        for fmt in FORMATS[round_ % len(FORMATS) :] + FORMATS[: round_ % len(FORMATS)]:
             for workers in WORKERS:
-                seconds.setdefault(f"{fmt}/limit/{workers}", []).append(limit(splits[fmt], workers))
-                for mode in ("stream", "ram"):
-                    seconds.setdefault(f"{fmt}/{mode}/{workers}", []).append(epoch(readers[fmt, mode, workers]))
+                wall = preadv_seconds(files[fmt], workers)
+                seconds.setdefault(f"{fmt}/preadv/{workers}", []).append((wall, wall))
+                for path in PATHS:
+                    seconds.setdefault(f"{fmt}/{path}/{workers}", []).append(epoch(readers[fmt, path, workers]))
+            array = splits[fmt].array("encoder_hidden")
+            for engine, read in engines[fmt].items():
+                wall = engine_seconds(read, array.shape[0], array.chunks[0])
+                seconds.setdefault(f"{fmt}/engine-{engine}/1", []).append((wall, wall))
     rows = {}
     for key, values in seconds.items():
         fmt = key.split("/")[0]
         s = statistics.median(wall for wall, _ in values)
-        split = splits[fmt]
+        nbytes = _engine_bytes(splits[fmt]) if "/engine-" in key else stored[fmt]
         rows[key] = {
-            "seconds": s, "examples_per_second": len(split) / s, "decoded_gb_per_second": _decoded_bytes(split) / s / 1e9,
+            "seconds": s, "examples_per_second": len(splits[fmt]) / s, "stored_gbps": nbytes / s / 1e9,
             "cores_busy": statistics.median(cpu / wall for wall, cpu in values), "all_seconds": [wall for wall, _ in values],
         }
-    ratios = {}
-    for fmt in FORMATS:
-        for workers in WORKERS:
-            ratios[f"{fmt} stream/limit, {workers} worker(s)"] = rows[f"{fmt}/stream/{workers}"]["examples_per_second"] / rows[f"{fmt}/limit/{workers}"]["examples_per_second"]
-        ratios[f"{fmt} stream 2 workers / 1"] = rows[f"{fmt}/stream/2"]["examples_per_second"] / rows[f"{fmt}/stream/1"]["examples_per_second"]
-        ratios[f"{fmt} stream / bfloat16 stream, 1 worker"] = rows[f"{fmt}/stream/1"]["examples_per_second"] / rows["bfloat16/stream/1"]["examples_per_second"]
-    disk = {fmt: {"disk_bytes": open_cache(path).disk_bytes("train"), "bytes_per_example": open_cache(path).disk_bytes("train") / len(splits[fmt])} for fmt, path in caches.items()}
+    formats = {fmt: _format_entry(fmt, rows, stored[fmt], len(splits[fmt])) for fmt in FORMATS}
     return {
-        "rows": rows, "ratios": ratios, "disk": disk, "rounds": rounds,
-        "examples": len(next(iter(splits.values()))), "load_average": os.getloadavg(),
+        "rows": rows, "formats": formats, "memcpy_gbps": statistics.median(memcpy), "rounds": rounds,
+        "examples": len(next(iter(splits.values()))), "load_average": os.getloadavg(), "cores": os.cpu_count(),
     }
+
+
+def _engine_bytes(split: Split) -> int:
+    folder = split.cache.location.path / split.name / "encoder_hidden" / "c"
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def _format_entry(fmt: str, rows: dict[str, Any], stored: int, examples: int) -> dict[str, Any]:
+    """bench.json's per-format entry: the preadv limit, and each path at its best worker count."""
+    def best(path: str) -> dict[str, Any]:
+        r = max((rows[f"{fmt}/{path}/{w}"] for w in WORKERS), key=lambda r: r["stored_gbps"])
+        return {"stored_gbps": r["stored_gbps"], "examples_per_second": r["examples_per_second"]}
+
+    limit = max(rows[f"{fmt}/preadv/{w}"]["stored_gbps"] for w in WORKERS)
+    entry = {"limit_preadv_gbps": limit, "stored_bytes": stored, "stored_bytes_per_example": stored / examples}
+    entry.update({path: best(path) for path in PATHS})
+    entry["stream_of_limit"] = entry["stream"]["stored_gbps"] / limit
+    entry["engines_gbps"] = {e: rows[f"{fmt}/engine-{e}/1"]["stored_gbps"] for e in ENGINES if f"{fmt}/engine-{e}/1" in rows}
+    return entry
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Reader throughput, train split ({result['examples']:,} examples), one epoch, no training step; "
-        f"medians of {result['rounds']} interleaved rounds; load average {', '.join(f'{x:.1f}' for x in result['load_average'])}",
+        f"medians of {result['rounds']} interleaved rounds; memcpy {result['memcpy_gbps']:.1f} GB/s; "
+        f"load average {', '.join(f'{x:.1f}' for x in result['load_average'])}",
         "",
-        "| format | bytes/example on disk | source | workers | examples/s | decoded GB/s | of the limit | cores busy |",
+        "| format | stored B/example | path | workers | examples/s | stored GB/s | of preadv | cores busy |",
         "|---|---|---|---|---|---|---|---|",
     ]
     rows = result["rows"]
     for fmt in FORMATS:
+        entry = result["formats"][fmt]
         for workers in WORKERS:
-            lim = rows[f"{fmt}/limit/{workers}"]["examples_per_second"]
-            for source in ("limit", "stream", "ram"):
-                r = rows[f"{fmt}/{source}/{workers}"]
+            for path in ("preadv", *PATHS):
+                r = rows[f"{fmt}/{path}/{workers}"]
                 lines.append(
-                    f"| {fmt} | {result['disk'][fmt]['bytes_per_example']:,.0f} | {source} | {workers} | {r['examples_per_second']:,.0f} | "
-                    f"{r['decoded_gb_per_second']:.3f} | {r['examples_per_second'] / lim:.2f} | {r['cores_busy']:.2f} |"
+                    f"| {fmt} | {entry['stored_bytes_per_example']:,.0f} | {path} | {workers} | {r['examples_per_second']:,.0f} | "
+                    f"{r['stored_gbps']:.2f} | {r['stored_gbps'] / entry['limit_preadv_gbps']:.2f} | {r['cores_busy']:.2f} |"
                 )
-    lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in result["ratios"].items()]
+    lines += ["", "Engines (encoder_hidden read whole in 8-chunk blocks, 1 thread, stored GB/s):", "",
+              "| format | " + " | ".join(ENGINES) + " |", "|---|" + "---|" * len(ENGINES)]
+    for fmt in FORMATS:
+        e = result["formats"][fmt]["engines_gbps"]
+        lines.append(f"| {fmt} | " + " | ".join(f"{e[k]:.2f}" if k in e else "-" for k in ENGINES) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -37,6 +37,7 @@ from read_cache.store.layout import (
     decode_floats,
     encode_floats,
     plan_units,
+    ragged_rows,
     read_root_attrs,
     resolve_codec,
     storage_numpy_dtype,
@@ -83,5 +84,6 @@ __all__ = [
     "read_root_attrs",
     "remove_partial_files",
     "storage_numpy_dtype",
+    "ragged_rows",
     "token_rows",
 ]

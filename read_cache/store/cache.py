@@ -86,9 +86,9 @@ class Split:
         self._group = group
         self._arrays: dict[str, zarr.Array] = {}  # opened once: each opening is a metadata GET in a bucket
         self.attrs: dict[str, Any] = dict(group.attrs)
-        self.offsets: np.ndarray = self._read("offsets", slice(None))
-        self.labels: np.ndarray = self._read("label", slice(None))
-        self.index: np.ndarray = self._read("index", slice(None))
+        self.offsets: np.ndarray = self.read_array("offsets", slice(None))
+        self.labels: np.ndarray = self.read_array("label", slice(None))
+        self.index: np.ndarray = self.read_array("index", slice(None))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -123,7 +123,8 @@ class Split:
                     self.array(name)
             raise CacheCorruptError(f"the metadata of split {self.name} of {self.cache.path} is damaged ({e}); delete the cache and rebuild it") from e
 
-    def _read(self, name: str, where: Any) -> np.ndarray:
+    def read_array(self, name: str, where: Any) -> np.ndarray:
+        """`array[where]` through zarr, with a missing array, a bad chunk or an unreachable store named in one line."""
         try:
             array = self.array(name)
         except KeyError as e:
@@ -146,7 +147,7 @@ class Split:
         i %= len(self)
         block = self.read_block(i, i + 1)
         g = self.cache.geometry
-        ids = self._read("input_ids", slice(int(self.offsets[i]), int(self.offsets[i + 1])))
+        ids = self.read_array("input_ids", slice(int(self.offsets[i]), int(self.offsets[i + 1])))
         return Example(
             input_ids=ids,
             encoder_hidden=dequantise(block.encoder_hidden, block.encoder_scale, g.format),
@@ -166,12 +167,12 @@ class Split:
         return Block(
             start=start,
             offsets=self.offsets[start : stop + 1] - t0,
-            encoder_hidden=self._read("encoder_hidden", tokens),
-            cross_attention=self._read("cross_attention", tokens) if has_decoder else None,
-            decoder_hidden=self._read("decoder_hidden", examples) if has_decoder else None,
+            encoder_hidden=self.read_array("encoder_hidden", tokens),
+            cross_attention=self.read_array("cross_attention", tokens) if has_decoder else None,
+            decoder_hidden=self.read_array("decoder_hidden", examples) if has_decoder else None,
             label=self.labels[start:stop],
-            encoder_scale=self._read("encoder_hidden_scale", tokens) if scaled else None,
-            decoder_scale=self._read("decoder_hidden_scale", examples) if scaled and has_decoder else None,
+            encoder_scale=self.read_array("encoder_hidden_scale", tokens) if scaled else None,
+            decoder_scale=self.read_array("decoder_hidden_scale", examples) if scaled and has_decoder else None,
         )
 
     def block_bounds(self, target_tokens: int | None = None) -> list[tuple[int, int]]:

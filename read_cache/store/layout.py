@@ -119,8 +119,11 @@ def _compressors(typesize: int, codec: str = "zstd") -> list[Any]:
 
 def token_rows(offsets: np.ndarray, examples: np.ndarray) -> np.ndarray:
     """The token rows of `examples` (ragged, delimited by `offsets`), concatenated in that order."""
-    starts, stops = offsets[examples], offsets[examples + 1]
-    lengths = stops - starts
+    return ragged_rows(offsets[examples], offsets[examples + 1] - offsets[examples])
+
+
+def ragged_rows(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The rows [starts[i], starts[i] + lengths[i]) of every i, concatenated in that order (one vectorised pass)."""
     shift = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
     return np.arange(int(lengths.sum())) + shift
 

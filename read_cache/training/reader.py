@@ -22,9 +22,12 @@ Three tiers hold a split: `stream` reads the store per window, `ram` holds the c
 memory, `device` holds them as stored on a torch device (a GPU, or any device in tests) and gathers and
 dequantises each batch there. Every tier yields the same batches in the same order, bit for bit.
 
-Decoding (decompression + dequantisation) runs on `workers` threads (blosc and numpy release the GIL),
-batches still in order. On CUDA the batches carry the stored codes and scales in pinned memory, and
-`batch_to` dequantises them on the device: the host then moves 1-2 bytes per value instead of 4.
+Streaming reads each window once, straight into a reused buffer (training.windows: raw chunks by
+`preadv` where the store allows), and every batch is copied once, a slice per example, into a slot of a
+`BufferRing`; the slot is refilled only once nothing holds the batch (training.buffers says the rule).
+A batch is then either shipped as stored (`coded`: codes + scales + offsets, pinned on CUDA, dequantised
+by `batch_to` on the device, 1-2 bytes a value over PCIe instead of 4) or dequantised on the reader's
+`workers` threads into float32 (a CPU run). The copies and numpy's decoding release the GIL.
 """
 
 from __future__ import annotations
@@ -44,17 +47,21 @@ import torch
 
 from read_cache.errors import ReadCacheError
 from read_cache.kinds import READER_MODES
-from read_cache.store import Block, Cache, Split, token_rows
-from read_cache.store.formats import (
-    StoreFormat,
-    dequantise,
-    dequantise_torch,
-    get_format,
-    to_torch_codes,
+from read_cache.store import Cache, Split
+from read_cache.store.readahead import default_inflight
+from read_cache.training.buffers import BufferRing
+from read_cache.training.pools import (
+    Batch,
+    CodedBatch,
+    Decoding,
+    DevicePool,
+    Pool,
+    batch_to,
+    concat_pools,
 )
-from read_cache.store.readahead import default_inflight, read_ahead
+from read_cache.training.windows import WindowReader
 
-Batch = dict[str, torch.Tensor]
+__all__ = ["Batch", "CodedBatch", "Decoding", "SplitReader", "batch_to", "choose_modes", "epoch_windows"]
 T = TypeVar("T")
 
 BLOCK_BYTES = 32 << 20
@@ -79,193 +86,6 @@ def default_workers(device: str | torch.device | None = None) -> int:
     if str(device or "cpu").startswith("cuda"):
         return max(1, min(8, cores // 2))
     return max(1, min(4, cores // 2))
-
-
-@dataclasses.dataclass(frozen=True)
-class Decoding:
-    """How a split's stored arrays become float32 batches."""
-
-    states: StoreFormat
-    """Format of encoder_hidden / decoder_hidden."""
-    cross: StoreFormat
-    """Format of cross_attention (16-bit)."""
-    on_device: bool = False
-    """Ship codes + scales (pinned) and dequantise in `batch_to` on the device, instead of on the host."""
-
-    @classmethod
-    def of(cls, split: Split, device: str | torch.device | None = None) -> Decoding:
-        g = split.cache.geometry
-        on_device = str(device or "cpu").startswith("cuda") and torch.cuda.is_available()
-        return cls(g.format, get_format(g.cross_dtype), on_device)
-
-
-class CodedBatch(dict):
-    """A batch whose states are still stored codes (+ `*_scale`); `batch_to` decodes it on the device."""
-
-    decoding: Decoding
-
-
-# --------------------------------------------------------------------------------------------------
-# Examples held in memory, as stored
-
-
-@dataclasses.dataclass
-class Pool:
-    """Some examples of a split in their stored 16-bit form, ragged like the store."""
-
-    offsets: np.ndarray  # [n+1] local token offsets
-    enc: np.ndarray  # [T, N_E, d]
-    cross: np.ndarray | None  # [T, N_D(, H)]
-    dec: np.ndarray | None  # [n, N_D, d]
-    label: np.ndarray  # [n]
-    rows: np.ndarray  # [n] rows in the split
-    enc_scale: np.ndarray | None = None  # [T, N_E(, d/g)] compact formats' scales
-    dec_scale: np.ndarray | None = None  # [n, N_D(, d/g)]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    @classmethod
-    def from_block(cls, block: Block) -> Pool:
-        rows = np.arange(block.start, block.start + len(block), dtype=np.int64)
-        return cls(
-            block.offsets, block.encoder_hidden, block.cross_attention, block.decoder_hidden, block.label, rows,
-            block.encoder_scale, block.decoder_scale,
-        )
-
-    @classmethod
-    def concat(cls, pools: list[Pool]) -> Pool:
-        if len(pools) == 1:
-            return pools[0]
-        lengths = np.concatenate([np.diff(p.offsets) for p in pools])
-        return cls(
-            offsets=offsets_of(lengths),
-            enc=np.concatenate([p.enc for p in pools]),
-            cross=None if pools[0].cross is None else np.concatenate([p.cross for p in pools]),
-            dec=None if pools[0].dec is None else np.concatenate([p.dec for p in pools]),
-            label=np.concatenate([p.label for p in pools]),
-            rows=np.concatenate([p.rows for p in pools]),
-            enc_scale=None if pools[0].enc_scale is None else np.concatenate([p.enc_scale for p in pools]),
-            dec_scale=None if pools[0].dec_scale is None else np.concatenate([p.dec_scale for p in pools]),
-        )
-
-    def take(self, positions: np.ndarray) -> Pool:
-        """The examples at `positions` (in this pool), in that order, copied contiguously."""
-        tokens = token_rows(self.offsets, positions)
-        lengths = np.diff(self.offsets)[positions]
-        return Pool(
-            offsets=offsets_of(lengths),
-            enc=self.enc[tokens],
-            cross=None if self.cross is None else self.cross[tokens],
-            dec=None if self.dec is None else self.dec[positions],
-            label=self.label[positions],
-            rows=self.rows[positions],
-            enc_scale=None if self.enc_scale is None else self.enc_scale[tokens],
-            dec_scale=None if self.dec_scale is None else self.dec_scale[positions],
-        )
-
-    def to_batch(self, decoding: Decoding | str) -> Batch:
-        if isinstance(decoding, str):  # a 16-bit float_dtype, as older callers pass
-            decoding = Decoding(get_format(decoding), get_format(decoding))
-        batch: Batch = CodedBatch() if decoding.on_device else {}
-        batch.update(example_fields(np.diff(self.offsets), self.label, self.rows))
-        arrays = {"enc": (self.enc, self.enc_scale, decoding.states)}
-        if self.cross is not None:
-            arrays.update({"cross": (self.cross, None, decoding.cross), "dec": (self.dec, self.dec_scale, decoding.states)})
-        for key, (codes, scale, fmt) in arrays.items():
-            if decoding.on_device:
-                batch[key] = _pinned(to_torch_codes(np.ascontiguousarray(codes)))
-                if scale is not None:
-                    batch[f"{key}_scale"] = _pinned(torch.from_numpy(np.ascontiguousarray(scale)))
-            else:
-                batch[key] = decode(codes, scale, fmt)
-        if decoding.on_device:
-            batch.decoding = decoding
-        return batch
-
-
-def offsets_of(lengths: np.ndarray) -> np.ndarray:
-    """Token offsets [n+1] of n examples of `lengths` tokens laid end to end."""
-    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-
-
-def example_fields(lengths: np.ndarray, label: np.ndarray, rows: np.ndarray) -> Batch:
-    """A batch's per-example entries, on the host in every tier: token -> example map, labels, split rows."""
-    return {
-        "token_example": torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)),
-        "label": torch.from_numpy(np.ascontiguousarray(label)),
-        "rows": torch.from_numpy(np.ascontiguousarray(rows)),
-    }
-
-
-def _pinned(t: torch.Tensor) -> torch.Tensor:
-    """Page-locked where CUDA is present, so the copy to the GPU is asynchronous (non_blocking)."""
-    return t.pin_memory() if torch.cuda.is_available() else t
-
-
-@dataclasses.dataclass
-class DevicePool:
-    """Examples' stored codes (+ scales) as tensors on a torch device: the `device` tier gathers and
-    dequantises each batch there, so the host moves no states at all after the first read."""
-
-    offsets: np.ndarray  # [n+1] local token offsets
-    label: np.ndarray  # [n]
-    rows: np.ndarray  # [n] rows in the split
-    tensors: dict[str, torch.Tensor]  # enc, cross, dec and *_scale, as stored (`to_torch_codes`)
-    device: torch.device
-
-    @classmethod
-    def of(cls, pool: Pool, device: torch.device) -> DevicePool:
-        arrays = {"enc": pool.enc, "enc_scale": pool.enc_scale, "cross": pool.cross, "dec": pool.dec, "dec_scale": pool.dec_scale}
-        tensors = {k: to_torch_codes(np.ascontiguousarray(v)).to(device) for k, v in arrays.items() if v is not None}
-        return cls(pool.offsets, pool.label, pool.rows, tensors, device)
-
-    @classmethod
-    def concat(cls, pools: list[DevicePool]) -> DevicePool:
-        if len(pools) == 1:
-            return pools[0]
-        lengths = np.concatenate([np.diff(p.offsets) for p in pools])
-        return cls(
-            offsets_of(lengths),
-            np.concatenate([p.label for p in pools]),
-            np.concatenate([p.rows for p in pools]),
-            {k: torch.cat([p.tensors[k] for p in pools]) for k in pools[0].tensors},
-            pools[0].device,
-        )
-
-    def batch(self, positions: np.ndarray, decoding: Decoding) -> Batch:
-        """The examples at `positions`, decoded on the device exactly as `Pool.to_batch` decodes on the host."""
-        positions = np.asarray(positions, dtype=np.int64)
-        tokens = torch.from_numpy(np.asarray(token_rows(self.offsets, positions), dtype=np.int64)).to(self.device)
-        examples = torch.from_numpy(positions).to(self.device)
-        batch = example_fields(np.diff(self.offsets)[positions], self.label[positions], self.rows[positions])
-        for key, index, fmt in (("enc", tokens, decoding.states), ("cross", tokens, decoding.cross), ("dec", examples, decoding.states)):
-            if key in self.tensors:
-                scale = self.tensors.get(f"{key}_scale")
-                codes = self.tensors[key].index_select(0, index)
-                scale = None if scale is None else scale.index_select(0, index)
-                batch[key] = dequantise_torch(codes, scale, fmt)
-        return batch
-
-
-def decode(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat) -> torch.Tensor:
-    """Stored codes (+ scales) -> a float32 tensor.
-
-    Decoded by numpy, not torch: this runs on the reader's threads, and a torch kernel there would start
-    a second OpenMP team that fights the training step's for the cores (on 2 cores, 10x slower steps).
-    """
-    return torch.from_numpy(dequantise(codes, scale, fmt))
-
-
-def batch_to(batch: Batch, device: torch.device) -> Batch:
-    """Move a batch to `device`; a CodedBatch is moved as codes and dequantised there."""
-    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-    if isinstance(batch, CodedBatch):
-        d = batch.decoding
-        for key, fmt in (("enc", d.states), ("cross", d.cross), ("dec", d.states)):
-            if key in moved:
-                moved[key] = dequantise_torch(moved[key], moved.pop(f"{key}_scale", None), fmt)
-    return moved
 
 
 # --------------------------------------------------------------------------------------------------
@@ -328,6 +148,7 @@ class SplitReader:
         device: str | torch.device | None = None,
         inflight: int | None = None,
         shard: tuple[int, int] = (0, 1),
+        coded: bool | None = None,
     ):
         if mode not in TIERS:
             raise ValueError(f"mode must be one of {', '.join(TIERS)}, got {mode!r}")
@@ -338,22 +159,30 @@ class SplitReader:
         self.mode = mode
         self.prefetch = prefetch
         self.workers = workers or default_workers(device)
-        self.decoding = Decoding.of(split, device)
         self.device = torch.device(device or "cpu")
         """Where the `device` tier holds the split (any torch device; the CLI asks for CUDA)."""
+        on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self.decoding = Decoding.of(split, on_cuda if coded is None else coded)
+        """Coded batches (codes + scales, for `batch_to` to dequantise) by default only when feeding a GPU."""
         per_token = split.cache.geometry.bytes_per_token
         self.block_tokens = block_tokens or split.token_chunk * max(1, round(BLOCK_BYTES / (split.token_chunk * per_token)))
         self.inflight = inflight or default_inflight(split, self.block_tokens * per_token)
-        """Block reads kept in flight while streaming: 1 on disk, several from an object store (store.readahead)."""
+        """Array reads kept in flight while streaming: the workers' number on disk, more from an object store."""
         self.bounds = split.block_bounds(self.block_tokens)
         self.shuffle_blocks = shuffle_blocks or max(2, SHUFFLE_BYTES // (self.block_tokens * per_token))
-        self._ram: Pool | None = None
         self.rank, self.world_size = shard
         """This rank's share of every epoch (see `epoch_windows`); (0, 1) reads everything."""
+        self.batch_ring = BufferRing(keep=prefetch + self.workers + 3, pinned=on_cuda and self.decoding.coded)
+        """Reused batch memory (training.buffers); pinned when coded batches go to a GPU."""
+        self.window_ring = BufferRing(keep=4)
+        """Reused window memory: the window being cut into batches, the next being read, the last one's
+        final jobs, and the next epoch's first window read ahead."""
+        self._window_reader: WindowReader | None = None
+        self._ram: Pool | None = None
         self._blocks: dict[int, Pool] = {}
         self._held: DevicePool | None = None
         self._device_blocks: dict[int, DevicePool] = {}
-        self._early: dict[int, Future[list[Pool]]] = {}
+        self._early: dict[int, Future[Pool]] = {}
         """The next epoch's first window, being read (streaming with `epoch(e, next_epoch)`)."""
         self._background: ThreadPoolExecutor | None = None
 
@@ -390,16 +219,14 @@ class SplitReader:
         windows = self.windows(epoch)
         if self.mode == "device":
             # On the consumer's thread: GPU kernels are asynchronous anyway, and torch ops on a reader
-            # thread would start a second OpenMP team on a CPU device (see `decode`).
+            # thread would start a second OpenMP team on a CPU device (see `pools.Pool.gather`).
             return self._device_batches(windows)
-        if self.mode == "ram" and self.world_size > 1:
-            return prefetch(lambda: self._ram_share_batches(windows), self.prefetch)
         if self.mode == "ram":
             return run_jobs(lambda: self._ram_jobs(windows), self.workers, self.prefetch)
         return run_jobs(lambda: self._stream_jobs(epoch, windows, next_epoch), self.workers, self.prefetch)
 
     def _job(self, pool: Pool, positions: np.ndarray) -> Callable[[], Batch]:
-        return functools.partial(_make_batch, pool, positions, self.decoding)
+        return functools.partial(pool.gather, positions, self.decoding, self.batch_ring)
 
     # --- RAM: read once, gather every batch from memory ---------------------------------------------
     def load(self) -> Pool:
@@ -411,8 +238,26 @@ class SplitReader:
         pieces = self.split.block_bounds(self.block_tokens)
         if self.workers > 1 and len(pieces) > 1:
             with ThreadPoolExecutor(self.workers, thread_name_prefix="read-cache-load") as executor:
-                return Pool.concat([Pool.from_block(b) for b in executor.map(lambda ab: self.split.read_block(*ab), pieces)])
+                return concat_pools([Pool.from_block(b) for b in executor.map(lambda ab: self.split.read_block(*ab), pieces)])
         return Pool.from_block(self.split.read_block(0, len(self.split)))
+
+    def _held_pool(self, windows: list[Window]) -> tuple[Pool, Callable[[np.ndarray], np.ndarray]]:
+        """The RAM tier's examples and how rows map into them: the whole split for one process, only
+        this rank's blocks (each read once, when the rank first needs it) under data parallelism."""
+        if self.world_size == 1:
+            return self.load(), lambda rows: rows
+        for b in (b for w in windows for b in w.blocks if b not in self._blocks):
+            self._blocks[b] = Pool.from_block(self.split.read_block(*self.bounds[b]))
+        pool = concat_pools([self._blocks[b] for w in windows for b in w.blocks])
+        return pool, lambda rows: _positions(pool.rows, rows)
+
+    def _ram_jobs(self, windows: list[Window]) -> Iterator[Callable[[], Batch]]:
+        if not windows:
+            return
+        pool, where = self._held_pool(windows)
+        positions = where(np.concatenate([w.order for w in windows]))
+        for i in range(0, len(positions), self.batch_size):
+            yield self._job(pool, positions[i : i + self.batch_size])
 
     # --- device: the codes held on a torch device, every batch gathered and decoded there -----------
     def _device_batches(self, windows: list[Window]) -> Iterator[Batch]:
@@ -427,66 +272,45 @@ class SplitReader:
             for b in (b for w in windows for b in w.blocks if b not in self._device_blocks):
                 self._device_blocks[b] = DevicePool.of(Pool.from_block(self.split.read_block(*self.bounds[b])), self.device)
             pool = DevicePool.concat([self._device_blocks[b] for w in windows for b in w.blocks])
-            positions = _positions(pool.rows, order)
+            positions = _positions(pool.pool.rows, order)
         for i in range(0, len(order), self.batch_size):
             yield pool.batch(positions[i : i + self.batch_size], self.decoding)
-
-    def _ram_jobs(self, windows: list[Window]) -> Iterator[Callable[[], Batch]]:
-        pool = self.load()
-        order = np.concatenate([w.order for w in windows])
-        for i in range(0, len(order), self.batch_size):
-            yield self._job(pool, order[i : i + self.batch_size])
-
-    def _ram_share_batches(self, windows: list[Window]) -> Iterator[Batch]:
-        """RAM mode for one rank's share: blocks are decoded once, when the rank first needs them."""
-        for window in windows:
-            for b in window.blocks:
-                if b not in self._blocks:
-                    self._blocks[b] = Pool.from_block(self.split.read_block(*self.bounds[b]))
-        pool = Pool.concat([self._blocks[b] for w in windows for b in w.blocks]) if windows else None
-        order = np.concatenate([w.order for w in windows]) if windows else np.zeros(0, dtype=np.int64)
-        positions = _positions(pool.rows, order) if pool is not None else order
-        for i in range(0, len(order), self.batch_size):
-            yield _make_batch(pool, positions[i : i + self.batch_size], self.decoding)
 
     # --- streaming: a window of blocks (plus < one batch carried over), the next one being read ------------
     def _stream_jobs(self, epoch: int, windows: list[Window], next_epoch: int | None) -> Iterator[Callable[[], Batch]]:
         # Window i+1 is read on the background thread while window i's batches are made, and the next
         # epoch's first window while this epoch's last are: reading never stops the batches, from a disk
-        # (decode-bound) or an object store (latency-bound) alike.
+        # or an object store (latency-bound) alike. The examples of window i that do not fill a batch
+        # are copied to the front of window i+1's buffer as it is read.
         reading = self._early.pop(epoch, None)  # this epoch's first window, read while the last epoch ran
         self._early.clear()  # a read ahead for an epoch the caller skipped is let go
         if reading is None and windows:
             reading = self._read_window(windows[0])
-        carry: Pool | None = None
-        pool: Pool | None = None
+        carried = 0
         for i, window in enumerate(windows):
-            pool = None  # let the last window go before the next is assembled
-            blocks = reading.result()
-            pool = Pool.concat(([carry] if carry is not None else []) + blocks)
-            del blocks  # the concatenated copy is all this window needs
+            pool = reading.result()
+            positions = _positions(pool.rows, np.concatenate([pool.rows[:carried], window.order]))
+            full = len(positions) // self.batch_size * self.batch_size
             if i + 1 < len(windows):
-                reading = self._read_window(windows[i + 1])
+                reading = self._read_window(windows[i + 1], carry=(pool, positions[full:]))
+                carried = len(positions) - full
             elif next_epoch is not None:
                 self.read_first_window(next_epoch)
-            pending = np.concatenate([carry.rows, window.order]) if carry is not None else window.order
-            positions = _positions(pool.rows, pending)
-            full = len(positions) // self.batch_size * self.batch_size
-            for i_batch in range(0, full, self.batch_size):
-                yield self._job(pool, positions[i_batch : i_batch + self.batch_size])
-            carry = pool.take(positions[full:]) if full < len(positions) else None
-        if carry is not None:
-            yield self._job(carry, np.arange(len(carry)))
+            last = len(positions) if i + 1 == len(windows) else full
+            for start in range(0, last, self.batch_size):
+                yield self._job(pool, positions[start : start + self.batch_size])
+            del pool  # the window's memory returns to the ring once its batches are made
 
-    def _read_window(self, window: Window) -> Future[list[Pool]]:
-        """Start reading a window's blocks on the reader's background thread: `inflight` at a time from an
-        object store, the decoding workers' number from a disk."""
+    def _read_window(self, window: Window, carry: tuple[Pool, np.ndarray] | None = None) -> Future[Pool]:
+        """Start reading a window's blocks (after `carry`'s examples) on the reader's background thread."""
         if self._background is None:
             self._background = ThreadPoolExecutor(1, thread_name_prefix="read-cache-window")
-        ranges = [self.bounds[b] for b in window.blocks]
-        return self._background.submit(lambda: [Pool.from_block(b) for b in read_ahead(self.split, ranges, max(self.inflight, self.workers))])
+        if self._window_reader is None:
+            self._window_reader = WindowReader(self.split, self.window_ring, max(self.inflight, self.workers))
+        bounds = [self.bounds[b] for b in window.blocks]
+        return self._background.submit(self._window_reader.read, bounds, carry)
 
-    def read_first_window(self, epoch: int) -> Future[list[Pool]] | None:
+    def read_first_window(self, epoch: int) -> Future[Pool] | None:
         """Start reading `epoch`'s first window (streaming) on the reader's background thread, as
         `epoch(e, next_epoch)` does for the next epoch: the streaming counterpart of `load`. Returns the
         read's future (None for an empty split)."""
@@ -495,10 +319,6 @@ class SplitReader:
             return None
         self._early[epoch] = self._read_window(windows[0])
         return self._early[epoch]
-
-
-def _make_batch(pool: Pool, positions: np.ndarray, decoding: Decoding) -> Batch:
-    return pool.take(positions).to_batch(decoding)
 
 
 def _positions(pool_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:

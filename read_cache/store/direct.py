@@ -1,0 +1,124 @@
+"""Rows of a local cache's raw arrays read straight from their chunk files: `preadv` + a crc32c check.
+
+    rows = DirectArray.open(split.array("encoder_hidden"), cache_dir / "train" / "encoder_hidden")
+    first = rows.read_into(t0, t1, out)      # whole chunks land in out; rows t0..t1 are out[first : first + t1 - t0]
+
+Format 3 stores the 8-/4-bit codes and their scales raw: a chunk file is the chunk's C-order bytes followed
+by their 4-byte CRC32C (docs/cache-format.md). zarr-python reads such a chunk through its codec pipeline:
+a bytes copy for the checksum (google-crc32c, ~1.5 GB/s here), another out of the chunk into the result,
+and the coroutine machinery per chunk; `bench --methods reader` races it against this engine, the `zarrs`
+pipeline and tensorstore (docs/benchmarks.md). Here one `preadv` lands the chunk in the caller's buffer
+(the trailing checksum in a 4-byte side buffer), `crc32c` (hardware, ~13 GB/s, GIL released) checks it in
+place, and nothing else touches the bytes. Whole chunks are read because a chunk's checksum covers all of
+it: the caller's buffer holds the chunks that cover the rows asked for, and `read_into` says where they start.
+
+Only plain local files qualify (an object store goes through zarr, with reads in flight), and only arrays
+chunked along axis 0 alone with codecs exactly bytes + crc32c; anything else returns None from `open` and
+stays on zarr. The engine holds no open files or threads, so it survives a fork.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import numpy as np
+
+from read_cache.errors import CacheCorruptError
+
+CHECKSUM_BYTES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class DirectArray:
+    """One raw, row-chunked array of a local cache, read chunk file by chunk file."""
+
+    folder: Path
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    chunk_rows: int
+    fill_value: Any
+
+    @classmethod
+    def open(cls, array: Any, folder: Path) -> DirectArray | None:
+        """The direct reader of a zarr array at `folder`, or None where it does not qualify (see the module)."""
+        meta = array.metadata
+        if getattr(meta, "zarr_format", None) != 3 or not folder.is_dir():
+            return None
+        codecs = [c.to_dict() for c in meta.codecs]
+        if [c["name"] for c in codecs] != ["bytes", "crc32c"]:
+            return None
+        endian = (codecs[0].get("configuration") or {}).get("endian", "little")
+        if endian != "little" and array.dtype.itemsize > 1:
+            return None
+        encoding = meta.chunk_key_encoding.to_dict()
+        if encoding.get("name") != "default" or (encoding.get("configuration") or {}).get("separator", "/") != "/":
+            return None
+        if tuple(array.chunks[1:]) != tuple(array.shape[1:]):
+            return None
+        return cls(folder, tuple(array.shape), np.dtype(array.dtype).newbyteorder("<"), int(array.chunks[0]), array.fill_value)
+
+    @property
+    def row_shape(self) -> tuple[int, ...]:
+        return self.shape[1:]
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def chunks_of(self, start: int, stop: int) -> range:
+        """The chunks that hold rows [start, stop)."""
+        return range(start // self.chunk_rows, (stop - 1) // self.chunk_rows + 1) if stop > start else range(0)
+
+    def span(self, start: int, stop: int) -> int:
+        """Rows `read_into` lands for rows [start, stop): their whole chunks."""
+        return len(self.chunks_of(start, stop)) * self.chunk_rows
+
+    def read_into(self, start: int, stop: int, out: np.ndarray) -> int:
+        """Read the chunks holding rows [start, stop) into out[: span], checking each one's CRC32C; returns
+        the position of row `start` in `out` (rows start..stop-1 are out[first : first + stop - start])."""
+        chunks = self.chunks_of(start, stop)
+        if out.dtype != self.dtype or out.shape[1:] != self.row_shape or len(out) < len(chunks) * self.chunk_rows:
+            raise ValueError(f"out must be {self.dtype}[>= {len(chunks) * self.chunk_rows}, {self.row_shape}], got {out.dtype}{out.shape}")
+        flat = out.reshape(len(out), -1).view(np.uint8)
+        for k, c in enumerate(chunks):
+            self.read_chunk(c, flat[k * self.chunk_rows : (k + 1) * self.chunk_rows].reshape(-1))
+        return start - chunks.start * self.chunk_rows if chunks else 0
+
+    def chunk_path(self, c: int) -> Path:
+        return self.folder.joinpath("c", str(c), *["0"] * (len(self.shape) - 1))
+
+    def read_chunk(self, c: int, dest: np.ndarray) -> None:
+        """Chunk c's bytes into `dest` (uint8, chunk_bytes long), checksum checked; a chunk never written is the fill value."""
+        path = self.chunk_path(c)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # zarr leaves chunks of only the fill value unwritten, and reads them as it
+            dest.view(self.dtype)[:] = self.fill_value
+            return
+        checksum = bytearray(CHECKSUM_BYTES)
+        try:
+            got = os.preadv(fd, [dest, checksum], 0)
+        finally:
+            os.close(fd)
+        if got != dest.nbytes + CHECKSUM_BYTES:
+            raise CacheCorruptError(f"chunk {path} is truncated ({got} of {dest.nbytes + CHECKSUM_BYTES} bytes); delete the cache and rebuild it")
+        if crc32c.crc32c(dest) != int.from_bytes(checksum, "little"):
+            raise CacheCorruptError(f"chunk {path} fails its CRC32C checksum (a flipped or damaged byte); delete the cache and rebuild it")
+
+
+def direct_arrays(split: Any, names: tuple[str, ...]) -> dict[str, DirectArray]:
+    """The direct readers of those of `names` a local split stores raw (an empty dict in an object store)."""
+    location = split.cache.location
+    if not location.is_local:
+        return {}
+    found = {}
+    for name in names:
+        if name in split.array_names():
+            direct = DirectArray.open(split.array(name), location.path / split.name / name)
+            if direct is not None:
+                found[name] = direct
+    return found

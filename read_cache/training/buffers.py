@@ -1,0 +1,117 @@
+"""Reused memory for the reader's windows and batches: what keeps a streaming epoch's memory flat.
+
+    ring = BufferRing(keep=8, pinned=torch.cuda.is_available())
+    views = ring.take({"enc": ((tokens, 7, 384), np.int8), "label": ((96,), np.int64)})
+    views["enc"][...] = ...     # a numpy view of a slot's memory; the batch made from it holds the slot
+
+The rule: **a slot is refilled only once nothing outside the ring references its memory.** Every array
+`take` hands out is a view of one slot's buffer, and every tensor made from it (`torch.from_numpy`) holds
+that view, so while anyone holds a batch (the prefetch queue, an evaluation that collects batches, a
+DataLoader, a user's list) its slot is busy, and `take` uses another slot or allocates a new one: it never
+waits and never overwrites what a consumer still holds. Idle slots are reused largest-first; at most
+`keep` slots stay in the ring, and a busy one pushed out is freed when its last user lets go. On CUDA a
+slot is pinned, and `batch_to` records an event after its asynchronous copy to the GPU: the slot counts
+as busy until that event has passed, even if the host batch was already dropped.
+
+Without this, each batch and window is a fresh allocation, and the allocator keeps the freed batch-sized
+blocks of every thread's arena: peak RSS then grew with the epoch's length (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import numpy as np
+
+ALIGN = 64
+"""Each view starts on a cache line, so copies into it run at full speed."""
+
+HEADROOM = 1.25
+"""A new slot is this much larger than asked: windows and batches vary in size by a few chunks or examples."""
+Layout = dict[str, tuple[tuple[int, ...], Any]]
+"""name -> (shape, dtype) of the views one `take` carves out of a slot."""
+
+
+class Slot:
+    """One buffer of the ring: its memory, and (on CUDA) the event of the last copy out of it."""
+
+    def __init__(self, nbytes: int, pinned: bool):
+        if pinned:
+            import torch
+
+            self.memory = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
+        else:
+            self.memory = np.empty(nbytes, dtype=np.uint8)
+        self.event: Any = None
+        self._idle_refs = sys.getrefcount(self.memory)  # the attribute's reference and the call's argument
+
+    def idle(self) -> bool:
+        if sys.getrefcount(self.memory) > self._idle_refs:
+            return False
+        return self.event is None or self.event.query()
+
+    def carve(self, layout: Layout) -> dict[str, np.ndarray]:
+        views, at = {}, 0
+        for name, (shape, dtype) in layout.items():
+            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            views[name] = self.memory[at : at + n].view(dtype).reshape(shape)
+            at = _aligned(at + n)
+        return views
+
+
+class Views(dict[str, np.ndarray]):
+    """The arrays one `take` carved, and the slot they live in (`batch_to` records its copy's event there)."""
+
+    def __init__(self, views: dict[str, np.ndarray], slot: Slot):
+        super().__init__(views)
+        self.slot = slot
+
+
+class BufferRing:
+    """Slots handed out as views; see the module for when one is reused."""
+
+    def __init__(self, keep: int, pinned: bool = False):
+        self.keep = max(1, keep)
+        self.pinned = pinned
+        self._slots: list[Slot] = []
+        self._lock = threading.Lock()  # the reader's threads take slots concurrently
+        self.allocations = 0
+        """Slots allocated so far (tests and the bench read it: flat memory means it stops growing)."""
+
+    def take(self, layout: Layout) -> Views:
+        """Views of an idle slot (or a new one) shaped as `layout`; they keep the slot busy while referenced."""
+        need = layout_bytes(layout)
+        with self._lock:
+            slot = self._idle_slot(need)
+            if slot is None:  # room to spare, so the next slightly larger window or batch fits too
+                largest = max((s.memory.nbytes for s in self._slots), default=0)
+                slot = Slot(max(int(need * HEADROOM), largest, 1), self.pinned)
+                self.allocations += 1
+                self._slots.append(slot)
+                if len(self._slots) > self.keep:
+                    self._drop_one(keep=slot)
+            slot.event = None
+            return Views(slot.carve(layout), slot)
+
+    def _idle_slot(self, need: int) -> Slot | None:
+        idle = [s for s in self._slots if s.idle()]
+        fitting = [s for s in idle if s.memory.nbytes >= need]
+        if fitting:
+            return min(fitting, key=lambda s: s.memory.nbytes)
+        if idle:  # an idle slot too small for this one: replaced by a new one, so sizes follow the data
+            self._slots.remove(max(idle, key=lambda s: s.memory.nbytes))
+        return None
+
+    def _drop_one(self, keep: Slot) -> None:
+        idle = [s for s in self._slots if s is not keep and s.idle()]
+        self._slots.remove(idle[0] if idle else next(s for s in self._slots if s is not keep))
+
+
+def layout_bytes(layout: Layout) -> int:
+    return sum(_aligned(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize) for shape, dtype in layout.values())
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN

@@ -1,0 +1,220 @@
+"""Examples held in memory as stored, and the batches gathered from them (on the host or on a device).
+
+A `Pool` is some examples of a split in their stored form: codes (+ scales) or 16-bit floats, ragged like
+the store. Its token arrays need not be contiguous per window: `starts[i]` is where example i's tokens
+begin, `examples[i]` its row in the per-example arrays, so a window read chunk by chunk straight into a
+reused buffer (training.windows) is a Pool as it lies, with the chunk edges' foreign tokens left in place.
+`Pool.gather` copies a batch's examples, one slice each, into a slot of a `BufferRing` and either ships
+them as stored (a `CodedBatch`: codes + scales + offsets, what a GPU wants) or dequantises them in one
+pass into float32 (a CPU run). `DevicePool` holds the codes on a torch device and does the same there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from read_cache.store import Block, Split, ragged_rows
+from read_cache.store.formats import (
+    StoreFormat,
+    dequantise,
+    dequantise_torch,
+    get_format,
+    to_torch_codes,
+)
+from read_cache.training.buffers import BufferRing, Layout, Views
+
+Batch = dict[str, torch.Tensor]
+TOKEN_ARRAYS = ("enc", "enc_scale", "cross")
+"""Fields indexed by token; the others ("dec", "dec_scale") by example."""
+STORED = {
+    "enc": "encoder_hidden", "enc_scale": "encoder_hidden_scale", "cross": "cross_attention",
+    "dec": "decoder_hidden", "dec_scale": "decoder_hidden_scale",
+}
+"""A pool's fields and the split arrays they hold."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How a split's stored arrays become batches."""
+
+    states: StoreFormat
+    """Format of encoder_hidden / decoder_hidden."""
+    cross: StoreFormat
+    """Format of cross_attention (16-bit)."""
+    coded: bool = False
+    """Yield codes + scales as stored (a CodedBatch, dequantised by `batch_to` on the device) instead of float32."""
+
+    @classmethod
+    def of(cls, split: Split, coded: bool) -> Decoding:
+        g = split.cache.geometry
+        return cls(g.format, get_format(g.cross_dtype), coded)
+
+    def format_of(self, key: str) -> StoreFormat:
+        return self.cross if key == "cross" else self.states
+
+
+class CodedBatch(dict):
+    """A batch whose states are still stored codes (+ `*_scale`); `batch_to` decodes it on the device."""
+
+    decoding: Decoding
+    views: Views | None = None
+    """The ring slot its tensors live in (`batch_to` records the copy's CUDA event there)."""
+
+
+@dataclasses.dataclass
+class Pool:
+    """Some examples of a split as stored (see the module)."""
+
+    starts: np.ndarray  # [n] first token row of each example in the token arrays
+    lengths: np.ndarray  # [n] tokens per example
+    examples: np.ndarray  # [n] each example's row in the per-example arrays
+    label: np.ndarray  # [n]
+    rows: np.ndarray  # [n] rows in the split
+    arrays: dict[str, np.ndarray]  # enc [T, N_E, d'], enc_scale, cross [T, N_D(, H)], dec [n', N_D, d'], dec_scale
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @classmethod
+    def from_block(cls, block: Block) -> Pool:
+        n = len(block)
+        fields = {"enc": block.encoder_hidden, "enc_scale": block.encoder_scale, "cross": block.cross_attention,
+                  "dec": block.decoder_hidden, "dec_scale": block.decoder_scale}
+        return cls(
+            block.offsets[:-1].copy(), np.diff(block.offsets), np.arange(n), block.label,
+            np.arange(block.start, block.start + n, dtype=np.int64), {k: v for k, v in fields.items() if v is not None},
+        )
+
+    def layout(self, positions: np.ndarray, extra_tokens: int = 0, extra_examples: int = 0) -> Layout:
+        """Shapes of a contiguous copy of the examples at `positions` (+ room for more in front)."""
+        tokens = int(self.lengths[positions].sum()) + extra_tokens
+        n = len(positions) + extra_examples
+        return {k: (((tokens if k in TOKEN_ARRAYS else n), *a.shape[1:]), a.dtype) for k, a in self.arrays.items()}
+
+    def copy_into(self, positions: np.ndarray, out: dict[str, np.ndarray], at_token: int = 0, at_example: int = 0) -> None:
+        """Copy the examples at `positions` into `out` from token row `at_token` and example row
+        `at_example` on, a slice per example: ~3x faster than a fancy-index gather into a given buffer."""
+        token_arrays = [(out[k], a) for k, a in self.arrays.items() if k in TOKEN_ARRAYS]
+        p = at_token
+        for s, n in zip(self.starts[positions].tolist(), self.lengths[positions].tolist()):
+            for dest, src in token_arrays:
+                dest[p : p + n] = src[s : s + n]
+            p += n
+        rows = self.examples[positions]
+        for k, a in self.arrays.items():
+            if k not in TOKEN_ARRAYS:
+                np.take(a, rows, axis=0, out=out[k][at_example : at_example + len(rows)])
+
+    def take(self, positions: np.ndarray, ring: BufferRing | None = None) -> Pool:
+        """The examples at `positions`, in that order, copied contiguously (into a ring slot when given)."""
+        layout = self.layout(positions)
+        out = ring.take(layout) if ring is not None else {k: np.empty(s, d) for k, (s, d) in layout.items()}
+        self.copy_into(positions, out)
+        lengths = self.lengths[positions]
+        return Pool(offsets_of(lengths)[:-1], lengths, np.arange(len(positions)), self.label[positions], self.rows[positions], out)
+
+    def gather(self, positions: np.ndarray, decoding: Decoding, ring: BufferRing | None = None) -> Batch:
+        """The batch of the examples at `positions`: copied once into a ring slot, then shipped as stored
+        (coded) or dequantised from there into float32 in the same slot's memory."""
+        positions = np.asarray(positions, dtype=np.int64)
+        if not decoding.coded:
+            return self._decoded(positions, decoding, ring)
+        stored = self.take(positions, ring)
+        batch = CodedBatch(example_fields(stored.lengths, stored.label, stored.rows))
+        batch.update({k: to_torch_codes(v) for k, v in stored.arrays.items()})
+        batch.decoding = decoding
+        batch.views = stored.arrays if isinstance(stored.arrays, Views) else None
+        return batch
+
+    def _decoded(self, positions: np.ndarray, decoding: Decoding, ring: BufferRing | None) -> Batch:
+        stored = self.take(positions, ring)
+        batch = example_fields(stored.lengths, stored.label, stored.rows)
+        floats = {k: (a.shape[:-1] + (a.shape[-1] * (2 if decoding.format_of(k).name == "int4" else 1),), np.float32)
+                  for k, a in stored.arrays.items() if not k.endswith("_scale")}
+        out = ring.take(floats) if ring is not None else {k: np.empty(s, d) for k, (s, d) in floats.items()}
+        for key in floats:
+            batch[key] = torch.from_numpy(dequantise(stored.arrays[key], stored.arrays.get(f"{key}_scale"), decoding.format_of(key), out=out[key]))
+        return batch
+
+
+def offsets_of(lengths: np.ndarray) -> np.ndarray:
+    """Token offsets [n+1] of n examples of `lengths` tokens laid end to end."""
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
+def example_fields(lengths: np.ndarray, label: np.ndarray, rows: np.ndarray) -> Batch:
+    """A batch's per-example entries, on the host in every tier: token -> example map, labels, split rows."""
+    return {
+        "token_example": torch.from_numpy(np.repeat(np.arange(len(lengths)), lengths)),
+        "label": torch.from_numpy(np.ascontiguousarray(label)),
+        "rows": torch.from_numpy(np.ascontiguousarray(rows)),
+    }
+
+
+def concat_pools(pools: list[Pool]) -> Pool:
+    """One pool of several dense ones (from blocks or `take`: tokens and examples laid end to end)."""
+    if len(pools) == 1:
+        return pools[0]
+    token_base = offsets_of(np.array([int(p.lengths.sum()) for p in pools]))[:-1]
+    example_base = offsets_of(np.array([len(p) for p in pools]))[:-1]
+    return Pool(
+        np.concatenate([p.starts + b for p, b in zip(pools, token_base)]),
+        np.concatenate([p.lengths for p in pools]),
+        np.concatenate([p.examples + b for p, b in zip(pools, example_base)]),
+        np.concatenate([p.label for p in pools]),
+        np.concatenate([p.rows for p in pools]),
+        {k: np.concatenate([p.arrays[k] for p in pools]) for k in pools[0].arrays},
+    )
+
+
+@dataclasses.dataclass
+class DevicePool:
+    """Examples' stored codes (+ scales) as tensors on a torch device: the `device` tier gathers and
+    dequantises each batch there, so the host moves no states at all after the first read."""
+
+    pool: Pool  # positions and labels on the host; its arrays are not kept
+    tensors: dict[str, torch.Tensor]  # enc, cross, dec and *_scale, as stored (`to_torch_codes`)
+    device: torch.device
+
+    @classmethod
+    def of(cls, pool: Pool, device: torch.device) -> DevicePool:
+        tensors = {k: to_torch_codes(np.ascontiguousarray(v)).to(device) for k, v in pool.arrays.items()}
+        return cls(dataclasses.replace(pool, arrays={}), tensors, device)
+
+    @classmethod
+    def concat(cls, pools: list[DevicePool]) -> DevicePool:
+        if len(pools) == 1:
+            return pools[0]
+        return cls(concat_pools([p.pool for p in pools]), {k: torch.cat([p.tensors[k] for p in pools]) for k in pools[0].tensors}, pools[0].device)
+
+    def batch(self, positions: np.ndarray, decoding: Decoding) -> Batch:
+        """The examples at `positions`, decoded on the device exactly as `Pool.gather` decodes on the host."""
+        positions = np.asarray(positions, dtype=np.int64)
+        p = self.pool
+        tokens = torch.from_numpy(ragged_rows(p.starts[positions], p.lengths[positions]).astype(np.int64)).to(self.device)
+        examples = torch.from_numpy(p.examples[positions].astype(np.int64)).to(self.device)
+        batch = example_fields(p.lengths[positions], p.label[positions], p.rows[positions])
+        for key in ("enc", "cross", "dec"):
+            if key in self.tensors:
+                index = tokens if key in TOKEN_ARRAYS else examples
+                scale = self.tensors.get(f"{key}_scale")
+                codes = self.tensors[key].index_select(0, index)
+                batch[key] = dequantise_torch(codes, None if scale is None else scale.index_select(0, index), decoding.format_of(key))
+        return batch
+
+
+def batch_to(batch: Batch, device: torch.device) -> Batch:
+    """Move a batch to `device`; a CodedBatch is moved as codes and dequantised there. The copy from a
+    ring slot is asynchronous on CUDA: its event marks the slot busy until the copy is done."""
+    moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if isinstance(batch, CodedBatch):
+        if batch.views is not None and device.type == "cuda":
+            batch.views.slot.event = torch.cuda.Event()
+            batch.views.slot.event.record()
+        for key in ("enc", "cross", "dec"):
+            if key in moved:
+                moved[key] = dequantise_torch(moved[key], moved.pop(f"{key}_scale", None), batch.decoding.format_of(key))
+    return moved
