@@ -24,7 +24,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,7 +35,7 @@ from read_cache.config import TrainConfig
 from read_cache.errors import ReadCacheError
 from read_cache.kinds import HeadKind, RNNKind
 from read_cache.paper import resolve_lr
-from read_cache.store import Cache, open_cache
+from read_cache.store import Cache, Split, open_cache
 from read_cache.tasks.metrics import majority_baseline, score
 from read_cache.tasks.specs import TaskSpec, get_task
 from read_cache.training import checkpoint, engine
@@ -70,6 +70,7 @@ from read_cache.util.energy import Meter
 from read_cache.util.files import write_json
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SHARE_BLOCKS = 8
 """Under torchrun, a split of fewer than this many blocks per rank is read in chunk-sized blocks instead."""
@@ -227,16 +228,24 @@ def make_readers(cfg: TrainConfig, cache: Cache, launch: distributed.Launch = di
     modes = choose_modes(cache, ("train", "validation", "test"), cfg.reader, int(cfg.memory_budget_gb * 1e9), device, device_budget)
     readers = {}
     for split, mode in modes.items():
-        options = dict(
-            batch_size=cfg.batch_size, shuffle=split == "train", seed=cfg.seed, mode=mode, shuffle_blocks=cfg.shuffle_blocks,
-            workers=cfg.reader_workers, device=device, shard=(launch.rank, launch.world_size),
+        readers[split] = shard_reader(
+            cache[split], (launch.rank, launch.world_size), block_tokens=cfg.block_tokens, batch_size=cfg.batch_size,
+            shuffle=split == "train", seed=cfg.seed, mode=mode, shuffle_blocks=cfg.shuffle_blocks, workers=cfg.reader_workers, device=device,
         )
-        reader = SplitReader(cache[split], block_tokens=cfg.block_tokens, **options)
-        if launch.distributed and cfg.block_tokens is None and len(reader.bounds) < SHARE_BLOCKS * launch.world_size:
-            # Too few default (~32 MB) blocks to deal out evenly: one chunk per block, still chunk-aligned.
-            reader = SplitReader(cache[split], block_tokens=cache[split].token_chunk, **options)
-        readers[split] = reader
     return readers
+
+
+def shard_reader(split: Split, shard: tuple[int, int], *, block_tokens: int | None = None, **options: Any) -> SplitReader:
+    """The reader of rank `shard[0]` of `shard[1]`'s share of `split` (`options` as SplitReader takes them).
+
+    Under torchrun a split of too few default (~32 MB) blocks to deal out evenly is read one chunk per block
+    (still chunk-aligned); `CacheDataset` shards the same way, so its ranks read what train's would.
+    """
+    reader = SplitReader(split, block_tokens=block_tokens, shard=shard, **options)
+    world_size = shard[1]
+    if world_size > 1 and block_tokens is None and len(reader.bounds) < SHARE_BLOCKS * world_size:
+        reader = SplitReader(split, block_tokens=split.token_chunk, shard=shard, **options)
+    return reader
 
 
 def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideNetworkConfig:
@@ -349,14 +358,26 @@ def train_batches(run: Run, epoch: int) -> Iterator[tuple[Batch, int, float]]:
     reader = run.readers["train"]
     steps = max(distributed.gather(run.launch, reader.batches_in(epoch - 1)))
     own = reader.epoch(epoch - 1, next_epoch=epoch if epoch < run.cfg.epochs else None)
-    batch: Batch | None = None
     try:
-        for _ in range(steps):
-            fresh = next(own, None)
-            batch = fresh if fresh is not None else batch
-            yield batch_to(batch, run.device), len(batch["rows"]) if fresh is not None else 0, 1.0 if fresh is not None else 0.0
+        for batch, fresh in even_steps(own, steps):
+            yield batch_to(batch, run.device), len(batch["rows"]) if fresh else 0, 1.0 if fresh else 0.0
     finally:
         own.close()
+
+
+def even_steps(own: Iterator[T], steps: int) -> Iterator[tuple[T, bool]]:
+    """(item, fresh) for `steps` steps of `own`: once it runs out, its last item again with fresh False.
+
+    The one rule for ranks whose shares differ (train's steps and `CacheDataset`'s batches): every rank
+    steps as often as the longest share, the repeats adding nothing (their loss weight is 0).
+    """
+    last: T | None = None
+    for _ in range(steps):
+        fresh = next(own, None)
+        last = fresh if fresh is not None else last
+        if last is None:
+            raise ValueError("a rank with an empty share has nothing to repeat")
+        yield last, fresh is not None
 
 
 def validate(members: list[Member]) -> list[Evaluation]:
