@@ -108,3 +108,10 @@ def test_a_reporter_without_its_package_names_the_fix(monkeypatch: pytest.Monkey
     assert "needs the tensorboard package" in (line := one_error(output)) and "pip install 'read-cache[tensorboard]'" in line
     code, _, output = run_cli("train", "--report-to", "none,tensorboard")
     assert code == 2 and "mixes none" in one_error(output)
+
+
+def test_a_run_with_nothing_to_train_still_gets_curves(tmp_path: Path) -> None:
+    from read_cache.training.curves import write_curves
+
+    (tmp_path / "metrics.jsonl").write_text("")
+    assert write_curves(tmp_path, 0, "probe").read_bytes()[:4] == b"\x89PNG"

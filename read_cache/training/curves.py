@@ -13,18 +13,17 @@ from read_cache.training.runs import CURVES, METRICS
 from read_cache.util.plots import pyplot, save
 
 
-def write_curves(run_dir: Path, best_epoch: int, title: str) -> Path | None:
-    """RUN/curves.png from RUN/metrics.jsonl; None when no epoch trained (nothing to draw)."""
+def write_curves(run_dir: Path, best_epoch: int, title: str) -> Path:
+    """RUN/curves.png from RUN/metrics.jsonl. A run with nothing to train (--rnn none --head lm) gets one too, saying
+    so: every finished run folder holds the same files."""
     history = read_history(run_dir / METRICS)
-    if not history:
-        return None
     plt = pyplot()
     fig, (loss_ax, score_ax) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [r["epoch"] for r in history]
-    metric = history[-1]["validation"]["metric"]
+    metric = history[-1]["validation"]["metric"] if history else "score"
     _panel(loss_ax, epochs, [r["loss"] for r in history], best_epoch, "training loss")
     _panel(score_ax, epochs, [r["validation"]["score"] for r in history], best_epoch, f"validation {metric}")
-    fig.suptitle(f"{title}: best epoch {best_epoch}")
+    fig.suptitle(f"{title}: best epoch {best_epoch}" if history else f"{title}: nothing to train, scored as it is")
     save(fig, run_dir / CURVES)
     return run_dir / CURVES
 
