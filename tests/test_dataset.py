@@ -129,3 +129,15 @@ def test_two_ranks_yield_disjoint_shares_that_cover_the_split(cache: Path, tmp_p
             weights = [b["weight"] for b in share]
             assert weights == sorted(weights, reverse=True) and set(weights) <= {0.0, 1.0}
     assert [b["rows"] for b in shares[0][0]] != [b["rows"] for b in shares[0][1]]
+
+
+def test_the_custom_head_example_trains_an_epoch(cache: Path) -> None:
+    """examples/custom_head.py, a plain PyTorch loop over CacheDataset, on a tiny cache (DataLoader workers included)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("custom_head", Path(__file__).resolve().parents[1] / "examples" / "custom_head.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    result = example.main([str(cache), "--epochs", "1", "--batch-size", "16", "--workers", "2"])
+    assert result["epoch"] == 1 and result["loss"] > 0
+    assert result["validation"]["metric"] == "accuracy" and 0 <= result["validation"]["score"] <= 1
