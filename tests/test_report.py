@@ -115,3 +115,15 @@ def test_a_run_with_nothing_to_train_still_gets_curves(tmp_path: Path) -> None:
 
     (tmp_path / "metrics.jsonl").write_text("")
     assert write_curves(tmp_path, 0, "probe").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_baseline_reports_and_draws_its_curves_too(tiny_t5: Path, glue_dir: Path, tmp_path: Path) -> None:
+    from read_cache.config import MethodConfig
+    from read_cache.methods.train import train_method
+
+    out = tmp_path / "bitfit"
+    cfg = MethodConfig(method="bitfit", model=str(tiny_t5), task="sst2", data_dir=glue_dir, limit=24, epochs=2, batch_size=8, out=out,
+                       progress=False, report_to=("tensorboard",))
+    summary = train_method(cfg)
+    assert [step for step, _ in scalar_values(events(out / TENSORBOARD), "train/loss")] == [1, 2][: summary["epochs_run"]]
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -18,7 +18,8 @@ With `num_workers=N`, worker w yields batches w, w+N, w+2N... of the epoch; the 
 each worker in turn, so it yields the reader's order exactly and each example once. Every worker still reads and
 decodes the whole epoch (the reader's public API yields whole epochs) and keeps only its own batches: workers buy
 overlap of reading with your step, in other processes, not less decoding. Inside a worker the reader decodes on
-one thread (`workers=1`): N processes already use N cores.
+one thread (`workers=1`): N processes already use N cores. In `mode="ram"` each process decodes and holds its
+own copy of the split.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ class CacheDataset(IterableDataset):
         self.shard = shard or launch_shard()
         """(rank, world size): this process's share, fixed when the dataset is made so workers inherit it."""
         self.epoch = 0
-        self._opened: tuple[int, SplitReader] | None = None
-        """(pid, reader) of the process that opened the cache: another process (a worker) opens its own."""
+        self._opened: tuple[int, Split, SplitReader] | None = None
+        """(pid, split, reader) of the process that opened the cache: another process (a worker) opens its own."""
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch (0-based) the next iteration yields; set it before each epoch, as with DistributedSampler."""
@@ -92,21 +93,25 @@ class CacheDataset(IterableDataset):
 
     def reader(self) -> SplitReader:
         """This process's reader of this rank's share, opened on first use in each process."""
-        if self._opened is None or self._opened[0] != os.getpid():
-            self._opened = (os.getpid(), self._make_reader(self.shard))
-        return self._opened[1]
+        return self._open()[2]
 
-    def _make_reader(self, shard: tuple[int, int]) -> SplitReader:
+    def _open(self) -> tuple[int, Split, SplitReader]:
+        if self._opened is None or self._opened[0] != os.getpid():
+            split = open_cache(self.location)[self.split]
+            self._opened = (os.getpid(), split, self._make_reader(split, self.shard))
+        return self._opened
+
+    def _make_reader(self, split: Split, shard: tuple[int, int]) -> SplitReader:
         # One decoding thread inside a DataLoader worker: the workers are the parallelism.
         workers = 1 if get_worker_info() is not None else None
-        return shard_reader(open_cache(self.location)[self.split], shard, block_tokens=self.block_tokens, workers=workers, **self.options)
+        return shard_reader(split, shard, block_tokens=self.block_tokens, workers=workers, **self.options)
 
     def steps(self, epoch: int) -> int:
         """Batches every rank yields in `epoch`: the longest share's (each rank computes every share, no talking)."""
+        _, split, reader = self._open()
         rank, world = self.shard
-        own = self.reader().batches_in(epoch)
-        others = [self._make_reader((r, world)).batches_in(epoch) for r in range(world) if r != rank]
-        return max([own, *others])
+        others = [self._make_reader(split, (r, world)).batches_in(epoch) for r in range(world) if r != rank]  # nothing is read
+        return max([reader.batches_in(epoch), *others])
 
     def __len__(self) -> int:
         """Batches this process's iteration yields in the current epoch (all workers together)."""
