@@ -34,6 +34,7 @@ from read_cache.kinds import (
     TRAIN_DTYPES,
     check_choice,
     check_installed,
+    check_reporters,
     is_method,
     parse_method,
     positive_int,
@@ -44,7 +45,7 @@ from read_cache.paths import check_location, redact_options
 
 T = TypeVar("T")
 
-EXAMPLES = {"--tasks": "cola,sst2,mrpc,stsb", "--rnn": "gru,lstm", "--dim": "128,256", "--lr": "1e-4,3e-4,1e-3", "--head": "lm,linear"}
+EXAMPLES = {"--tasks": "cola,sst2,mrpc,stsb", "--rnn": "gru,lstm", "--dim": "128,256", "--lr": "1e-4,3e-4,1e-3", "--head": "lm,linear", "--report-to": "tensorboard,wandb"}
 
 @dataclasses.dataclass
 class BuildConfig:
@@ -152,6 +153,10 @@ class TrainingOptions:
     """CPU threads for torch; None: every core but one (the reader thread's), see `device.training_threads`."""
     progress: bool = True
     """Show a progress bar per epoch."""
+    report_to: tuple[str, ...] = ("none",)
+    """Where each epoch's loss, validation score and examples/s (and once the config) go besides metrics.jsonl:
+    'tensorboard' (RUN/tensorboard/), 'wandb' (a W&B run in RUN; WANDB_MODE=offline is honoured), or 'none'.
+    Not part of a run's identity (`runs.VOLATILE`): a resumed run may report elsewhere."""
 
     def check_training_options(self, lr_hint: str) -> None:
         """Both configs' checks of the fields above; `lr_hint` ends the --lr error (an example, or what leaving it out means)."""
@@ -164,6 +169,7 @@ class TrainingOptions:
             raise ReadCacheError(f"--threads {self.threads} must be at least 1 (or left out)")
         if self.pooling is not None:
             check_choice("--pooling", self.pooling, POOLINGS, " (or leave it out for the model family's way)")
+        check_reporters(tuple(self.report_to))
 
 
 @dataclasses.dataclass

@@ -141,10 +141,38 @@ def positive_int(text: str) -> int | None:
     return value if value > 0 else None
 
 
+def installed(module: str) -> bool:
+    """True when `module` can be imported (found without importing it: the CLI checks flags before heavy imports)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def check_installed(spec: MethodSpec) -> None:
     """LoRA and prompt tuning come from peft (the `baselines` extra); say so before anything loads."""
-    if spec.name in ("lora", "prompt") and importlib.util.find_spec("peft") is None:
+    if spec.name in ("lora", "prompt") and not installed("peft"):
         raise ReadCacheError(f"--method {spec.label} needs peft; install it with: pip install 'read-cache[baselines]'")
+
+
+REPORTERS = ("tensorboard", "wandb", "none")
+"""Where `--report-to` sends each epoch's numbers (besides metrics.jsonl, always written)."""
+REPORTER_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb"}
+"""The package each reporter imports, which is also the name of read-cache's extra that installs it."""
+
+
+def check_reporters(names: tuple[str, ...]) -> None:
+    """--report-to's entries: known, 'none' alone, and each one's package installed; else a one-line error."""
+    if not names:
+        raise ReadCacheError("--report-to is empty; pass a comma list of tensorboard, wandb, or none")
+    for name in names:
+        check_choice("--report-to", name, REPORTERS, " (a comma list, e.g. --report-to tensorboard,wandb)")
+    if "none" in names and len(names) > 1:
+        raise ReadCacheError(f"--report-to {','.join(names)} mixes none with reporters; drop none (or pass none alone)")
+    for name in names:
+        package = REPORTER_EXTRAS.get(name)
+        if package is not None and not installed(package):
+            raise ReadCacheError(
+                f"--report-to {name} needs the {package} package, which is not installed; "
+                f"install it with: pip install 'read-cache[{package}]' (or leave {name} out of --report-to)"
+            )
 
 
 def is_method(text: str) -> bool:

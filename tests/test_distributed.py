@@ -312,7 +312,7 @@ main()
 
 
 def test_data_parallel_training_keeps_the_ranks_in_step(setup, tmp_path: Path) -> None:
-    """Weights equal on both ranks after every step; each epoch's shares are disjoint and cover train; one run folder."""
+    """Weights equal on both ranks after every step; each epoch's shares are disjoint and cover train; one run folder, one reporter."""
     _, _, reference = setup
     probe = tmp_path / "step_hashes.py"
     probe.write_text(STEP_HASHES)
@@ -321,7 +321,7 @@ def test_data_parallel_training_keeps_the_ranks_in_step(setup, tmp_path: Path) -
     run = tmp_path / "run"
     os.environ["STEP_LOG"] = str(logs)
     try:
-        ranks = launch(lambda rank: [probe, "train", "--cache", reference, "--dim", 8, "--epochs", 2, "--batch-size", 16, "--out", run, "--no-progress"])
+        ranks = launch(lambda rank: [probe, "train", "--cache", reference, "--dim", 8, "--epochs", 2, "--batch-size", 16, "--out", run, "--no-progress", "--report-to", "tensorboard"])
     finally:
         del os.environ["STEP_LOG"]
     assert [r.returncode for r in ranks] == [0, 0], ranks[0].stderr[-3000:]
@@ -336,7 +336,8 @@ def test_data_parallel_training_keeps_the_ranks_in_step(setup, tmp_path: Path) -
         assert not set(rows[0]) & set(rows[1])
         assert sorted(rows[0] + rows[1]) == list(range(n_train))
         assert abs(len(rows[0]) - len(rows[1])) < n_train // 4  # balanced shares
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl", "side_network.safetensors", "summary.json"]
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "curves.png", "metrics.jsonl", "side_network.safetensors", "summary.json", "tensorboard"]
+    assert len(list((run / "tensorboard").iterdir())) == 1  # rank 0 alone reports
     summary = json.loads((run / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["epochs_run"] == 2
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

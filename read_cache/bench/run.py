@@ -26,6 +26,7 @@ from read_cache.errors import ReadCacheError
 from read_cache.kinds import BENCH_METHODS as METHODS
 from read_cache.store import read_root_attrs
 from read_cache.util.files import write_json
+from read_cache.util.plots import pyplot, save
 
 log = logging.getLogger(__name__)
 
@@ -208,10 +209,7 @@ def backbone_size(methods: dict[str, Any]) -> int | None:
 
 def score_chart(report: dict[str, Any], path: Path) -> None:
     """The paper's Figure 1: test score against energy (wall time where no counter exists) and against peak memory."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import matplotlib.ticker
 
     scored = {n: r for n, r in with_read_total(report["methods"]).items() if isinstance(r.get("test"), dict) and n != "cached_store"}
@@ -237,16 +235,11 @@ def score_chart(report: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(f"test {next(iter(scored.values()))['test']['metric']}")
     model = "/".join(Path(report["config"]["model"]).parts[-2:])  # a package's `.../name/model` says more than `model`
     fig.suptitle(f"{report['config']['task']} on {model}: test score against cost, one point per method")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def chart(report: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     names = list(report["methods"])
     walls = [report["methods"][n]["total_seconds"] for n in names]
@@ -265,9 +258,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
         axes[2].set_axis_off()
     for ax in axes[:2]:
         ax.tick_params(axis="x", rotation=30)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from read_cache.errors import ReadCacheError
 
@@ -38,6 +39,9 @@ DropLayers = Annotated[int, typer.Option("--drop-last-layers", help="Drop the mo
 Preset = Annotated[Optional[str], typer.Option("--preset", help="paper: batch 96, up to 30 epochs, stop at the first epoch without a better validation score, Table 9's learning rates.")]
 Seeds = Annotated[int, typer.Option("--seeds", help="Run each configuration with this many seeds (--seed, --seed+1, ...): mean and std.")]
 NoRecurrence = Annotated[bool, typer.Option("--no-recurrence", help="A separate RNN cell per layer instead of one shared cell (the paper's Table 2 ablation).")]
+ReportTo = Annotated[
+    str, typer.Option("--report-to", help="Comma list of where each epoch's loss, validation score and examples/s go: tensorboard (RUN/tensorboard/), wandb, or none.")
+]
 ReaderWorkers = Annotated[Optional[int], typer.Option("--reader-workers", help="Threads decoding chunks in parallel; default: from the core count.")]
 
 
@@ -58,7 +62,8 @@ def user_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             return command(*args, **kwargs)
         except ReadCacheError as e:
             if not _quiet_rank(e):
-                console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                # Escaped: an install hint's "read-cache[extra]" would otherwise be taken for rich markup and vanish.
+                console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             how = RESUMES.get(command.__name__)

@@ -21,6 +21,7 @@ from read_cache.cli.common import (
     ProtocolOpt,
     Reader,
     ReaderWorkers,
+    ReportTo,
     StorageOptions,
     Threads,
     WeightDecay,
@@ -76,6 +77,7 @@ def sweep(
     reader_workers: ReaderWorkers = None,
     storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
+    report_to: ReportTo = ",".join(TrainConfig.report_to),
 ) -> None:
     """Train many side networks from one read of the cache; select by validation, report that run's test score."""
     from read_cache.paths import parse_storage_options
@@ -83,7 +85,7 @@ def sweep(
     shared = TrainConfig(
         cache=cache, pooling=pooling, weight_decay=weight_decay, seed=seed, reader=reader, memory_budget_gb=memory_budget, device_memory_budget_gb=device_memory_budget,
         device=device, dtype=dtype, threads=threads, reader_workers=reader_workers, progress=not no_progress, recurrence=not no_recurrence, preset=preset,
-        storage_options=parse_storage_options(storage_options),
+        storage_options=parse_storage_options(storage_options), report_to=parse_list("--report-to", report_to, str),
         **with_preset(preset, batch_size=batch_size, epochs=epochs, patience=patience),
     )
     shared.validate()

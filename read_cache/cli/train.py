@@ -19,6 +19,7 @@ from read_cache.cli.common import (
     Preset,
     Reader,
     ReaderWorkers,
+    ReportTo,
     Seeds,
     StorageOptions,
     Threads,
@@ -28,7 +29,7 @@ from read_cache.cli.common import (
     print_command,
     user_errors,
 )
-from read_cache.config import TrainConfig, check_seeds, given, with_preset
+from read_cache.config import TrainConfig, check_seeds, given, parse_list, with_preset
 from read_cache.errors import ReadCacheError
 from read_cache.paths import resolve_cache
 
@@ -60,6 +61,7 @@ def train(
     reader_workers: ReaderWorkers = None,
     storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
+    report_to: ReportTo = ",".join(TrainConfig.report_to),
     method: Annotated[Optional[str], typer.Option(help="Train a baseline on the live backbone instead: full, lora, prompt, adapter, bitfit, lst (NAME-SIZE: lora-32, prompt-10...).")] = None,
     model: Annotated[Optional[str], typer.Option(help="With --method: hub id or local folder of the backbone.")] = None,
     task: Annotated[Optional[str], typer.Option(help="With --method: the GLUE task.")] = None,
@@ -68,9 +70,10 @@ def train(
 ) -> None:
     """Stage two: train READ's side network and a head from a cache (the backbone is never loaded), or with
     --method a baseline (LoRA, prompt tuning, adapters, BitFit, LST, full) on the backbone itself."""
+    reporters = parse_list("--report-to", report_to, str)
     if method is not None or model is not None or task is not None:
         return _train_method(method, model, task, cache, data_dir=data_dir, limit=limit, pooling=pooling, lr=lr, weight_decay=weight_decay,
-                             seed=seed, out=out, overwrite=overwrite, device=device, threads=threads, progress=not no_progress,
+                             seed=seed, out=out, overwrite=overwrite, device=device, threads=threads, progress=not no_progress, report_to=reporters,
                              **given(batch_size=batch_size, epochs=epochs, patience=patience))
     from read_cache.paths import parse_storage_options
 
@@ -78,7 +81,7 @@ def train(
     cfg = TrainConfig(
         cache=cache, rnn=rnn, dim=dim, head=head, pooling=pooling, lr=lr, weight_decay=weight_decay, seed=seed, out=out,
         overwrite=overwrite, reader=reader, memory_budget_gb=memory_budget, device_memory_budget_gb=device_memory_budget, device=device, dtype=dtype, threads=threads, reader_workers=reader_workers,
-        progress=not no_progress, recurrence=not no_recurrence, preset=preset, **values,
+        progress=not no_progress, recurrence=not no_recurrence, preset=preset, report_to=reporters, **values,
         storage_options=parse_storage_options(storage_options),
     )
     cfg.validate()

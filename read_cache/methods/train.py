@@ -11,6 +11,8 @@ state restored), score validation and test, and write
       config.json          method, backbone identity, task, tokenization, this MethodConfig (written first)
       metrics.jsonl        one JSON line per epoch
       method.safetensors   the trainable parameters only (the backbone is reloaded from --model)
+      curves.png           training loss and validation score per epoch, the best epoch marked
+      tensorboard/, wandb/ with --report-to tensorboard / wandb (`read_cache.training.report`)
       summary.json         scores, parameter counts, time, memory (written last: its presence means done)
       checkpoint.pt        while training: the state after the last epoch
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,7 @@ from read_cache.tasks.data import load_glue
 from read_cache.tasks.metrics import majority_baseline, score
 from read_cache.tasks.specs import TaskSpec, get_task
 from read_cache.training import checkpoint, engine
+from read_cache.training.curves import write_curves
 from read_cache.training.engine import (
     EarlyStopping,
     Evaluation,
@@ -51,6 +54,7 @@ from read_cache.training.engine import (
     Pass,
     torch_threads,
 )
+from read_cache.training.report import Reporter, open_reporter
 from read_cache.training.runs import (
     CONFIG,
     METHOD_ARTIFACTS,
@@ -148,11 +152,11 @@ class Trainer:
         self.optimizer.step()
         return loss.item()
 
-    def member(self, patience: int = 1, metrics: Path | None = None) -> Member:
+    def member(self, patience: int = 1, metrics: Path | None = None, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> Member:
         """The engine's member for this module: a `TaskModel`'s trainable state is what early stopping and checkpoints
         keep; any other module (bench's online READ) only steps, with nothing kept."""
         snapshot, restore = getattr(self.module, "trainable_state", dict), getattr(self.module, "load_trainable_state", lambda state: None)
-        stopping = EarlyStopping(self.task, patience, snapshot=snapshot, restore=restore, metrics=metrics)
+        stopping = EarlyStopping(self.task, patience, snapshot=snapshot, restore=restore, metrics=metrics, on_epoch=on_epoch)
         return Member("", stopping, self.optimizer, self.step)
 
     def engine_pass(self, epochs: int, progress: bool = False, **options: Any) -> Pass:
@@ -202,14 +206,20 @@ def train_method(cfg: MethodConfig) -> dict[str, Any]:
         counts = {"backbone_parameters": backbone_parameters(backbone.model)}
         module = build_task_model(backbone, task, spec, pooling=cfg.pooling, seed=cfg.seed).to(backbone.device)
         counts |= parameter_counts(module, backbone, task, spec, counts["backbone_parameters"])
-        out = claim_run_dir(cfg, task, spec, run_config(cfg, spec, backbone, task, module))
+        record = run_config(cfg, spec, backbone, task, module)
+        out = claim_run_dir(cfg, task, spec, record)
+        report = open_reporter(cfg.report_to, out, record, out.name)
         lr = cfg.lr or spec.default_lr
         log.info("training %s on %s (%s): %s trainable parameters (%.3f%% of the backbone), lr %g",
                  spec.label, cfg.model, task.name, f"{counts['trainable_parameters']:,}", counts["trainable_percent"], lr)
         trainer = Trainer(module, task, splits, lr=lr, batch_size=cfg.batch_size, weight_decay=cfg.weight_decay, seed=cfg.seed, device=backbone.device)
-        with Meter() as meter:
-            history, best_epoch = fit(trainer, cfg, out)
-        validation, test = trainer.evaluate("validation"), trainer.evaluate("test")
+        try:
+            with Meter() as meter:
+                history, best_epoch = fit(trainer, cfg, out, report)
+            validation, test = trainer.evaluate("validation"), trainer.evaluate("test")
+        except BaseException:
+            report.close()  # what was logged is kept; finish closes it otherwise
+            raise
     summary = {
         "method": spec.label, "task": task.name, "model": backbone.info["model"], "run_dir": str(out), "lr": lr,
         "batch_size": cfg.batch_size, "seed": cfg.seed, **counts, "epochs_run": len(history), "best_epoch": best_epoch,
@@ -219,8 +229,10 @@ def train_method(cfg: MethodConfig) -> dict[str, Any]:
         "wall_seconds": time.perf_counter() - started, "device": str(backbone.device), "meter": meter.reading.to_dict(),
     }
     save_file(module.trainable_state(), str(out / METHOD_WEIGHTS))
+    write_curves(out, best_epoch, f"{task.name}: {spec.label}, lr {lr:.3g}")
     write_json(out / SUMMARY, summary)
     finished(out)
+    report.finish(summary)
     log.info("%s: best epoch %d, validation %s %.4f, test %.4f; run saved to %s", spec.label, best_epoch,
              summary["validation"]["metric"], summary["validation"]["score"], summary["test"]["score"], out)
     return summary
@@ -235,10 +247,11 @@ def parameter_counts(module: TaskModel, backbone: Backbone, task: TaskSpec, spec
     return {"trainable_parameters": trainable, "expected_parameters": expected, "trainable_percent": 100 * trainable / n_backbone}
 
 
-def fit(trainer: Trainer, cfg: MethodConfig, out: Path) -> tuple[list[dict[str, Any]], int]:
+def fit(trainer: Trainer, cfg: MethodConfig, out: Path, report: Reporter | None = None) -> tuple[list[dict[str, Any]], int]:
     """Up to --epochs on the engine, stopping after --patience epochs without a better validation score; the best
-    state restored. An interrupted run's checkpoint is resumed first. Returns (metrics history, best epoch)."""
-    member = trainer.member(cfg.patience, out / METRICS)
+    state restored. An interrupted run's checkpoint is resumed first; `report` sees every epoch (--report-to).
+    Returns (metrics history, best epoch)."""
+    member = trainer.member(cfg.patience, out / METRICS, on_epoch=report.epoch if report is not None else None)
     timeline: list[dict[str, Any]] = []
     first = checkpoint.resume_members(out, [member], timeline, cfg.epochs)
 

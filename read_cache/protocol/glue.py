@@ -34,6 +34,7 @@ from read_cache.config import GlueConfig, SearchConfig
 from read_cache.paper import PAPER_SCORES, TABLE1_TASKS, variant_of
 from read_cache.tasks.specs import get_task
 from read_cache.util.files import write_json
+from read_cache.util.plots import pyplot, save
 
 log = logging.getLogger(__name__)
 
@@ -215,10 +216,7 @@ def markdown(report: dict[str, Any]) -> str:
 
 def chart(report: dict[str, Any], path: Path) -> None:
     """glue.png: per task, the paper's score and ours (with the seeds' std) side by side, the difference above."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     rows = report["tasks"]
@@ -237,6 +235,4 @@ def chart(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"GLUE test scores, {report['seeds']} seed(s): ours against the paper's Table 1")
     ax.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
     ax.set_ylim(min(0, *[v - 5 for v in ours if math.isfinite(v)]), 108)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

@@ -4,7 +4,8 @@
       config.json                written first: the record of what trains (`config.record`, secrets masked)
       metrics.jsonl              one JSON line per epoch
       side_network.safetensors   READ's weights                  | method.safetensors: the trainable part
-      curves.png                 training loss and validation score per epoch
+      curves.png                 training loss and validation score per epoch, the best epoch marked
+      tensorboard/, wandb/       with --report-to tensorboard / wandb (`training.report`)
       summary.json               written last: its presence means the run is done
       checkpoint.pt              while training: the state after the last epoch (`training.checkpoint`)
 
@@ -38,9 +39,9 @@ WEIGHTS = "side_network.safetensors"
 METHOD_WEIGHTS = "method.safetensors"
 CURVES = "curves.png"
 CHECKPOINT = "checkpoint.pt"
-ARTIFACTS = (WEIGHTS, CONFIG, METRICS, SUMMARY)
+ARTIFACTS = (WEIGHTS, CONFIG, METRICS, SUMMARY, CURVES)
 """A READ run's own files (what --overwrite replaces)."""
-METHOD_ARTIFACTS = (METHOD_WEIGHTS, CONFIG, METRICS, SUMMARY)
+METHOD_ARTIFACTS = (METHOD_WEIGHTS, CONFIG, METRICS, SUMMARY, CURVES)
 SWEEP_CONFIG = "sweep-config.json"
 SWEEP_REPORT = "sweep.json"
 SWEEP_CHART = "sweep.png"

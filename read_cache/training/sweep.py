@@ -14,7 +14,8 @@ seed; networks that stop leave the pass. The selection is the paper's: the best
 validation score wins, and its test score is the one to report.
 
     DIR/
-      runs/NN-<rnn><dim>-<head>-lr<lr>/   one run folder per configuration, as `read-cache train` writes it
+      runs/NN-<rnn><dim>-<head>-lr<lr>/   one run folder per configuration, as `read-cache train` writes it (curves.png,
+                                          and with --report-to one TensorBoard / W&B run each)
       sweep.png                           validation curves
       sweep-config.json                   this SweepConfig and the cache's identity (written first)
       checkpoint.pt                       while training: every configuration's state after the last epoch
@@ -35,6 +36,7 @@ from read_cache.config import Search, SweepConfig, record
 from read_cache.kinds import RNNKind
 from read_cache.training import checkpoint, engine
 from read_cache.training.engine import Evaluation, Fitted, Member, torch_threads
+from read_cache.training.report import open_reporter
 from read_cache.training.runs import (
     CHECKPOINT,
     RUNS,
@@ -63,6 +65,7 @@ from read_cache.training.train import (
 from read_cache.util.device import autocast_dtype, pick_device, training_threads
 from read_cache.util.energy import Meter
 from read_cache.util.files import write_json
+from read_cache.util.plots import pyplot, save
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +87,16 @@ def _sweep(cfg: SweepConfig, launch: distributed.Launch, started: float) -> dict
         cfg = dataclasses.replace(cfg, shared=dataclasses.replace(cfg.shared, progress=False))
     with torch_threads(cfg.shared.threads, launch.local_world_size):
         members = setup(cfg, launch)
-        with Meter() as meter:
-            timeline = fit_all(members, cfg, launch)
-        fitted = [member.stopping.finish() for member in members]  # each network back at its best epoch
-        scoring = time.perf_counter()
-        validations, tests = score_all(members, fitted)
+        try:
+            with Meter() as meter:
+                timeline = fit_all(members, cfg, launch)
+            fitted = [member.stopping.finish() for member in members]  # each network back at its best epoch
+            scoring = time.perf_counter()
+            validations, tests = score_all(members, fitted)
+        except BaseException:
+            for member in members:  # what was logged is kept; save_run closes them otherwise
+                member.run.report.close()
+            raise
         timeline.append({"epoch": None, "configurations": len(members), "test_seconds": time.perf_counter() - scoring})
     wall, reading = time.perf_counter() - started, meter.reading.to_dict()
     entries = []
@@ -146,8 +154,11 @@ def setup(cfg: SweepConfig, launch: distributed.Launch = distributed.SINGLE) -> 
         size = "" if config.rnn == RNNKind.NONE else str(config.dim)
         name = f"{i:0{width}d}-{config.rnn}{size}-{net_cfg.head}-lr{config.lr:.3g}"
         config = dataclasses.replace(config, out=out / RUNS / name, overwrite=cfg.overwrite or resuming)
-        run_dir = claim_run_dir(config, task.name, net_cfg, run_config(config, net_cfg, cache))
-        run = Run(config, cache, task, build_network(config, net_cfg, cache, device), readers, device, amp, run_dir)
+        run_record = run_config(config, net_cfg, cache)
+        run_dir = claim_run_dir(config, task.name, net_cfg, run_record)
+        # One reported run per configuration, by the rank that trains it and writes its folder.
+        report = open_reporter(config.report_to, run_dir, run_record, f"{Path(cfg.out).name}/{name}")
+        run = Run(config, cache, task, build_network(config, net_cfg, cache, device), readers, device, amp, run_dir, report=report)
         members.append(read_member(run, name, index=i))
     log.info(
         "sweep of %d configurations (%s) on %s (%s): readers %s; %s",
@@ -249,10 +260,7 @@ def _report(
 
 def chart(report: dict[str, Any], path: Path) -> None:
     """sweep.png: every configuration's validation score per epoch, the selected one drawn thick."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 5))
     best = report["best"]["name"]
@@ -268,6 +276,4 @@ def chart(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['task']}: {report['configurations']} configurations ({report['search']}), selected {best}")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize="small" if len(report["configs"]) <= 12 else "x-small", ncol=1 + len(report["configs"]) // 16, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

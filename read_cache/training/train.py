@@ -10,6 +10,8 @@ write the run folder:
       config.json               side network + cache identity + this TrainConfig (written first)
       metrics.jsonl             one JSON line per epoch
       side_network.safetensors  the trained weights (with the head and its frozen LM rows)
+      curves.png                training loss and validation score per epoch, the best epoch marked
+      tensorboard/, wandb/      with --report-to tensorboard / wandb (`read_cache.training.report`)
       summary.json              scores, sizes, speed, energy (written last: its presence means done)
       checkpoint.pt             while training: the state after the last epoch (see `read_cache.training.checkpoint`)
 """
@@ -24,7 +26,7 @@ import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -35,10 +37,11 @@ from read_cache.config import TrainConfig
 from read_cache.errors import ReadCacheError
 from read_cache.kinds import HeadKind, RNNKind
 from read_cache.paper import resolve_lr
-from read_cache.store import Cache, open_cache
+from read_cache.store import Cache, Split, open_cache
 from read_cache.tasks.metrics import majority_baseline, score
 from read_cache.tasks.specs import TaskSpec, get_task
 from read_cache.training import checkpoint, engine
+from read_cache.training.curves import write_curves
 from read_cache.training.engine import (
     EarlyStopping,
     Evaluation,
@@ -48,6 +51,7 @@ from read_cache.training.engine import (
     torch_threads,
 )
 from read_cache.training.reader import Batch, SplitReader, batch_to, choose_modes
+from read_cache.training.report import Reporter, nowhere, open_reporter
 from read_cache.training.runs import (
     ARTIFACTS,
     CONFIG,
@@ -70,6 +74,7 @@ from read_cache.util.energy import Meter
 from read_cache.util.files import write_json
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SHARE_BLOCKS = 8
 """Under torchrun, a split of fewer than this many blocks per rank is read in chunk-sized blocks instead."""
@@ -93,6 +98,8 @@ class Run:
     """`net` wrapped in DistributedDataParallel under torchrun (steps go through it), else None."""
     rank_examples: list[list[int]] = dataclasses.field(default_factory=list)
     """Per epoch, the train examples each rank read (one entry per rank)."""
+    report: Reporter = dataclasses.field(default_factory=nowhere)
+    """--report-to's reporters of this run (nowhere on ranks that do not write the run folder)."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -104,10 +111,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     with distributed.session(cfg.device) as launch, torch_threads(cfg.threads, launch.local_world_size):
         run = setup(cfg, launch)
-        with Meter() as meter, distributed.peers_alive(launch):
-            fitted = fit(run)
-        validation = fitted.validation if fitted.validation is not None else evaluate(run, "validation")
-        test = evaluate(run, "test")
+        try:
+            with Meter() as meter, distributed.peers_alive(launch):
+                fitted = fit(run)
+            validation = fitted.validation if fitted.validation is not None else evaluate(run, "validation")
+            test = evaluate(run, "test")
+        except BaseException:
+            run.report.close()  # what was logged is kept; save_run closes it otherwise
+            raise
     summary = summarize(run, fitted, validation, test, wall_seconds=time.perf_counter() - started, meter=meter.reading.to_dict())
     save_run(run, summary)
     return summary
@@ -148,12 +159,15 @@ def summarize(run: Run, fitted: Fitted, validation: Evaluation, test: Evaluation
 
 
 def save_run(run: Run, summary: dict[str, Any]) -> None:
-    """Write the weights, then summary.json (last: its presence means the run is done); rank 0 only."""
+    """Write the weights and curves.png, then summary.json (last: its presence means the run is done), and give
+    the reporters the scores; rank 0 only."""
     if not run.launch.is_main:
         return
     save_file({k: v.detach().cpu().contiguous() for k, v in run.net.state_dict().items()}, str(run.out / WEIGHTS))
+    write_curves(run.out, summary["best_epoch"], f"{summary['task']}: {summary['rnn']}/{summary['dim']}, {summary['head']} head, lr {summary['lr']:.3g}")
     write_json(run.out / SUMMARY, summary)
     finished(run.out)
+    run.report.finish(summary)
     log.info(
         "best epoch %d: validation %s %.4f, test %s %.4f; run saved to %s",
         summary["best_epoch"], summary["validation"]["metric"], summary["validation"]["score"],
@@ -185,13 +199,15 @@ def setup(cfg: TrainConfig, launch: distributed.Launch = distributed.SINGLE) -> 
             f"the train split of {cache.path} is {len(readers['train'].bounds)} blocks, fewer than the {launch.world_size} ranks; "
             "the split is too small to share: launch fewer processes"
         )
-    out = distributed.on_main(launch, lambda: claim_run_dir(cfg, task.name, net_cfg, run_config(cfg, net_cfg, cache)))
+    record = run_config(cfg, net_cfg, cache)
+    out = distributed.on_main(launch, lambda: claim_run_dir(cfg, task.name, net_cfg, record))
+    report = open_reporter(cfg.report_to, out, record, out.name) if launch.is_main else nowhere()  # one writer per run
     log.info(
         "training %s/%d with a %s head on %s (%s): %s trainable parameters; readers %s; %s",
         cfg.rnn, cfg.dim, net_cfg.head, cache.path, task.name, f"{count_trainable(net):,}",
         ", ".join(f"{s} {r.mode}" for s, r in readers.items()), f"{device} {'bf16' if amp else 'fp32'}",
     )
-    return Run(cfg, cache, task, net, readers, device, amp, out, launch, data_parallel(net, launch, device))
+    return Run(cfg, cache, task, net, readers, device, amp, out, launch, data_parallel(net, launch, device), report=report)
 
 
 def data_parallel(net: SideNetwork, launch: distributed.Launch, device: torch.device) -> torch.nn.Module | None:
@@ -227,16 +243,24 @@ def make_readers(cfg: TrainConfig, cache: Cache, launch: distributed.Launch = di
     modes = choose_modes(cache, ("train", "validation", "test"), cfg.reader, int(cfg.memory_budget_gb * 1e9), device, device_budget)
     readers = {}
     for split, mode in modes.items():
-        options = dict(
-            batch_size=cfg.batch_size, shuffle=split == "train", seed=cfg.seed, mode=mode, shuffle_blocks=cfg.shuffle_blocks,
-            workers=cfg.reader_workers, device=device, shard=(launch.rank, launch.world_size),
+        readers[split] = shard_reader(
+            cache[split], (launch.rank, launch.world_size), block_tokens=cfg.block_tokens, batch_size=cfg.batch_size,
+            shuffle=split == "train", seed=cfg.seed, mode=mode, shuffle_blocks=cfg.shuffle_blocks, workers=cfg.reader_workers, device=device,
         )
-        reader = SplitReader(cache[split], block_tokens=cfg.block_tokens, **options)
-        if launch.distributed and cfg.block_tokens is None and len(reader.bounds) < SHARE_BLOCKS * launch.world_size:
-            # Too few default (~32 MB) blocks to deal out evenly: one chunk per block, still chunk-aligned.
-            reader = SplitReader(cache[split], block_tokens=cache[split].token_chunk, **options)
-        readers[split] = reader
     return readers
+
+
+def shard_reader(split: Split, shard: tuple[int, int], *, block_tokens: int | None = None, **options: Any) -> SplitReader:
+    """The reader of rank `shard[0]` of `shard[1]`'s share of `split` (`options` as SplitReader takes them).
+
+    Under torchrun a split of too few default (~32 MB) blocks to deal out evenly is read one chunk per block
+    (still chunk-aligned); `CacheDataset` shards the same way, so its ranks read what train's would.
+    """
+    reader = SplitReader(split, block_tokens=block_tokens, shard=shard, **options)
+    world_size = shard[1]
+    if world_size > 1 and block_tokens is None and len(reader.bounds) < SHARE_BLOCKS * world_size:
+        reader = SplitReader(split, block_tokens=split.token_chunk, shard=shard, **options)
+    return reader
 
 
 def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideNetworkConfig:
@@ -326,7 +350,7 @@ def read_member(run: Run, name: str = "", index: int = 0) -> Member:
     optimizer = make_optimizer(run) if trainable(net) else None
     stopping = EarlyStopping(
         run.task, run.cfg.patience, snapshot=lambda: copy.deepcopy(net.state_dict()), restore=net.load_state_dict,
-        metrics=run.out / METRICS if run.launch.is_main else None, name=name,
+        metrics=run.out / METRICS if run.launch.is_main else None, name=name, on_epoch=run.report.epoch,
     )
     return Member(name, stopping, optimizer, lambda batch, weight: train_step(run, optimizer, batch, weight), index=index, run=run)
 
@@ -349,14 +373,26 @@ def train_batches(run: Run, epoch: int) -> Iterator[tuple[Batch, int, float]]:
     reader = run.readers["train"]
     steps = max(distributed.gather(run.launch, reader.batches_in(epoch - 1)))
     own = reader.epoch(epoch - 1, next_epoch=epoch if epoch < run.cfg.epochs else None)
-    batch: Batch | None = None
     try:
-        for _ in range(steps):
-            fresh = next(own, None)
-            batch = fresh if fresh is not None else batch
-            yield batch_to(batch, run.device), len(batch["rows"]) if fresh is not None else 0, 1.0 if fresh is not None else 0.0
+        for batch, fresh in even_steps(own, steps):
+            yield batch_to(batch, run.device), len(batch["rows"]) if fresh else 0, 1.0 if fresh else 0.0
     finally:
         own.close()
+
+
+def even_steps(own: Iterator[T], steps: int) -> Iterator[tuple[T, bool]]:
+    """(item, fresh) for `steps` steps of `own`: once it runs out, its last item again with fresh False.
+
+    The one rule for ranks whose shares differ (train's steps and `CacheDataset`'s batches): every rank
+    steps as often as the longest share, the repeats adding nothing (their loss weight is 0).
+    """
+    last: T | None = None
+    for _ in range(steps):
+        fresh = next(own, None)
+        last = fresh if fresh is not None else last
+        if last is None:
+            raise ValueError("a rank with an empty share has nothing to repeat")
+        yield last, fresh is not None
 
 
 def validate(members: list[Member]) -> list[Evaluation]:
