@@ -368,7 +368,7 @@ def test_cli_build_then_inspect_json(tiny_t5: Path, glue_dir: Path, tmp_path: Pa
     info = json.loads(result.stdout)
     assert info["task"] == "stsb" and info["splits"]["train"]["complete"]
     assert info["splits"]["train"]["shapes"]["encoder_hidden"] == [info["splits"]["train"]["tokens"], 3, 32]
-    assert info["splits"]["train"]["disk_bytes"] > 0 and info["float_dtype"] == "fp8"  # the default
+    assert info["splits"]["train"]["disk_bytes"] > 0 and info["float_dtype"] == "int8"  # the default
 
 
 def test_python_m_entry_point() -> None:

@@ -27,6 +27,7 @@ from read_cache.backbone.inputs import Tokenized, model_inputs, tokenize
 from read_cache.backbone.load import Backbone, load_backbone
 from read_cache.build.identity import check_same_build, make_geometry, root_attributes
 from read_cache.build.splits import ComputedSplit, SplitReport, build_split
+from read_cache.build.units import fit_channel_scales
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import (
@@ -172,7 +173,8 @@ def open_store(cfg: BuildConfig, out: Location, task: TaskSpec, backbone: Backbo
     if existing is None:
         targets = task.targets(cfg.protocol)
         lm = backbone.lm_head(targets) if backbone.kind == "t5" and targets else None
-        CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), lm["rows"] if lm else None)
+        channels = fit_channel_scales(backbone, tokenized["train"], cfg) if geometry.format.compact else None
+        CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), lm["rows"] if lm else None, channels)
 
 
 def check_disk(out: Location, geometry: Geometry, tokenized: dict[str, Tokenized], existing: dict | None, force: bool) -> None:

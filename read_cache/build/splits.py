@@ -137,11 +137,14 @@ def compute_units(
     """Run the backbone over this rank's units, handing each to the writer thread; on failure the units already
     computed are still written (`tail`), as a rerun resumes from them."""
     offsets = tokenized.offsets
+    channels = writer.channel_scales()  # stored with the cache: the same for every unit, resume and rank
     try:
         with progress:
             for unit in mine:
                 t = time.perf_counter()
-                tokens, examples, unit_errors = compute_unit(backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed)
+                tokens, examples, unit_errors = compute_unit(
+                    backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed, channels
+                )
                 forward_seconds[0] += time.perf_counter() - t
                 unit_writer.put(unit, tokens, examples, unit_errors)
     except BaseException:

@@ -17,7 +17,13 @@ from read_cache.backbone.load import Backbone
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import CacheWriter, Geometry, Unit, token_rows
-from read_cache.store.formats import ErrorStats, dequantise, quantise_torch
+from read_cache.store.formats import (
+    CHANNEL_SAMPLE_EXAMPLES,
+    ErrorStats,
+    dequantise,
+    fit_channel_scale,
+    quantise_torch,
+)
 
 ERROR_SAMPLE_STRIDE = 8
 """Every 8th row of every batch is dequantised again and compared with the float32 it came from."""
@@ -26,16 +32,18 @@ ERROR_SAMPLE_STRIDE = 8
 class StatesOut:
     """One unit's rows of a hidden-state array in the store's format: codes, and scales for compact formats."""
 
-    def __init__(self, rows: int, layers: int, geometry: Geometry, name: str):
+    def __init__(self, rows: int, layers: int, geometry: Geometry, name: str, channel: np.ndarray | None = None):
         fmt = geometry.format
         self.name, self.fmt = name, fmt
+        self.channel = channel
+        """Per-channel scales [layers, d] (powers of two) the states are divided by before quantising, or None."""
         self.codes = np.empty((rows, layers, fmt.code_width(geometry.d_model)), dtype=fmt.code_dtype)
         self.scale = np.empty((rows, layers, *geometry.scale_shape()), dtype=fmt.scale_dtype) if fmt.compact else None
         self.errors = ErrorStats.empty(layers)
 
     def put(self, dest: np.ndarray, states: torch.Tensor) -> None:
         if self.fmt.compact:
-            codes, scale = quantise_torch(states, self.fmt)
+            codes, scale = quantise_torch(states, self.fmt, self.channel)
         else:  # 16-bit: to_stored also refuses a float16 overflow, naming the part
             codes, scale = to_stored(states, self.fmt.name, self.name.split("_")[0]), None
         self.codes[dest] = codes
@@ -44,7 +52,10 @@ class StatesOut:
         sample = slice(None, None, ERROR_SAMPLE_STRIDE)
         reference = states[sample].float().cpu().numpy()
         if len(reference):
-            self.errors.add(reference, dequantise(codes[sample], None if scale is None else scale[sample], self.fmt))
+            # With channel scales the error is measured on the scaled states, every channel in its typical
+            # range: unscaled, a row's norm is its outliers', and the ceilings would judge only them.
+            decoded = dequantise(codes[sample], None if scale is None else scale[sample], self.fmt)
+            self.errors.add(reference if self.channel is None else reference / self.channel, decoded)
 
     def arrays(self, rows: slice) -> dict[str, np.ndarray]:
         out = {self.name: self.codes[rows]}
@@ -55,7 +66,7 @@ class StatesOut:
 
 def compute_unit(
     backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: np.ndarray, cfg: BuildConfig, geometry: Geometry,
-    on_batch: Callable[[int], None] = lambda n: None,
+    on_batch: Callable[[int], None] = lambda n: None, channels: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict, dict, dict[str, ErrorStats]]:
     """Run the backbone over a unit's examples and lay the results out as the store wants them.
 
@@ -67,10 +78,11 @@ def compute_unit(
     c0, c1 = unit.compute
     base = int(offsets[c0])
     n_tok = int(offsets[c1]) - base
-    enc = StatesOut(n_tok, geometry.n_encoder_layers, geometry, "encoder_hidden")
+    channels = channels or {}
+    enc = StatesOut(n_tok, geometry.n_encoder_layers, geometry, "encoder_hidden", channels.get("encoder_hidden"))
     cross = np.empty((n_tok, *geometry.cross_shape()), dtype=_np16(geometry.cross_dtype)) if geometry.cross_attention else None
     e0, e1 = unit.examples
-    dec = StatesOut(e1 - e0, geometry.n_decoder_layers, geometry, "decoder_hidden") if geometry.cross_attention else None
+    dec = StatesOut(e1 - e0, geometry.n_decoder_layers, geometry, "decoder_hidden", channels.get("decoder_hidden")) if geometry.cross_attention else None
     types = tokenized.type_ids[c0:c1] if tokenized.type_ids is not None else None
     for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention, types):
         examples = positions + c0
@@ -92,6 +104,19 @@ def compute_unit(
     for name, stats in errors.items():
         stats.check(geometry.format, name)
     return tokens, examples_out, errors
+
+
+def fit_channel_scales(backbone: Backbone, tokenized: Tokenized, cfg: BuildConfig) -> dict[str, np.ndarray]:
+    """Per-channel scales of the quantised arrays, fitted on the first CHANNEL_SAMPLE_EXAMPLES train examples
+    (`formats.fit_channel_scale`); the build stores them with the new cache, before its first unit."""
+    ids = tokenized.ids[:CHANNEL_SAMPLE_EXAMPLES]
+    types = tokenized.type_ids[:CHANNEL_SAMPLE_EXAMPLES] if tokenized.type_ids is not None else None
+    samples: dict[str, list[np.ndarray]] = {"encoder_hidden": [], "decoder_hidden": []}
+    for _, states in forward_batches(backbone, ids, cfg.batch_size, cfg.cross_attention, types):
+        samples["encoder_hidden"].append(states.encoder_hidden.float().cpu().numpy())
+        if states.decoder_hidden is not None:
+            samples["decoder_hidden"].append(states.decoder_hidden.float().cpu().numpy())
+    return {name: fit_channel_scale(np.concatenate(parts)) for name, parts in samples.items() if parts}
 
 
 def _np16(float_dtype: str) -> Any:

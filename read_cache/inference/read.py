@@ -93,13 +93,14 @@ def online_states(backbone: Backbone, task: TaskSpec, texts: list[tuple[str, ...
     offsets = tokenized.offsets
     fmt, cross_mode = get_format(cache["float_dtype"]), cache["cross_attention"] or "mean"
     cross_fmt = get_format("bfloat16" if fmt.compact else fmt.name)  # the store keeps cross-attention 16-bit
+    channels = {name: np.asarray(v, dtype=np.float32) for name, v in (cache.get("channel_scales") or {}).items()}
     enc = np.empty((int(offsets[-1]), backbone.n_encoder_layers, backbone.d_model), dtype=np.float32)
     cross = dec = None
     for positions, states in forward_batches(backbone, tokenized.ids, batch_size, cross_mode, tokenized.type_ids):
         dest = token_rows(offsets, positions)
-        enc[dest] = round_trip(states.encoder_hidden, fmt)
+        enc[dest] = round_trip(states.encoder_hidden, fmt, channels.get("encoder_hidden"))
         if states.cross_attention is not None:
-            stored_cross, stored_dec = round_trip(states.cross_attention, cross_fmt), round_trip(states.decoder_hidden, fmt)
+            stored_cross, stored_dec = round_trip(states.cross_attention, cross_fmt), round_trip(states.decoder_hidden, fmt, channels.get("decoder_hidden"))
             if cross is None:
                 cross = np.empty((len(enc), *stored_cross.shape[1:]), dtype=np.float32)
                 dec = np.empty((len(texts), *stored_dec.shape[1:]), dtype=np.float32)
@@ -115,9 +116,10 @@ def online_states(backbone: Backbone, task: TaskSpec, texts: list[tuple[str, ...
     return out
 
 
-def round_trip(states: torch.Tensor, fmt: StoreFormat) -> np.ndarray:
-    """States as the cache gives them back: quantised to the store's format and decoded again."""
-    return dequantise(*quantise_torch(states, fmt), fmt)
+def round_trip(states: torch.Tensor, fmt: StoreFormat, channel: np.ndarray | None = None) -> np.ndarray:
+    """States as the cache gives them back: divided by the per-channel scales, quantised to the store's format,
+    decoded again and multiplied back (as `build.units.StatesOut` stores and the reader decodes them)."""
+    return dequantise(*quantise_torch(states, fmt, channel), fmt, channel=channel)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from read_cache.store.formats import dequantise
 from read_cache.store.layout import (
     SPLITS,
     Geometry,
+    channel_scale_array,
     check_format_version,
     decode_floats,
     read_root_attrs,
@@ -150,8 +151,10 @@ class Split:
         ids = self.read_array("input_ids", slice(int(self.offsets[i]), int(self.offsets[i + 1])))
         return Example(
             input_ids=ids,
-            encoder_hidden=dequantise(block.encoder_hidden, block.encoder_scale, g.format),
-            decoder_hidden=None if block.decoder_hidden is None else dequantise(block.decoder_hidden, block.decoder_scale, g.format)[0],
+            encoder_hidden=dequantise(block.encoder_hidden, block.encoder_scale, g.format, channel=self.cache.channel_scale("encoder_hidden")),
+            decoder_hidden=None if block.decoder_hidden is None else dequantise(
+                block.decoder_hidden, block.decoder_scale, g.format, channel=self.cache.channel_scale("decoder_hidden")
+            )[0],
             cross_attention=None if block.cross_attention is None else decode_floats(block.cross_attention, g.cross_dtype),
             label=block.label[0].item(),
             index=int(self.index[i]),
@@ -228,6 +231,7 @@ class Cache:
         with translated(self.location):
             self._group = zarr.open_group(self.location.store(read_only=True), mode="r", zarr_format=3)
         self._splits: dict[str, Split] = {}
+        self._channel_scales: dict[str, np.ndarray | None] = {}
 
     def __repr__(self) -> str:
         return f"Cache({str(self.path)!r}, model={self.model!r}, task={self.task!r}, splits={self.splits})"
@@ -250,6 +254,13 @@ class Cache:
 
     def split_status(self, split: str) -> dict[str, Any]:
         return self.info.splits.get(split, {})
+
+    def channel_scale(self, name: str) -> np.ndarray | None:
+        """`name`'s per-channel scales [layers, d] (multiply after dequantising), or None where the cache has none."""
+        if name not in self._channel_scales:
+            key = channel_scale_array(name)
+            self._channel_scales[name] = self._group[key][...] if key in self._group else None
+        return self._channel_scales[name]
 
     def lm_head_rows(self) -> np.ndarray | None:
         return self._group["lm_head_rows"][...] if "lm_head_rows" in self._group else None

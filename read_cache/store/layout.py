@@ -59,12 +59,21 @@ from read_cache.store.location import Location
 
 FORMAT_VERSION = 3
 """2 added the compact formats (fp8, int8, int4: codes + `*_scale` arrays); 3 stores their codes and scales raw
-(crc32c only) by default and records the codec in the geometry. Caches of versions 1 and 2 read unchanged: zarr
+(crc32c only) by default and records the codec in the geometry, and its compact caches may carry per-channel
+scales (root arrays `encoder_hidden_channel_scale`, `decoder_hidden_channel_scale`: a reader that finds none
+multiplies by 1, so caches written before them read unchanged). Caches of versions 1 and 2 read unchanged: zarr
 reads every array's codecs from its own zarr.json."""
 SPLITS = ("train", "validation", "test")
 FLOAT_DTYPES = STORE_DTYPES
 SCALED_ARRAYS = ("encoder_hidden", "decoder_hidden")
 """The arrays a compact format quantises; cross-attention stays bfloat16 (N_D values per token)."""
+
+
+def channel_scale_array(name: str) -> str:
+    """The root array of `name`'s per-channel scales [layers, d] (compact caches built since format 3.1)."""
+    return f"{name}_channel_scale"
+
+
 # Chunk targets, in raw bytes: big enough that codec and file overheads vanish, small enough that a
 # training reader's shuffle blocks stay fine-grained (DESIGN: ~1-8 MB).
 CHUNK_BYTES = int(BuildConfig.chunk_mb * 2**20)  # the default lives on BuildConfig

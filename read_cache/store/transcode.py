@@ -16,9 +16,13 @@ import logging
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from read_cache.errors import ReadCacheError
 from read_cache.store import (
+    SCALED_ARRAYS,
     SPLITS,
+    Cache,
     CacheWriter,
     Geometry,
     codec_description,
@@ -27,7 +31,14 @@ from read_cache.store import (
     prepare_cache_dir,
     resolve_codec,
 )
-from read_cache.store.formats import ErrorStats, dequantise, get_format, quantise
+from read_cache.store.formats import (
+    CHANNEL_SAMPLE_EXAMPLES,
+    ErrorStats,
+    dequantise,
+    fit_channel_scale,
+    get_format,
+    quantise,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +59,29 @@ def transcode(source: Path, dest: Path, store_dtype: str, codec: str = "auto") -
         build={**src.attrs["build"], "float_dtype": fmt.name, "codec": geometry.codec},
         transcoded_from={"path": str(source), "float_dtype": src.geometry.float_dtype},
     )
-    writer = CacheWriter.create(dest, geometry, attrs, src.lm_head_rows())
+    channels = _channel_scales(src) if fmt.compact else {}
+    writer = CacheWriter.create(dest, geometry, attrs, src.lm_head_rows(), channels)
     for split in SPLITS:
-        _transcode_split(src[split], writer, geometry, split)
+        _transcode_split(src[split], writer, geometry, split, channels)
     return dest
 
 
-def _transcode_split(split, writer: CacheWriter, geometry: Geometry, name: str) -> None:
+def _channel_scales(src: Cache) -> dict[str, np.ndarray]:
+    """The source's per-channel scales, or ones fitted as the build fits them (its first train examples, decoded)."""
+    found = {name: scale for name in SCALED_ARRAYS if (scale := src.channel_scale(name)) is not None}
+    if found:
+        return found
+    train = src["train"]
+    sample = train.read_block(0, min(CHANNEL_SAMPLE_EXAMPLES, len(train)))
+    arrays = {"encoder_hidden": (sample.encoder_hidden, sample.encoder_scale), "decoder_hidden": (sample.decoder_hidden, sample.decoder_scale)}
+    fmt = src.geometry.format
+    return {
+        name: fit_channel_scale(dequantise(codes, scale, fmt, channel=src.channel_scale(name)))
+        for name, (codes, scale) in arrays.items() if codes is not None
+    }
+
+
+def _transcode_split(split, writer: CacheWriter, geometry: Geometry, name: str, channels: dict[str, np.ndarray]) -> None:
     fmt = geometry.format
     skeleton = {key: split.array(key)[...] for key in ("offsets", "input_ids", "label", "index")}
     status = split.cache.split_status(name)
@@ -76,14 +103,15 @@ def _transcode_split(split, writer: CacheWriter, geometry: Geometry, name: str) 
             tokens["cross_attention"] = split.array("cross_attention")[t0:t1]
         for array, rows, out in sources:
             scale = split.array(f"{array}_scale")[rows] if src_fmt.compact else None
-            values = dequantise(split.array(array)[rows], scale, src_fmt)
-            codes, new_scale = quantise(values, fmt)
+            values = dequantise(split.array(array)[rows], scale, src_fmt, channel=split.cache.channel_scale(array))
+            codes, new_scale = quantise(values, fmt, channels.get(array))
             out[array] = codes
             if new_scale is not None:
                 out[f"{array}_scale"] = new_scale
             if len(values):
                 stats = errors.setdefault(array, ErrorStats.empty(values.shape[1]))
-                stats.add(values[::8], dequantise(codes[::8], None if new_scale is None else new_scale[::8], fmt))
+                channel = channels.get(array)  # the error on the scaled states, as the build measures it
+                stats.add(values[::8] if channel is None else values[::8] / channel, dequantise(codes[::8], None if new_scale is None else new_scale[::8], fmt))
         writer.write_unit(name, unit, tokens, examples)
     for array, stats in errors.items():
         stats.check(fmt, array)

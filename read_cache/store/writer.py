@@ -17,9 +17,11 @@ from read_cache.errors import ReadCacheError
 from read_cache.store.formats import format_attrs
 from read_cache.store.layout import (
     FORMAT_VERSION,
+    SCALED_ARRAYS,
     Geometry,
     Unit,
     _compressors,
+    channel_scale_array,
     choose_unit_examples,
     storage_numpy_dtype,
 )
@@ -90,7 +92,12 @@ class CacheWriter:
         """Called before each write; the build sets it to its lease's `check` (see store.lease)."""
 
     @classmethod
-    def create(cls, path: Path | Location, geometry: Geometry, attrs: dict[str, Any], lm_head_rows: np.ndarray | None) -> CacheWriter:
+    def create(
+        cls, path: Path | Location, geometry: Geometry, attrs: dict[str, Any], lm_head_rows: np.ndarray | None,
+        channel_scales: dict[str, np.ndarray] | None = None,
+    ) -> CacheWriter:
+        """A new store; `channel_scales` (array name -> [layers, d], `formats.fit_channel_scale`) are written
+        before any unit, as root arrays `<name>_channel_scale`, so a resume and every rank use the same."""
         attrs = {**attrs, "format_version": FORMAT_VERSION, "geometry": geometry.to_dict(), "splits": {}}
         location = Location.parse(path)
         if location.is_local:
@@ -103,7 +110,13 @@ class CacheWriter:
             group = zarr.open_group(location.store(), mode="a", zarr_format=3, attributes=attrs)
         if lm_head_rows is not None:
             group.create_array("lm_head_rows", data=lm_head_rows.astype(np.float32), overwrite=True)
+        for name, scale in (channel_scales or {}).items():
+            group.create_array(channel_scale_array(name), data=scale.astype(np.float32), overwrite=True)
         return cls(path, geometry)
+
+    def channel_scales(self) -> dict[str, np.ndarray]:
+        """The per-channel scales this store was created with (none for 16-bit formats and older caches)."""
+        return {name: self.group[channel_scale_array(name)][...] for name in SCALED_ARRAYS if channel_scale_array(name) in self.group}
 
     # --- split creation --------------------------------------------------------------------------
     def has_split(self, split: str) -> bool:

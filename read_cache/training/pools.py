@@ -46,14 +46,22 @@ class Decoding:
     """Format of cross_attention (16-bit)."""
     coded: bool = False
     """Yield codes + scales as stored (a CodedBatch, dequantised by `batch_to` on the device) instead of float32."""
+    channels: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, compare=False)
+    """Per-channel scales [layers, d] by field ("enc", "dec"), where the cache has them: multiplied in after dequantising."""
 
     @classmethod
     def of(cls, split: Split, coded: bool) -> Decoding:
-        g = split.cache.geometry
-        return cls(g.format, get_format(g.cross_dtype), coded)
+        g, cache = split.cache.geometry, split.cache
+        channels = {k: cache.channel_scale(STORED[k]) for k in ("enc", "dec")}
+        return cls(g.format, get_format(g.cross_dtype), coded, {k: v for k, v in channels.items() if v is not None})
 
     def format_of(self, key: str) -> StoreFormat:
         return self.cross if key == "cross" else self.states
+
+    def decode_torch(self, key: str, codes: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """`key`'s codes (+ scales) on their device -> float32 there, as the host's `dequantise` gives them."""
+        channel = self.channels.get(key)
+        return dequantise_torch(codes, scale, self.format_of(key), None if channel is None else torch.from_numpy(channel).to(codes.device))
 
 
 class CodedBatch(dict):
@@ -136,7 +144,8 @@ class Pool:
                   for k, a in stored.arrays.items() if not k.endswith("_scale")}
         out = ring.take(floats) if ring is not None else {k: np.empty(s, d) for k, (s, d) in floats.items()}
         for key in floats:
-            batch[key] = torch.from_numpy(dequantise(stored.arrays[key], stored.arrays.get(f"{key}_scale"), decoding.format_of(key), out=out[key]))
+            codes, scale = stored.arrays[key], stored.arrays.get(f"{key}_scale")
+            batch[key] = torch.from_numpy(dequantise(codes, scale, decoding.format_of(key), out=out[key], channel=decoding.channels.get(key)))
         return batch
 
 
@@ -202,7 +211,7 @@ class DevicePool:
                 index = tokens if key in TOKEN_ARRAYS else examples
                 scale = self.tensors.get(f"{key}_scale")
                 codes = self.tensors[key].index_select(0, index)
-                batch[key] = dequantise_torch(codes, None if scale is None else scale.index_select(0, index), decoding.format_of(key))
+                batch[key] = decoding.decode_torch(key, codes, None if scale is None else scale.index_select(0, index))
         return batch
 
 
@@ -216,5 +225,5 @@ def batch_to(batch: Batch, device: torch.device) -> Batch:
             batch.views.slot.event.record()
         for key in ("enc", "cross", "dec"):
             if key in moved:
-                moved[key] = dequantise_torch(moved[key], moved.pop(f"{key}_scale", None), batch.decoding.format_of(key))
+                moved[key] = batch.decoding.decode_torch(key, moved[key], moved.pop(f"{key}_scale", None))
     return moved

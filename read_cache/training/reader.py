@@ -60,6 +60,7 @@ from read_cache.training.pools import (
     concat_pools,
 )
 from read_cache.training.windows import WindowReader
+from read_cache.util.heap import release_free_heap
 
 __all__ = ["Batch", "CodedBatch", "Decoding", "SplitReader", "batch_to", "choose_modes", "epoch_windows"]
 T = TypeVar("T")
@@ -300,6 +301,7 @@ class SplitReader:
             for start in range(0, last, self.batch_size):
                 yield self._job(pool, positions[start : start + self.batch_size])
             del pool  # the window's memory returns to the ring once its batches are made
+            release_free_heap()  # what the training step freed meanwhile goes back too (util.heap)
 
     def _read_window(self, window: Window, carry: tuple[Pool, np.ndarray] | None = None) -> Future[Pool]:
         """Start reading a window's blocks (after `carry`'s examples) on the reader's background thread."""

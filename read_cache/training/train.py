@@ -37,7 +37,7 @@ from read_cache.config import TrainConfig
 from read_cache.errors import ReadCacheError
 from read_cache.kinds import HeadKind, RNNKind
 from read_cache.paper import resolve_lr
-from read_cache.store import Cache, Split, open_cache
+from read_cache.store import SCALED_ARRAYS, Cache, Split, open_cache
 from read_cache.tasks.metrics import majority_baseline, score
 from read_cache.tasks.specs import TaskSpec, get_task
 from read_cache.training import checkpoint, engine
@@ -318,7 +318,15 @@ def cache_record(cache: Cache) -> dict[str, Any]:
         "label_words": list(info.label_words) if info.label_words else None,
         "protocol": info.protocol,
         "drop_last_layers": info.drop_last_layers,
+        **channel_record(cache),
     }
+
+
+def channel_record(cache: Cache) -> dict[str, Any]:
+    """The cache's per-channel scales (powers of two: exact in JSON), which predicting online must apply too."""
+    scales = {name: cache.channel_scale(name) for name in SCALED_ARRAYS}
+    scales = {name: s.tolist() for name, s in scales.items() if s is not None}
+    return {"channel_scales": scales} if scales else {}
 
 
 # --------------------------------------------------------------------------------------------------
