@@ -112,7 +112,7 @@ def tuned_backbone(shape: str, device: str, tiny: bool) -> Any:
 
     n_e, n_d, d, heads, d_ff, _ = SHAPES[shape]
     config = T5Config(d_model=d, d_ff=d_ff, num_layers=n_e, num_decoder_layers=n_d, num_heads=heads, d_kv=d // heads,
-                      vocab_size=32128, attn_implementation="eager")
+                      vocab_size=32128, decoder_start_token_id=0, pad_token_id=0, attn_implementation="eager")
     if tiny:
         config.num_layers = config.num_decoder_layers = 2
     net = T5ForConditionalGeneration(config)
