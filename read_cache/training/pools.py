@@ -96,10 +96,9 @@ class Pool:
             np.arange(block.start, block.start + n, dtype=np.int64), {k: v for k, v in fields.items() if v is not None},
         )
 
-    def layout(self, positions: np.ndarray, extra_tokens: int = 0, extra_examples: int = 0) -> Layout:
-        """Shapes of a contiguous copy of the examples at `positions` (+ room for more in front)."""
-        tokens = int(self.lengths[positions].sum()) + extra_tokens
-        n = len(positions) + extra_examples
+    def layout(self, positions: np.ndarray) -> Layout:
+        """Shapes of a contiguous copy of the examples at `positions`."""
+        tokens, n = int(self.lengths[positions].sum()), len(positions)
         return {k: (((tokens if k in TOKEN_ARRAYS else n), *a.shape[1:]), a.dtype) for k, a in self.arrays.items()}
 
     def copy_into(self, positions: np.ndarray, out: dict[str, np.ndarray], at_token: int = 0, at_example: int = 0) -> None:
@@ -126,7 +125,7 @@ class Pool:
 
     def gather(self, positions: np.ndarray, decoding: Decoding, ring: BufferRing | None = None) -> Batch:
         """The batch of the examples at `positions`: copied once into a ring slot, then shipped as stored
-        (coded) or dequantised from there into float32 in the same slot's memory."""
+        (coded) or dequantised from there into float32 (in a second slot)."""
         positions = np.asarray(positions, dtype=np.int64)
         if not decoding.coded:
             return self._decoded(positions, decoding, ring)

@@ -22,7 +22,7 @@ import numpy as np
 from read_cache.store import Split
 from read_cache.store.direct import DirectArray, direct_arrays
 from read_cache.training.buffers import BufferRing
-from read_cache.training.pools import STORED, TOKEN_ARRAYS, Pool
+from read_cache.training.pools import STORED, TOKEN_ARRAYS, Pool, offsets_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,12 +87,15 @@ class WindowReader:
         firsts = self._run(jobs)
         return self._pool(bounds, carried, positions, views, firsts, token_spans, example_spans, carry_tokens)
 
-    def _pool(self, bounds, carried, positions, views, firsts, token_spans, example_spans, carry_tokens) -> Pool:  # noqa: ANN001
+    def _pool(
+        self, bounds: list[tuple[int, int]], carried: Pool | None, positions: np.ndarray, views: dict[str, np.ndarray],
+        firsts: list[dict[str, int]], token_spans: list[int], example_spans: list[int], carry_tokens: int,
+    ) -> Pool:
         """The window's Pool: where each example's tokens and row landed in the buffer."""
         offsets = self.split.offsets
         starts, examples, rows = [], [], []
         if carried is not None and len(positions):
-            starts.append(_offsets(carried.lengths[positions])[:-1])
+            starts.append(offsets_of(carried.lengths[positions])[:-1])
             examples.append(np.arange(len(positions)))
             rows.append(carried.rows[positions])
         at_token, at_example = carry_tokens, len(positions)
@@ -127,10 +130,6 @@ class WindowReader:
                 block["token" if key in TOKEN_ARRAYS else "example"] = first
             firsts.append(block)
         return firsts
-
-
-def _offsets(lengths: np.ndarray) -> np.ndarray:
-    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
 
 
 def _sources(split: Split) -> dict[str, RowSource]:
