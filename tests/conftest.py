@@ -52,6 +52,12 @@ def make_tokenizer(folder: Path):
     return tok
 
 
+HANG_GUARD_S = 900
+"""Timeout of a test's child process: a guard against a hang, never a timing assertion. Generous, so a
+machine running something else beside the suite (CI, a busy loop) never trips it: a child that ends,
+however slowly, passes or fails on what it did."""
+
+
 def make_tiny_t5(folder: Path, seed: int = 0) -> Path:
     import torch
     from transformers import T5Config, T5ForConditionalGeneration

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_glue
+from conftest import HANG_GUARD_S, write_glue
 from typer.testing import CliRunner
 
 import read_cache
@@ -211,7 +211,7 @@ def test_kill_9_then_resume_gives_identical_arrays(crash_setup, tmp_path: Path, 
     model, glue, reference = crash_setup
     out = tmp_path / "cache"
     args = [str(crash_at), mode, str(model), str(glue), str(out), str(SMALL_CHUNKS)]
-    proc = subprocess.run([sys.executable, "-c", CRASHING_BUILD, *args], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", CRASHING_BUILD, *args], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     with pytest.raises(ReadCacheError, match="incomplete"):
         read_cache.open_cache(out).require_complete()
@@ -236,7 +236,7 @@ def test_kill_9_from_outside_at_a_random_moment(crash_setup, tmp_path: Path) -> 
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    subprocess.run(cmd, check=True, capture_output=True, timeout=HANG_GUARD_S)
     ours, theirs = arrays(out), arrays(reference)
     for name in theirs:
         assert np.array_equal(ours[name], theirs[name]), name
@@ -372,7 +372,7 @@ def test_cli_build_then_inspect_json(tiny_t5: Path, glue_dir: Path, tmp_path: Pa
 
 
 def test_python_m_entry_point() -> None:
-    proc = subprocess.run([sys.executable, "-m", "read_cache", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "read_cache", "--help"], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == 0 and "build" in proc.stdout
 
 

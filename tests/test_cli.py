@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import make_tiny_t5, one_error, run_cli
+from conftest import HANG_GUARD_S, make_tiny_t5, one_error, run_cli
 
 from read_cache.build import build_cache
 from read_cache.config import BuildConfig
@@ -117,7 +117,7 @@ def test_flag_errors_come_before_torch_is_imported() -> None:
     )
     for argv in (["train", "--dim", "0"], ["build", "--model", "m", "--task", "sst2", "--dtype", "bf17"], ["sweep", "--out", "x", "--rnn", "mlp"]):
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        done = subprocess.run([sys.executable, "-c", f"import sys; sys.argv = {['read-cache', *argv]!r}\n{probe}"], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-c", f"import sys; sys.argv = {['read-cache', *argv]!r}\n{probe}"], capture_output=True, text=True, timeout=HANG_GUARD_S)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
         assert done.stdout.split() == ["2", "False", "False"], (argv, done.stdout, done.stderr)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import build_quietly, flip_byte_in_a_chunk
+from conftest import HANG_GUARD_S, build_quietly, flip_byte_in_a_chunk
 
 from read_cache.errors import CacheCorruptError
 from read_cache.store import open_cache
@@ -97,6 +97,6 @@ def test_the_engine_survives_a_fork(int8_cache: Path) -> None:
     queue = context.Queue()
     child = context.Process(target=_epoch_sum, args=(str(int8_cache), queue))
     child.start()
-    child.join(timeout=120)
+    child.join(timeout=HANG_GUARD_S)
     assert child.exitcode == 0
     assert queue.get(timeout=5) == here

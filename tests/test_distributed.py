@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import cache_files, flip_byte_in_a_chunk, write_glue
+from conftest import HANG_GUARD_S, cache_files, flip_byte_in_a_chunk, write_glue
 
 import read_cache
 from read_cache.build import build_cache
@@ -37,7 +37,7 @@ from read_cache.training.sweep import sweep
 REPO = Path(__file__).resolve().parents[1]
 SMALL_CHUNKS = 0.003  # MiB: 16-token chunks, so 300 examples make 7 train units and many training blocks
 BUILD = ["build", "--task", "sst2", "--chunk-mb", SMALL_CHUNKS, "--batch-size", 8, "--dtype", "fp32", "--no-progress"]
-TIMEOUT = 240
+TIMEOUT = HANG_GUARD_S  # a hang guard: a loaded machine must not trip it
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import one_error, run_cli
+from conftest import HANG_GUARD_S, one_error, run_cli
 
 import read_cache
 from read_cache import paths
@@ -212,7 +212,7 @@ def test_sigkill_mid_build_then_resume_ends_identical(endpoint: str, tiny_t5: Pa
     url = f"s3://{new_bucket()}/cache"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(read_cache.__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", CRASHING_BUILD, "4", str(tiny_t5), str(glue_dir), url, str(SMALL_CHUNKS)],
-                          capture_output=True, text=True, timeout=180, env=env)
+                          capture_output=True, text=True, timeout=HANG_GUARD_S, env=env)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert LEASE_KEY in object_keys(url)  # the dead build's lease is still there...
     with pytest.raises(ReadCacheError, match="incomplete"):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_quietly, one_error, run_cli
+from conftest import HANG_GUARD_S, build_quietly, one_error, run_cli
 from safetensors.torch import load_file
 
 from read_cache.config import SweepConfig
@@ -47,7 +47,7 @@ def cli(cwd: Path, *args: object, kill: str | None = None) -> subprocess.Complet
     env.pop(checkpoint.KILL_ENV, None)
     if kill:
         env[checkpoint.KILL_ENV] = kill
-    return subprocess.run([sys.executable, "-m", "read_cache", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
+    return subprocess.run([sys.executable, "-m", "read_cache", *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
 def train_config(cache: Path, out: Path | None, **changes) -> TrainConfig:

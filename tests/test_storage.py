@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    HANG_GUARD_S,
     build_quietly,
     cache_files,
     flip_byte_in_a_chunk,
@@ -279,7 +280,7 @@ def test_kill_9_then_resume_an_int4_build_is_byte_identical(tiny_t5: Path, cache
     glue = caches["glue"]
     reference = build_quietly(tiny_t5, "sst2", glue, tmp_path / "reference", float_dtype="int4", batch_size=8, chunk_mb=SMALL_CHUNKS)
     out = tmp_path / "crashed"
-    proc = subprocess.run([sys.executable, "-c", CRASHING_BUILD, str(tiny_t5), str(glue), str(out), str(SMALL_CHUNKS)], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", CRASHING_BUILD, str(tiny_t5), str(glue), str(out), str(SMALL_CHUNKS)], capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     build_quietly(tiny_t5, "sst2", glue, out, float_dtype="int4", batch_size=8, chunk_mb=SMALL_CHUNKS)
     ours, theirs = read_cache.open_cache(out), read_cache.open_cache(reference)

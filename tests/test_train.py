@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
+    HANG_GUARD_S,
     POSITIVE,
     WORDS,
     build_quietly,
@@ -170,7 +171,7 @@ def test_training_never_imports_the_backbone(sst2_cache: Path, tmp_path: Path) -
         "print(json.dumps(sorted(m for m in sys.modules if m == 'transformers' or m == 'read_cache.backbone.load')))\n"
     )
     env = {**os.environ, "READ_CACHE_HOME": str(tmp_path / "home")}
-    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
 
