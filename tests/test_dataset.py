@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
@@ -141,3 +142,14 @@ def test_the_custom_head_example_trains_an_epoch(cache: Path) -> None:
     result = example.main([str(cache), "--epochs", "1", "--batch-size", "16", "--workers", "2"])
     assert result["epoch"] == 1 and result["loss"] > 0
     assert result["validation"]["metric"] == "accuracy" and 0 <= result["validation"]["score"] <= 1
+
+
+def test_a_worker_cuts_only_its_own_batches_and_pads_as_train_does(tmp_path: Path) -> None:
+    from read_cache.training.dataset import worker_batches, worker_steps
+    from read_cache.training.train import even_steps
+
+    for n, steps, workers in [(7, 7, 2), (5, 8, 3), (1, 4, 2), (6, 6, 1)]:
+        for w in range(workers):
+            want = list(itertools.islice(even_steps(iter(range(n)), steps), w, None, workers))
+            got = list(worker_steps(iter(worker_batches(n, steps, w, workers)), n, steps, w, workers))
+            assert got == want, (n, steps, w, workers)

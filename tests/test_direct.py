@@ -100,3 +100,14 @@ def test_the_engine_survives_a_fork(int8_cache: Path) -> None:
     child.join(timeout=HANG_GUARD_S)
     assert child.exitcode == 0
     assert queue.get(timeout=5) == here
+
+
+def test_an_epoch_can_make_only_some_batches(int8_cache: Path) -> None:
+    split = open_cache(int8_cache)["train"]
+    for mode in TIERS:
+        reader = SplitReader(split, mode=mode, **OPTIONS)
+        full = list(reader.epoch(1))
+        some = list(reader.epoch(1, batches=[1, 3, len(full) - 1]))
+        assert len(some) == 3
+        for got, want in zip(some, [full[1], full[3], full[-1]]):
+            assert all(torch.equal(got[k], want[k]) for k in want), mode

@@ -15,16 +15,15 @@ the reader's options; each process opens the cache itself on first use (keyed by
 the parent is used after a fork, and the dataset pickles for spawned workers.
 
 With `num_workers=N`, worker w yields batches w, w+N, w+2N... of the epoch; the DataLoader takes one batch from
-each worker in turn, so it yields the reader's order exactly and each example once. Every worker still reads and
-decodes the whole epoch (the reader's public API yields whole epochs) and keeps only its own batches: workers buy
-overlap of reading with your step, in other processes, not less decoding. Inside a worker the reader decodes on
+each worker in turn, so it yields the reader's order exactly and each example once. Every worker reads the
+epoch's windows (from the page cache after the first) but cuts and decodes only its own batches
+(`SplitReader.epoch(e, batches=...)`), so N workers share the decoding. Inside a worker the reader decodes on
 one thread (`workers=1`): N processes already use N cores. In `mode="ram"` each process decodes and holds its
 own copy of the split.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +35,7 @@ from read_cache.errors import ReadCacheError
 from read_cache.store import Split, open_cache
 from read_cache.store.location import Location
 from read_cache.training.reader import Batch, SplitReader
-from read_cache.training.train import even_steps, shard_reader
+from read_cache.training.train import shard_reader
 
 MODES = ("stream", "ram")
 """The reader tiers a dataset may use: both yield CPU float32 batches (`device` holds codes on a GPU)."""
@@ -121,14 +120,15 @@ class CacheDataset(IterableDataset):
         reader, epoch = self.reader(), self.epoch
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        own = reader.epoch(epoch)
-        if self.shard[1] > 1 and reader.batches_in(epoch) == 0:
+        own_batches, steps = reader.batches_in(epoch), self.steps(epoch)
+        if self.shard[1] > 1 and own_batches == 0:
             raise ReadCacheError(
                 f"rank {self.shard[0]} of {self.shard[1]} has no share of split {self.split} of {self.location}: "
                 "the split is too small to share; launch fewer processes"
             )
+        own = reader.epoch(epoch, batches=worker_batches(own_batches, steps, worker, workers))
         try:
-            for batch, fresh in itertools.islice(even_steps(own, self.steps(epoch)), worker, None, workers):
+            for batch, fresh in worker_steps(own, own_batches, steps, worker, workers):
                 yield batch if fresh else {**batch, "weight": torch.tensor(0.0)}
         finally:
             own.close()
@@ -136,6 +136,25 @@ class CacheDataset(IterableDataset):
     def __getstate__(self) -> dict[str, Any]:
         # A spawned worker gets the location and options only, never this process's open cache.
         return {**self.__dict__, "_opened": None}
+
+
+def worker_batches(n: int, steps: int, worker: int, workers: int) -> list[int]:
+    """The reader's batches worker w of N needs: its steps w, w+N, ... of `steps`, a step past the rank's
+    `n` batches being the last batch again (`train.even_steps`' rule), so only these are cut."""
+    return sorted({min(i, n - 1) for i in range(worker, steps, workers)}) if n else []
+
+
+def worker_steps(own: Iterator[Batch], n: int, steps: int, worker: int, workers: int) -> Iterator[tuple[Batch, bool]]:
+    """(batch, fresh) for worker w's steps, from `own` (the reader's `worker_batches`, in order): a step past
+    the rank's `n` batches repeats its last one, not fresh (weight 0), as `train.even_steps` does for a rank."""
+    if n == 0 and steps:
+        raise ValueError("a rank with an empty share has nothing to repeat")
+    numbered = zip(worker_batches(n, steps, worker, workers), own)
+    index, batch = -1, None
+    for i in range(worker, steps, workers):
+        while index < min(i, n - 1):
+            index, batch = next(numbered)
+        yield batch, i < n
 
 
 def launch_shard() -> tuple[int, int]:

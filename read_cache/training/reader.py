@@ -38,7 +38,7 @@ import math
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -213,18 +213,20 @@ class SplitReader:
         """Batches this rank yields in `epoch` (its share may be a few examples more or less than another's)."""
         return math.ceil(len(self.share(epoch)) / self.batch_size)
 
-    def epoch(self, epoch: int, next_epoch: int | None = None) -> Iterator[Batch]:
+    def epoch(self, epoch: int, next_epoch: int | None = None, batches: Collection[int] | None = None) -> Iterator[Batch]:
         """The batches of `epoch`. Streaming, `next_epoch` (the epoch the caller reads after this one) has
         that epoch's first window read in the background once this epoch's reads are done: an epoch's first
-        batch needs its whole first window, and reading it would otherwise stall the training step."""
+        batch needs its whole first window, and reading it would otherwise stall the training step.
+        `batches` (indices in the epoch) makes only those, in order, and skips cutting the others: what a
+        DataLoader worker of `CacheDataset` takes."""
         windows = self.windows(epoch)
         if self.mode == "device":
             # On the consumer's thread: GPU kernels are asynchronous anyway, and torch ops on a reader
             # thread would start a second OpenMP team on a CPU device (see `pools.Pool.gather`).
-            return self._device_batches(windows)
+            return (job() for job in _chosen(self._device_jobs(windows), batches))
         if self.mode == "ram":
-            return run_jobs(lambda: self._ram_jobs(windows), self.workers, self.prefetch)
-        return run_jobs(lambda: self._stream_jobs(epoch, windows, next_epoch), self.workers, self.prefetch)
+            return run_jobs(lambda: _chosen(self._ram_jobs(windows), batches), self.workers, self.prefetch)
+        return run_jobs(lambda: _chosen(self._stream_jobs(epoch, windows, next_epoch), batches), self.workers, self.prefetch)
 
     def _job(self, pool: Pool, positions: np.ndarray) -> Callable[[], Batch]:
         return functools.partial(pool.gather, positions, self.decoding, self.batch_ring)
@@ -261,7 +263,7 @@ class SplitReader:
             yield self._job(pool, positions[i : i + self.batch_size])
 
     # --- device: the codes held on a torch device, every batch gathered and decoded there -----------
-    def _device_batches(self, windows: list[Window]) -> Iterator[Batch]:
+    def _device_jobs(self, windows: list[Window]) -> Iterator[Callable[[], Batch]]:
         order = np.concatenate([w.order for w in windows]) if windows else np.zeros(0, dtype=np.int64)
         if not len(order):
             return
@@ -275,7 +277,7 @@ class SplitReader:
             pool = DevicePool.concat([self._device_blocks[b] for w in windows for b in w.blocks])
             positions = _positions(pool.pool.rows, order)
         for i in range(0, len(order), self.batch_size):
-            yield pool.batch(positions[i : i + self.batch_size], self.decoding)
+            yield functools.partial(pool.batch, positions[i : i + self.batch_size], self.decoding)
 
     # --- streaming: a window of blocks (plus < one batch carried over), the next one being read ------------
     def _stream_jobs(self, epoch: int, windows: list[Window], next_epoch: int | None) -> Iterator[Callable[[], Batch]]:
@@ -321,6 +323,17 @@ class SplitReader:
             return None
         self._early[epoch] = self._read_window(windows[0])
         return self._early[epoch]
+
+
+def _chosen(items: Iterator[T], batches: Collection[int] | None) -> Iterator[T]:
+    """The items at `batches` (all when None); a job is only a closure until it runs, so skipping one is free."""
+    if batches is None:
+        yield from items
+        return
+    wanted = set(batches)
+    for i, item in enumerate(items):
+        if i in wanted:
+            yield item
 
 
 def _positions(pool_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
