@@ -343,16 +343,10 @@ def test_urls_parse_to_locations() -> None:
 
 
 def test_reads_in_flight_change_nothing_but_speed(local_cache: Path) -> None:
-    from read_cache.store.readahead import read_ahead
     from read_cache.training.reader import SplitReader
 
     split = read_cache.open_cache(local_cache)["train"]
-    bounds = split.block_bounds(32)
-    assert len(bounds) > 4
-    ahead = list(read_ahead(split, bounds, inflight=4))
-    assert [b.start for b in ahead] == [start for start, _ in bounds]
-    for block, (start, stop) in zip(ahead, bounds):
-        assert np.array_equal(block.encoder_hidden, split.read_block(start, stop).encoder_hidden)
+    assert len(split.block_bounds(32)) > 4
     batches = {k: list(SplitReader(split, batch_size=16, shuffle=True, block_tokens=32, shuffle_blocks=2, inflight=k).epoch(1)) for k in (1, 4)}
     assert len(batches[1]) == len(batches[4])
     for a, b in zip(batches[1], batches[4]):

@@ -23,7 +23,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -61,10 +61,10 @@ def format_caches(source: Path, root: Path) -> dict[str, Path]:
     return caches
 
 
-def stored_files(split: Split) -> list[Path]:
-    """The chunk files of the split's stored arrays (what a training epoch reads)."""
+def stored_files(split: Split, names: Iterable[str] = STORED.values()) -> list[Path]:
+    """The chunk files of the split's stored arrays (by default all a training epoch reads)."""
     root = split.cache.location.path / split.name
-    return [f for name in STORED.values() if (root / name / "c").is_dir() for f in sorted((root / name / "c").rglob("*")) if f.is_file()]
+    return [f for name in names if (root / name / "c").is_dir() for f in sorted((root / name / "c").rglob("*")) if f.is_file()]
 
 
 def preadv_seconds(files: list[Path], threads: int) -> float:
@@ -173,8 +173,7 @@ def _measure(cfg: BenchConfig, rounds: int) -> dict[str, Any]:
 
 
 def _engine_bytes(split: Split) -> int:
-    folder = split.cache.location.path / split.name / "encoder_hidden" / "c"
-    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in stored_files(split, ("encoder_hidden",)))
 
 
 def _format_entry(fmt: str, rows: dict[str, Any], stored: int, examples: int) -> dict[str, Any]:

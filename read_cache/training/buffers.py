@@ -55,7 +55,7 @@ class Slot:
     def carve(self, layout: Layout) -> dict[str, np.ndarray]:
         views, at = {}, 0
         for name, (shape, dtype) in layout.items():
-            n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+            n = _nbytes(shape, dtype)
             views[name] = self.memory[at : at + n].view(dtype).reshape(shape)
             at = _aligned(at + n)
         return views
@@ -110,7 +110,11 @@ class BufferRing:
 
 
 def layout_bytes(layout: Layout) -> int:
-    return sum(_aligned(int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize) for shape, dtype in layout.values())
+    return sum(_aligned(_nbytes(shape, dtype)) for shape, dtype in layout.values())
+
+
+def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
 
 
 def _aligned(n: int) -> int:

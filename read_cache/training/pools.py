@@ -126,26 +126,27 @@ class Pool:
     def gather(self, positions: np.ndarray, decoding: Decoding, ring: BufferRing | None = None) -> Batch:
         """The batch of the examples at `positions`: copied once into a ring slot, then shipped as stored
         (coded) or dequantised from there into float32 (in a second slot)."""
-        positions = np.asarray(positions, dtype=np.int64)
+        stored = self.take(np.asarray(positions, dtype=np.int64), ring)
+        fields = example_fields(stored.lengths, stored.label, stored.rows)
         if not decoding.coded:
-            return self._decoded(positions, decoding, ring)
-        stored = self.take(positions, ring)
-        batch = CodedBatch(example_fields(stored.lengths, stored.label, stored.rows))
+            return {**fields, **stored.decoded(decoding, ring)}
+        batch = CodedBatch(fields)
         batch.update({k: to_torch_codes(v) for k, v in stored.arrays.items()})
         batch.decoding = decoding
         batch.views = stored.arrays if isinstance(stored.arrays, Views) else None
         return batch
 
-    def _decoded(self, positions: np.ndarray, decoding: Decoding, ring: BufferRing | None) -> Batch:
-        stored = self.take(positions, ring)
-        batch = example_fields(stored.lengths, stored.label, stored.rows)
+    def decoded(self, decoding: Decoding, ring: BufferRing | None = None) -> dict[str, torch.Tensor]:
+        """This pool's states as float32 tensors (a ring slot's memory when given), per-channel scales applied."""
         floats = {k: (a.shape[:-1] + (a.shape[-1] * (2 if decoding.format_of(k).name == "int4" else 1),), np.float32)
-                  for k, a in stored.arrays.items() if not k.endswith("_scale")}
+                  for k, a in self.arrays.items() if not k.endswith("_scale")}
         out = ring.take(floats) if ring is not None else {k: np.empty(s, d) for k, (s, d) in floats.items()}
-        for key in floats:
-            codes, scale = stored.arrays[key], stored.arrays.get(f"{key}_scale")
-            batch[key] = torch.from_numpy(dequantise(codes, scale, decoding.format_of(key), out=out[key], channel=decoding.channels.get(key)))
-        return batch
+        return {
+            key: torch.from_numpy(dequantise(
+                self.arrays[key], self.arrays.get(f"{key}_scale"), decoding.format_of(key), out=out[key], channel=decoding.channels.get(key)
+            ))
+            for key in floats
+        }
 
 
 def offsets_of(lengths: np.ndarray) -> np.ndarray:

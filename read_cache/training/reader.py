@@ -249,10 +249,15 @@ class SplitReader:
         this rank's blocks (each read once, when the rank first needs it) under data parallelism."""
         if self.world_size == 1:
             return self.load(), lambda rows: rows
-        for b in (b for w in windows for b in w.blocks if b not in self._blocks):
-            self._blocks[b] = Pool.from_block(self.split.read_block(*self.bounds[b]))
-        pool = concat_pools([self._blocks[b] for w in windows for b in w.blocks])
+        pool = concat_pools(self._rank_blocks(windows, self._blocks, lambda block: block))
         return pool, lambda rows: _positions(pool.rows, rows)
+
+    def _rank_blocks(self, windows: list[Window], held: dict[int, T], make: Callable[[Pool], T]) -> list[T]:
+        """This rank's blocks in window order, each read (and made `make`'s form: a Pool, a DevicePool) once,
+        when the rank first needs it, and held in `held` for later epochs."""
+        for b in (b for w in windows for b in w.blocks if b not in held):
+            held[b] = make(Pool.from_block(self.split.read_block(*self.bounds[b])))
+        return [held[b] for w in windows for b in w.blocks]
 
     def _ram_jobs(self, windows: list[Window]) -> Iterator[Callable[[], Batch]]:
         if not windows:
@@ -272,9 +277,7 @@ class SplitReader:
                 self._held = DevicePool.of(self._read_all(), self.device)
             pool, positions = self._held, order  # the whole split: rows are positions
         else:  # this rank's share: each block moved to the device once, when the rank first needs it
-            for b in (b for w in windows for b in w.blocks if b not in self._device_blocks):
-                self._device_blocks[b] = DevicePool.of(Pool.from_block(self.split.read_block(*self.bounds[b])), self.device)
-            pool = DevicePool.concat([self._device_blocks[b] for w in windows for b in w.blocks])
+            pool = DevicePool.concat(self._rank_blocks(windows, self._device_blocks, lambda block: DevicePool.of(block, self.device)))
             positions = _positions(pool.pool.rows, order)
         for i in range(0, len(order), self.batch_size):
             yield functools.partial(pool.batch, positions[i : i + self.batch_size], self.decoding)

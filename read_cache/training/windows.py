@@ -76,35 +76,34 @@ class WindowReader:
         views = self.ring.take({k: ((room[k in TOKEN_ARRAYS], *s.row_shape), s.dtype) for k, s in self.sources.items()})
         if carried is not None:
             carried.copy_into(positions, views)
-        jobs, at_token, at_example = [], carry_tokens, len(positions)
+        jobs, places, at_token, at_example = [], [], carry_tokens, len(positions)
         for (a, b), t_span, e_span in zip(bounds, token_spans, example_spans):
             t0, t1 = int(offsets[a]), int(offsets[b])
             for key, source in self.sources.items():
                 token = key in TOKEN_ARRAYS
                 at, lo, hi = (at_token, t0, t1) if token else (at_example, a, b)
                 jobs.append((key, source, lo, hi, views[key][at : at + (t_span if token else e_span)]))
+            places.append((at_token, at_example))
             at_token, at_example = at_token + t_span, at_example + e_span
         firsts = self._run(jobs)
-        return self._pool(bounds, carried, positions, views, firsts, token_spans, example_spans, carry_tokens)
+        return self._pool(bounds, carried, positions, views, places, firsts)
 
     def _pool(
         self, bounds: list[tuple[int, int]], carried: Pool | None, positions: np.ndarray, views: dict[str, np.ndarray],
-        firsts: list[dict[str, int]], token_spans: list[int], example_spans: list[int], carry_tokens: int,
+        places: list[tuple[int, int]], firsts: list[dict[str, int]],
     ) -> Pool:
-        """The window's Pool: where each example's tokens and row landed in the buffer."""
+        """The window's Pool: where each example's tokens and row landed in the buffer (each block's whole
+        chunks at `places`, its first row `firsts` into them; the carried examples in front)."""
         offsets = self.split.offsets
         starts, examples, rows = [], [], []
         if carried is not None and len(positions):
             starts.append(offsets_of(carried.lengths[positions])[:-1])
             examples.append(np.arange(len(positions)))
             rows.append(carried.rows[positions])
-        at_token, at_example = carry_tokens, len(positions)
-        for i, ((a, b), t_span, e_span) in enumerate(zip(bounds, token_spans, example_spans)):
-            t0 = int(offsets[a])
-            starts.append(at_token + firsts[i].get("token", 0) + offsets[a:b] - t0)
-            examples.append(at_example + firsts[i].get("example", 0) + np.arange(b - a))
+        for (a, b), (at_token, at_example), first in zip(bounds, places, firsts):
+            starts.append(at_token + first.get("token", 0) + offsets[a:b] - int(offsets[a]))
+            examples.append(at_example + first.get("example", 0) + np.arange(b - a))
             rows.append(np.arange(a, b, dtype=np.int64))
-            at_token, at_example = at_token + t_span, at_example + e_span
         rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         starts_all = np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
         lengths = np.diff(offsets)[rows_all]
