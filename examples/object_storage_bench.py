@@ -1,15 +1,18 @@
-"""How fast a training epoch reads a cache from S3, against the same cache on local disk.
+"""How fast a training epoch reads a cache from S3: against local disk, and with latency against without.
 
     python examples/object_storage_bench.py /work/scratch/i11/sst2-2000 --latency-ms 20 --rounds 3
 
-Starts a local S3 server (moto, 127.0.0.1, in a child process), uploads the cache's tree to s3://bench/cache, and puts a
-small TCP proxy in front of it that holds every request `--latency-ms` before passing it on (what a
-real object store's first-byte latency costs). Then times full epochs of the streaming training reader
-(`SplitReader`, shuffled, batch 96: reading, decoding and assembling batches, no training step) over:
-local disk; the S3 server direct; the S3 server behind the proxy; each through zarr's ObjectStore
-(obstore) and FsspecStore (s3fs), with 1 and with `--inflight` block reads in flight. Configurations
-alternate within each round, so a change in the machine's load hits all of them alike. Prints a
-markdown table (median seconds per epoch, examples/s, ratio to local) and writes `--json`.
+Starts a local S3 server (moto, 127.0.0.1, in a child process), uploads the cache's tree to s3://bench/cache, and puts
+two small TCP proxies in front of it: one holds every request `--latency-ms` before passing it on (what a
+real object store's first-byte latency costs), the other 0 ms (the same hop and proxy CPU, no latency:
+the fair baseline for "latency hidden"). Then times full epochs of the streaming training reader
+(`SplitReader`, shuffled, batch 96: reading, decoding and assembling batches, no training step) as
+training reads them (each epoch's first window read ahead during the one before, the next epoch's
+during it: an untimed warm-up epoch first) over: local disk; the S3 server direct; behind each proxy;
+each through zarr's ObjectStore (obstore) and FsspecStore (s3fs), with 1 and with `--inflight` block
+reads in flight. Configurations alternate within each round, so a change in the machine's load hits all
+of them alike. Prints a markdown table (median seconds per epoch, examples/s, ratio to local and, behind
+the latency proxy, to the 0 ms proxy) and writes `--json`.
 """
 
 from __future__ import annotations
@@ -44,18 +47,18 @@ def serve(ports: multiprocessing.Queue, delay_s: float) -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     port = server.get_host_and_port()[1]
-    ports.put((port, start_delay_proxy(port, delay_s)))
+    ports.put((port, start_delay_proxy(port, delay_s), start_delay_proxy(port, 0.0)))
     threading.Event().wait()
 
 
-def start_s3(delay_s: float) -> tuple[str, str, int]:
-    """(server URL, proxy URL, server pid), serving from a child process."""
+def start_s3(delay_s: float) -> tuple[str, str, str, int]:
+    """(server URL, latency proxy URL, 0 ms proxy URL, server pid), serving from a child process."""
     os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
     ports: multiprocessing.Queue = multiprocessing.Queue()
     child = multiprocessing.Process(target=serve, args=(ports, delay_s), daemon=True)
     child.start()
-    server, proxy = ports.get(timeout=60)
-    return f"http://127.0.0.1:{server}", f"http://127.0.0.1:{proxy}", child.pid
+    server, proxy, zero = ports.get(timeout=60)
+    return f"http://127.0.0.1:{server}", f"http://127.0.0.1:{proxy}", f"http://127.0.0.1:{zero}", child.pid
 
 
 def start_delay_proxy(upstream_port: int, delay_s: float) -> int:
@@ -122,9 +125,12 @@ def make_reader(location: Location, split: str, inflight: int) -> SplitReader:
 
 
 def time_epoch(reader: SplitReader, epoch: int, server: psutil.Process) -> tuple[float, int, float, float]:
-    """Wall seconds, examples, CPU seconds of this (the reader's) process and of the S3 server + proxy."""
+    """Wall seconds, examples, CPU seconds of this (the reader's) process and of the S3 server + proxies, of
+    epoch `epoch` as training reads it (its first window was read ahead by the epoch before; the next
+    epoch's is read during it, and waited for)."""
     started, cpu, server_cpu = time.perf_counter(), time.process_time(), sum(server.cpu_times()[:2])
-    n = sum(len(batch["label"]) for batch in reader.epoch(epoch))
+    n = sum(len(batch["label"]) for batch in reader.epoch(epoch, next_epoch=epoch + 1))
+    reader.wait_read_ahead()
     return time.perf_counter() - started, n, time.process_time() - cpu, sum(server.cpu_times()[:2]) - server_cpu
 
 
@@ -147,7 +153,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    endpoint, proxy, server_pid = start_s3(args.latency_ms / 1000)
+    endpoint, proxy, zero_proxy, server_pid = start_s3(args.latency_ms / 1000)
     server = psutil.Process(server_pid)
     url = "s3://bench/cache"
     uploaded = upload(args.cache, url, endpoint, args.split)
@@ -160,7 +166,7 @@ def main() -> None:
 
     lat = f"s3 +{args.latency_ms:.0f} ms"
     configs = [("local disk", Location.parse(args.cache), 1)]
-    for where, ep in (("s3 direct", endpoint), (lat, proxy)):
+    for where, ep in (("s3 direct", endpoint), ("s3 +0 ms", zero_proxy), (lat, proxy)):
         for backend in args.backends.split(","):
             for inflight in (1, *map(int, args.inflight.split(","))):
                 configs.append((f"{where}, {backend}", s3(ep, backend), inflight))
@@ -171,8 +177,10 @@ def main() -> None:
     ram_configs = [("local disk", configs[0][1]), ("s3 direct, obstore", s3(endpoint, "obstore")), (f"{lat}, obstore", s3(proxy, "obstore"))]
     ram_times: dict[str, list[float]] = {name: [] for name, _ in ram_configs}
     examples = 0
+    for reader in readers:  # the warm-up: reads epoch 1's first window ahead, as training's epoch 0 would
+        time_epoch(reader, 0, server)
     load = [os.getloadavg()]
-    for r in range(args.rounds):
+    for r in range(1, args.rounds + 1):
         for (name, _, inflight), reader in zip(configs, readers):
             seconds, examples, cpu, server_cpu = time_epoch(reader, r, server)
             times[f"{name} x{inflight}"].append(seconds)
@@ -187,13 +195,16 @@ def main() -> None:
         med = statistics.median(times[key])
         cpu = statistics.median(c for c, _ in cpus[key])
         server_cpu = statistics.median(c for _, c in cpus[key])
+        zero_key = key.replace(lat, "s3 +0 ms") if key.startswith(lat) else None
+        vs_zero = statistics.median(a / b for a, b in zip(times[key], times[zero_key])) if zero_key else None
         rows.append({"where": name, "inflight": inflight, "median_s": med, "all_s": times[key], "examples_per_s": examples / med,
-                     "vs_local": med / local, "reader_cpu_s": cpu, "server_cpu_s": server_cpu})
-    print(f"| where | block reads in flight | s / epoch (median of {args.rounds}) | examples/s | x local | reader CPU s | S3 server + proxy CPU s |")
-    print("|---|---|---|---|---|---|---|")
+                     "vs_local": med / local, "vs_zero_ms_proxy": vs_zero, "reader_cpu_s": cpu, "server_cpu_s": server_cpu})
+    print(f"| where | block reads in flight | s / epoch (median of {args.rounds}) | examples/s | x local | x 0 ms proxy (median of rounds) | reader CPU s | S3 server + proxies CPU s |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
+        vs_zero = f"{row['vs_zero_ms_proxy']:.2f}" if row["vs_zero_ms_proxy"] is not None else "-"
         print(f"| {row['where']} | {row['inflight']} | {row['median_s']:.2f} | {row['examples_per_s']:,.0f} | {row['vs_local']:.2f} "
-              f"| {row['reader_cpu_s']:.2f} | {row['server_cpu_s']:.2f} |")
+              f"| {vs_zero} | {row['reader_cpu_s']:.2f} | {row['server_cpu_s']:.2f} |")
     print("\n| RAM mode: load the whole split once | s (median) | x local |\n|---|---|---|")
     ram_local = statistics.median(ram_times["local disk"])
     for name, values in ram_times.items():

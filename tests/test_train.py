@@ -220,7 +220,7 @@ def test_the_next_epochs_first_window_is_read_ahead_without_changing_batches(sst
     from read_cache.training.windows import WindowReader
 
     read = WindowReader.read
-    monkeypatch.setattr(WindowReader, "read", lambda self, bounds, carry=None: reads.extend(bounds) or read(self, bounds, carry))
+    monkeypatch.setattr(WindowReader, "read", lambda self, bounds: reads.extend(bounds) or read(self, bounds))
     list(ahead.epoch(0, next_epoch=1))
     ahead._early[1].result()  # the read ahead (started at the end of epoch 0) has finished
     reads.clear()

@@ -6,10 +6,14 @@ states) and in one process, formats interleaved round by round so they share the
   limit    memcpy of a window-sized buffer, and `preadv` of every chunk file of the train split's stored
            arrays from the page cache into a reused buffer (1 and 2 threads; the faster is the limit)
   engines  the states array read whole, block by block, through zarr-python's pipeline, the `zarrs`
-           pipeline, tensorstore and store.direct (preadv + crc32c): which engine the reader uses, by data
+           pipeline, tensorstore and store.direct (preadv + crc32c, or mapped + crc32c): which engine the
+           reader uses, by data
   stream   one shuffled epoch of `SplitReader` batches from the store, as a GPU gets them: codes + scales +
   ram      offsets in reused buffers, ready for the device copy (`coded`); and from RAM; 1 and 2 workers.
-           `stream-float32` is the same epoch dequantised to float32 on the host, as a CPU run trains on it
+           `stream` is timed as training reads it (its first window read ahead during the epoch before,
+           the next epoch's read during it); `stream-cold` is the same epoch from a standing start, its
+           first window read while nothing else runs. `stream-float32` is the steady epoch dequantised to
+           float32 on the host, as a CPU run trains on it
 
 Reported (medians over the rounds): examples/s, GB/s of stored bytes (the chunk files' sizes: what an
 epoch reads), the cores kept busy (process CPU seconds / wall), and per format the bench.json entry the
@@ -41,7 +45,8 @@ from read_cache.training.reader import SplitReader
 
 FORMATS = ("bfloat16", "fp8", "int8", "int4")
 WORKERS = (1, 2)
-PATHS = ("stream", "ram", "stream-float32")
+PATHS = ("stream", "stream-cold", "ram", "stream-float32")
+"""`stream` and `stream-float32` in steady state (see `epoch`), `stream-cold` an epoch read from a standing start."""
 
 
 def format_caches(source: Path, root: Path) -> dict[str, Path]:
@@ -109,11 +114,18 @@ def engine_seconds(read: Callable[[int, int], Any], rows: int, chunk_rows: int, 
     return time.perf_counter() - started
 
 
-def epoch(reader: SplitReader) -> tuple[float, float]:
-    """(wall, CPU) seconds of one epoch's batches; CPU counts every thread, zarr's decoding pool included."""
+def epoch(reader: SplitReader, steady: bool) -> tuple[float, float]:
+    """(wall, CPU) seconds of one epoch's batches; CPU counts every thread, the reader's pools included.
+    `steady` times an epoch as training reads it: its first window read ahead during the epoch before
+    (untimed), the next epoch's read ahead during this one (timed, and waited for)."""
+    if steady:
+        for _ in reader.epoch(0, next_epoch=1):
+            pass
+        reader.wait_read_ahead()
     started, cpu = time.perf_counter(), time.process_time()
-    for _ in reader.epoch(1):
+    for _ in reader.epoch(1, next_epoch=2 if steady else None):
         pass
+    reader.wait_read_ahead()
     return time.perf_counter() - started, time.process_time() - cpu
 
 
@@ -151,7 +163,8 @@ def _measure(cfg: BenchConfig, rounds: int) -> dict[str, Any]:
                 wall = preadv_seconds(files[fmt], workers)
                 seconds.setdefault(f"{fmt}/preadv/{workers}", []).append((wall, wall))
                 for path in PATHS:
-                    seconds.setdefault(f"{fmt}/{path}/{workers}", []).append(epoch(readers[fmt, path, workers]))
+                    steady = path in ("stream", "stream-float32")
+                    seconds.setdefault(f"{fmt}/{path}/{workers}", []).append(epoch(readers[fmt, path, workers], steady))
             array = splits[fmt].array("encoder_hidden")
             for engine, read in engines[fmt].items():
                 wall = engine_seconds(read, array.shape[0], array.chunks[0])

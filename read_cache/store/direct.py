@@ -20,12 +20,15 @@ stays on zarr. The engine holds no open files or threads, so it survives a fork.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 from typing import Any
 
 import crc32c
 import numpy as np
+
+from read_cache.util.mapping import PAGE, Region
 
 from read_cache.errors import CacheCorruptError
 
@@ -65,7 +68,7 @@ class DirectArray:
     def row_shape(self) -> tuple[int, ...]:
         return self.shape[1:]
 
-    @property
+    @functools.cached_property  # asked per chunk read: the product is worth keeping
     def chunk_bytes(self) -> int:
         return self.chunk_rows * int(np.prod(self.row_shape, dtype=np.int64)) * self.dtype.itemsize
 
@@ -87,6 +90,34 @@ class DirectArray:
         for k, c in enumerate(chunks):
             self.read_chunk(c, flat[k * self.chunk_rows : (k + 1) * self.chunk_rows].reshape(-1))
         return start - chunks.start * self.chunk_rows if chunks else 0
+
+    @property
+    def mappable(self) -> bool:
+        """Whether chunks can be mapped back to back (each chunk a whole number of pages; `Region` works here)."""
+        return Region.available() and self.chunk_bytes % PAGE == 0
+
+    def map_into(self, chunks: range, region: Region, at_row: int) -> None:
+        """Map the chunk files of `chunks` into `region` from row `at_row` on, back to back, checking each one's
+        CRC32C on the mapped page cache: no copy, the batches are gathered from the mapping."""
+        row_bytes = self.chunk_bytes // self.chunk_rows
+        for k, c in enumerate(chunks):
+            offset = (at_row + k * self.chunk_rows) * row_bytes
+            path = self.chunk_path(c)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:  # never written: the fill value (zarr skips chunks of only that)
+                region.fill(offset, self.chunk_bytes, self.dtype, self.fill_value)
+                continue
+            try:
+                size = os.fstat(fd).st_size
+                if size != self.chunk_bytes + CHECKSUM_BYTES:
+                    raise CacheCorruptError(f"chunk {path} is truncated ({size} of {self.chunk_bytes + CHECKSUM_BYTES} bytes); delete the cache and rebuild it")
+                checksum = os.pread(fd, CHECKSUM_BYTES, self.chunk_bytes)
+                region.map_file(fd, offset, self.chunk_bytes)
+            finally:
+                os.close(fd)
+            if crc32c.crc32c(region.array(offset, self.chunk_bytes)) != int.from_bytes(checksum, "little"):
+                raise CacheCorruptError(f"chunk {path} fails its CRC32C checksum (a flipped or damaged byte); delete the cache and rebuild it")
 
     def chunk_path(self, c: int) -> Path:
         return self.folder.joinpath("c", str(c), *["0"] * (len(self.shape) - 1))

@@ -3,8 +3,10 @@
     readers = engine_readers(split)          # {"zarr": read(a, b), "zarrs": ..., "tensorstore": ..., "direct": ...}
 
 zarr-python's default pipeline, the `zarrs` Rust pipeline for zarr-python, tensorstore's zarr3 driver and
-store.direct, each reading rows [a, b) of one array. The training reader uses store.direct (and zarr where
-an array is compressed or remote): the bench's table is why. An engine that is not installed is left out.
+store.direct's two ways, each landing rows [a, b) of one array: `direct` reads the chunk files by `preadv`
+into a reused buffer, `mapped` maps them (util.mapping) and checks their CRC32C on the mapping, copying
+nothing. The streaming reader maps where it can, reads directly elsewhere, and goes through zarr where an
+array is compressed or remote: the bench's table is why. An engine that is not installed is left out.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import numpy as np
 import zarr
 
 from read_cache.store.cache import Split
-from read_cache.store.direct import direct_arrays
+from read_cache.store.direct import DirectArray, direct_arrays
+from read_cache.util.mapping import Region
 
-ENGINES = ("zarr", "zarrs", "tensorstore", "direct")
+ENGINES = ("zarr", "zarrs", "tensorstore", "direct", "mapped")
 ZARRS_PIPELINE = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
 
 
@@ -44,7 +47,14 @@ def engine_readers(split: Split, name: str = "encoder_hidden") -> dict[str, Call
     if direct is not None:
         out = np.empty((direct.span(0, 32 * direct.chunk_rows), *direct.row_shape), direct.dtype)
         readers["direct"] = lambda a, b: direct.read_into(a, b, out)
+        if direct.mappable:
+            readers["mapped"] = lambda a, b: _mapped(direct, a, b)
     return readers
+
+
+def _mapped(direct: DirectArray, a: int, b: int) -> None:
+    chunks = direct.chunks_of(a, b)
+    direct.map_into(chunks, Region(len(chunks) * direct.chunk_bytes), 0)  # unmapped as it goes, as a window is
 
 
 def _with_zarrs(read: Callable[[], Any]) -> Any:

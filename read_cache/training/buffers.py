@@ -77,6 +77,7 @@ class BufferRing:
         self.pinned = pinned
         self._slots: list[Slot] = []
         self._lock = threading.Lock()  # the reader's threads take slots concurrently
+        self._largest_need = 0
         self.allocations = 0
         """Slots allocated so far (tests and the bench read it: flat memory means it stops growing)."""
 
@@ -85,9 +86,10 @@ class BufferRing:
         need = layout_bytes(layout)
         with self._lock:
             slot = self._idle_slot(need)
-            if slot is None:  # room to spare, so the next slightly larger window or batch fits too
-                largest = max((s.memory.nbytes for s in self._slots), default=0)
-                slot = Slot(max(int(need * HEADROOM), largest, 1), self.pinned)
+            self._largest_need = max(self._largest_need, need)
+            if slot is None:  # room to spare, so the next slightly larger window or batch fits too; and at least
+                # the largest asked so far, so a slot allocated once every size was seen is never replaced
+                slot = Slot(max(int(self._largest_need * HEADROOM), 1), self.pinned)
                 self.allocations += 1
                 self._slots.append(slot)
                 if len(self._slots) > self.keep:

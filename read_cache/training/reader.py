@@ -56,8 +56,10 @@ from read_cache.training.pools import (
     Decoding,
     DevicePool,
     Pool,
+    Segments,
     batch_to,
     concat_pools,
+    gather,
 )
 from read_cache.training.windows import WindowReader
 from read_cache.util.heap import release_free_heap
@@ -175,9 +177,12 @@ class SplitReader:
         """This rank's share of every epoch (see `epoch_windows`); (0, 1) reads everything."""
         self.batch_ring = BufferRing(keep=prefetch + self.workers + 3, pinned=on_cuda and self.decoding.coded)
         """Reused batch memory (training.buffers); pinned when coded batches go to a GPU."""
-        self.window_ring = BufferRing(keep=4)
-        """Reused window memory: the window being cut into batches, the next being read, the last one's
-        final jobs, and the next epoch's first window read ahead."""
+        queued = prefetch + self.workers + 1  # batches made or being made ahead of the consumer
+        per_window = max(1, self.shuffle_blocks * len(split) // max(1, len(self.bounds)))  # examples, about
+        self.window_ring = BufferRing(keep=2 + math.ceil(queued * batch_size / per_window) + 1)
+        """Reused window memory (arrays that are not mapped): the window being read, the next epoch's first
+        read ahead, and every window the queued batches take examples from (one, unless windows are smaller
+        than batches)."""
         self._window_reader: WindowReader | None = None
         self._ram: Pool | None = None
         self._blocks: dict[int, Pool] = {}
@@ -282,40 +287,45 @@ class SplitReader:
         for i in range(0, len(order), self.batch_size):
             yield functools.partial(pool.batch, positions[i : i + self.batch_size], self.decoding)
 
-    # --- streaming: a window of blocks (plus < one batch carried over), the next one being read ------------
+    # --- streaming: a window of blocks, the next one being read -----------------------------------
     def _stream_jobs(self, epoch: int, windows: list[Window], next_epoch: int | None) -> Iterator[Callable[[], Batch]]:
         # Window i+1 is read on the background thread while window i's batches are made, and the next
         # epoch's first window while this epoch's last are: reading never stops the batches, from a disk
         # or an object store (latency-bound) alike. The examples of window i that do not fill a batch
-        # are copied to the front of window i+1's buffer as it is read.
+        # open the next batch, gathered from where they lie (window i stays referenced until then).
         reading = self._early.pop(epoch, None)  # this epoch's first window, read while the last epoch ran
         self._early.clear()  # a read ahead for an epoch the caller skipped is let go
         if reading is None and windows:
             reading = self._read_window(windows[0])
-        carried = 0
+        pending: Segments = []  # examples that do not fill a batch yet, as (window, positions)
+        have = 0
         for i, window in enumerate(windows):
             pool = reading.result()
-            positions = _positions(pool.rows, np.concatenate([pool.rows[:carried], window.order]))
-            full = len(positions) // self.batch_size * self.batch_size
             if i + 1 < len(windows):
-                reading = self._read_window(windows[i + 1], carry=(pool, positions[full:]))
-                carried = len(positions) - full
+                reading = self._read_window(windows[i + 1])
             elif next_epoch is not None:
                 self.read_first_window(next_epoch)
-            last = len(positions) if i + 1 == len(windows) else full
-            for start in range(0, last, self.batch_size):
-                yield self._job(pool, positions[start : start + self.batch_size])
-            del pool  # the window's memory returns to the ring once its batches are made
+            positions, at = _positions(pool.rows, window.order), 0
+            while at < len(positions):
+                step = min(self.batch_size - have, len(positions) - at)
+                pending.append((pool, positions[at : at + step]))
+                have, at = have + step, at + step
+                if have == self.batch_size:
+                    yield functools.partial(gather, pending, self.decoding, self.batch_ring)
+                    pending, have = [], 0
+            del pool  # the window's memory returns once its batches are made (and the carried ones too)
             release_free_heap()  # what the training step freed meanwhile goes back too (util.heap)
+        if pending:
+            yield functools.partial(gather, pending, self.decoding, self.batch_ring)
 
-    def _read_window(self, window: Window, carry: tuple[Pool, np.ndarray] | None = None) -> Future[Pool]:
-        """Start reading a window's blocks (after `carry`'s examples) on the reader's background thread."""
+    def _read_window(self, window: Window) -> Future[Pool]:
+        """Start reading a window's blocks on the reader's background thread."""
         if self._background is None:
             self._background = ThreadPoolExecutor(1, thread_name_prefix="read-cache-window")
         if self._window_reader is None:
             self._window_reader = WindowReader(self.split, self.window_ring, max(self.inflight, self.workers))
         bounds = [self.bounds[b] for b in window.blocks]
-        return self._background.submit(self._window_reader.read, bounds, carry)
+        return self._background.submit(self._window_reader.read, bounds)
 
     def read_first_window(self, epoch: int) -> Future[Pool] | None:
         """Start reading `epoch`'s first window (streaming) on the reader's background thread, as
@@ -326,6 +336,12 @@ class SplitReader:
             return None
         self._early[epoch] = self._read_window(windows[0])
         return self._early[epoch]
+
+    def wait_read_ahead(self) -> None:
+        """Wait for the windows read ahead (`epoch(e, next_epoch)`, `read_first_window`) to land: a benchmark
+        that stops after an epoch must not time the next thing beside a read still running."""
+        for future in list(self._early.values()):
+            future.result()
 
 
 def _chosen(items: Iterator[T], batches: Collection[int] | None) -> Iterator[T]:
