@@ -22,9 +22,10 @@ Three tiers hold a split: `stream` reads the store per window, `ram` holds the c
 memory, `device` holds them as stored on a torch device (a GPU, or any device in tests) and gathers and
 dequantises each batch there. Every tier yields the same batches in the same order, bit for bit.
 
-Streaming reads each window once, straight into a reused buffer (training.windows: raw chunks by
-`preadv` where the store allows), and every batch is copied once, a slice per example, into a slot of a
-`BufferRing`; the slot is refilled only once nothing holds the batch (training.buffers says the rule).
+Streaming lands each window once (training.windows: raw chunk files mapped back to back from the page
+cache, or read by `preadv` into a reused buffer, CRC32C checked either way), and every batch is copied
+once, one `np.take` per array, into a slot of a `BufferRing`; the slot is refilled only once nothing
+holds the batch (training.buffers says the rule).
 A batch is then either shipped as stored (`coded`: codes + scales + offsets, pinned on CUDA, dequantised
 by `batch_to` on the device, 1-2 bytes a value over PCIe instead of 4) or dequantised on the reader's
 `workers` threads into float32 (a CPU run). The copies and numpy's decoding release the GIL.
@@ -313,7 +314,7 @@ class SplitReader:
                 if have == self.batch_size:
                     yield functools.partial(gather, pending, self.decoding, self.batch_ring)
                     pending, have = [], 0
-            del pool  # the window's memory returns once its batches are made (and the carried ones too)
+            del pool  # the window's memory returns once its batches are made (the last ones may still take from it)
             release_free_heap()  # what the training step freed meanwhile goes back too (util.heap)
         if pending:
             yield functools.partial(gather, pending, self.decoding, self.batch_ring)
