@@ -452,7 +452,7 @@ def test_rank_zero_counts_the_units_other_ranks_make_durable() -> None:
     seen: list[list[int]] = []
     with UnitPoller(lambda: done.copy(), [1, 3, 5], seen.append, every=0.01) as poller:
         done[[0, 1]] = 1  # unit 0 is rank 0's own: not watched
-        deadline = time.time() + 10
+        deadline = time.time() + HANG_GUARD_S  # a hang guard: the poller thread may be slow to run on a loaded machine
         while not seen and time.time() < deadline:
             time.sleep(0.01)
         done[[3, 5]] = 1
