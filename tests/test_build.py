@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -231,8 +232,9 @@ def test_kill_9_from_outside_at_a_random_moment(crash_setup, tmp_path: Path) -> 
     cmd = [sys.executable, "-m", "read_cache", "build", "--model", str(model), "--task", "sst2", "--data-dir", str(glue),
            "--out", str(out), "--chunk-mb", str(SMALL_CHUNKS), "--batch-size", "8", "--dtype", "fp32", "--store-dtype", "bfloat16", "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and not list((out / "train" / "units_done" / "c").glob("*")) if (out / "train").exists() else time.time() < deadline:
+    flags = out / "train" / "units_done" / "c"
+    deadline = time.time() + HANG_GUARD_S  # a hang guard: under load the first durable unit may take long to come
+    while time.time() < deadline and not (flags.is_dir() and any(flags.iterdir())) and proc.poll() is None:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -459,10 +461,13 @@ def test_a_splits_last_units_are_written_while_the_next_split_computes(tiny_t5: 
 
     durable: dict[str, int] = {}
     write_unit, build_split = store.CacheWriter.write_unit, build_module.build_split
+    validation_started, stuck = threading.Event(), []
 
     def slow_write(self, split, unit, tokens, examples):
-        if split == "train":
-            time.sleep(0.3)  # a slow disk: the next split's forward pass must not wait for it
+        # A slow disk, made deterministic: train's last unit is written only once validation's forward pass has
+        # begun. A build that waited for train's writes first would never begin it (caught by the hang guard).
+        if split == "train" and unit.index == self.group[split].attrs["n_units"] - 1 and not validation_started.wait(HANG_GUARD_S):
+            stuck.append(unit.index)
         write_unit(self, split, unit, tokens, examples)
         durable[split] = durable.get(split, 0) + 1
 
@@ -471,13 +476,14 @@ def test_a_splits_last_units_are_written_while_the_next_split_computes(tiny_t5: 
     def traced_build_split(writer, backbone, split, *args, **kwargs):
         if split == "validation":
             train_durable_when_validation_started.append(durable.get("train", 0))
+            validation_started.set()
         return build_split(writer, backbone, split, *args, **kwargs)
 
     monkeypatch.setattr(store.CacheWriter, "write_unit", slow_write)
     monkeypatch.setattr(build_module, "build_split", traced_build_split)
     report = build_cache(config(tiny_t5, glue_dir, tmp_path / "cache", batch_size=8))
     train_units = next(s for s in report.splits if s.split == "train").units_written
-    assert train_units >= 1 and durable["train"] == train_units
+    assert train_units >= 1 and durable["train"] == train_units and stuck == []
     assert train_durable_when_validation_started[0] < train_units  # validation computed while train was still being written
     assert all(read_cache.open_cache(tmp_path / "cache")[s].complete for s in ("train", "validation", "test"))
 

@@ -96,19 +96,18 @@ def test_bad_options_are_one_line_errors(cache: Path) -> None:
 
 RANK_SCRIPT = """
 import json, os, sys
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 from read_cache import CacheDataset
+from read_cache.distributed import session
 
-dist.init_process_group("gloo")
-ds = CacheDataset(sys.argv[1], split="train", batch_size=16, shuffle=True, seed=3)
-out = []
-for epoch in (0, 1):
-    ds.set_epoch(epoch)
-    out.append([{"rows": b["rows"].tolist(), "weight": float(b.get("weight", 1.0))} for b in DataLoader(ds, batch_size=None, num_workers=int(sys.argv[3]))])
-with open(os.path.join(sys.argv[2], f"rank{dist.get_rank()}.json"), "w") as f:
-    json.dump(out, f)
-dist.destroy_process_group()
+with session("cpu") as launch:  # the library's own group and ordered teardown: no rank leaves under another
+    ds = CacheDataset(sys.argv[1], split="train", batch_size=16, shuffle=True, seed=3)
+    out = []
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        out.append([{"rows": b["rows"].tolist(), "weight": float(b.get("weight", 1.0))} for b in DataLoader(ds, batch_size=None, num_workers=int(sys.argv[3]))])
+    with open(os.path.join(sys.argv[2], f"rank{launch.rank}.json"), "w") as f:
+        json.dump(out, f)
 """
 
 

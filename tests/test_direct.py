@@ -131,7 +131,7 @@ def test_the_engine_survives_a_fork(int8_cache: Path) -> None:
     child.start()
     child.join(timeout=HANG_GUARD_S)
     assert child.exitcode == 0
-    assert queue.get(timeout=5) == here
+    assert queue.get(timeout=HANG_GUARD_S) == here
 
 
 def test_an_epoch_can_make_only_some_batches(int8_cache: Path) -> None:

@@ -28,7 +28,7 @@ from read_cache.config import BuildConfig
 from read_cache.errors import CacheCorruptError, ReadCacheError
 from read_cache.paths import redact_options
 from read_cache.store.lease import LEASE_KEY, Lease
-from read_cache.store.location import Location
+from read_cache.store.location import DEFAULT_CLIENT_OPTIONS, DEFAULT_RETRY, Location
 
 moto_server = pytest.importorskip("moto.server")
 boto3 = pytest.importorskip("boto3")
@@ -254,17 +254,38 @@ def test_a_lease_from_another_machine_is_taken_over_only_after_it_expires(endpoi
         assert holder["owner"] == lease.owner and holder["pid"] == os.getpid()
 
 
+def test_a_lease_renews_itself_in_the_background(endpoint: str) -> None:
+    with Lease(Location.parse(f"s3://{new_bucket()}/cache"), ttl=0.8) as lease:
+        first = lease._etag
+        deadline = time.time() + HANG_GUARD_S  # a hang guard: the renewal thread (every ttl/4) may run late under load
+        while lease._etag == first and time.time() < deadline:
+            time.sleep(0.01)
+        assert lease._etag != first  # rewritten: a new ETag
+
+
 def test_a_lease_is_renewed_and_a_lost_one_stops_the_writer(endpoint: str) -> None:
+    """Each renewal by hand (the thread's ttl/4 is far off): no clock decides the outcome, however loaded the machine."""
     url = f"s3://{new_bucket()}/cache"
-    lease = Lease(Location.parse(url), ttl=0.8).acquire()
+    lease = Lease(Location.parse(url), ttl=HANG_GUARD_S).acquire()
     try:
         first = lease._etag
-        time.sleep(0.5)  # two renewals (every ttl/4) later it is still ours, with a new ETag
-        lease.check()
+        lease.renew()
+        lease.check()  # still ours, with a new ETag
         assert lease._etag != first
         _plant_lease(url, expires=time.time() + 60)  # another build replaces it (say, after a long stall)
-        time.sleep(0.5)
-        with pytest.raises(ReadCacheError, match="lost its lease"):
+        lease.renew()
+        with pytest.raises(ReadCacheError, match="lost its lease .*another build replaced"):
+            lease.check()
+    finally:
+        lease.release()
+
+
+def test_a_lease_not_renewed_for_most_of_its_ttl_is_taken_as_lost(endpoint: str) -> None:
+    lease = Lease(Location.parse(f"s3://{new_bucket()}/cache"), ttl=HANG_GUARD_S).acquire()
+    try:
+        lease.check()
+        lease._renewed -= 0.75 * lease.ttl + 1  # as if the last renewal had succeeded that long ago
+        with pytest.raises(ReadCacheError, match="lost its lease .*could not be renewed"):
             lease.check()
     finally:
         lease.release()
@@ -310,13 +331,28 @@ def test_storage_problems_are_one_line_errors(case: str, s3_cache: str, tiny_t5:
         extra = ["--storage-options", "{region: 1"]
     else:
         url, extra = str(tmp_path / "c"), ["--storage-options", '{"region": "us-east-1"}']
+    # No hang: every client made has the short timeouts and retries (checked where they are set, not by a wall
+    # clock, which a loaded machine stretches).
+    import obstore.store
+
+    clients: list[dict] = []
+    from_url = obstore.store.from_url
+
+    def recorded(url: str, **options):
+        clients.append(options)
+        return from_url(url, **options)
+
+    monkeypatch.setattr(obstore.store, "from_url", recorded)
     for command in (["inspect", url], ["build", "--model", tiny_t5, "--task", "sst2", "--data-dir", glue_dir, "--out", url, "--no-progress"]):
-        started = time.perf_counter()
         code, _, output = run_cli(*command, *extra)
         assert code == 2, output
         assert __import__("re").search(expected, one_error(output)), output
-        assert time.perf_counter() - started < 30  # short timeouts and retries: no hang
         assert "Traceback" not in output
+    assert bool(clients) == (case in ("no credentials", "no bucket", "dead endpoint"))  # the three that reach for the store
+    for options in clients:
+        assert options["client_options"]["connect_timeout"] == DEFAULT_CLIENT_OPTIONS["connect_timeout"] == "5s"
+        assert options["retry_config"]["max_retries"] == DEFAULT_RETRY["max_retries"] == 3
+        assert options["retry_config"]["retry_timeout"].total_seconds() == DEFAULT_RETRY["retry_timeout"] == 20
 
 
 def test_storage_options_reach_the_store_and_secrets_stay_out_of_runs(s3_cache: str, endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

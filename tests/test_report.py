@@ -70,6 +70,20 @@ def test_no_reporter_by_default_and_report_to_is_not_part_of_a_runs_identity(sts
     assert runs.differences(plain, reporting) == []  # an interrupted run resumes whatever it reports to
 
 
+def test_overwrite_replaces_the_runs_reports_too(stsb_cache: Path, tmp_path: Path) -> None:
+    """--overwrite deletes the old run's tensorboard/ and wandb/ with its other files: old events beside the new
+    ones would show two runs as one curve. What else the user keeps in the folder stays."""
+    out = tmp_path / "run"
+    run_train(stsb_cache, out, epochs=2, report_to=("tensorboard",))
+    (out / runs.WANDB / "offline-run-old").mkdir(parents=True)  # as an earlier --report-to wandb leaves it
+    (out / "notes.txt").write_text("mine")
+    run_train(stsb_cache, out, epochs=1, report_to=("tensorboard",), overwrite=True)
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(history) == 1 and len(list((out / TENSORBOARD).iterdir())) == 1  # the new run's events alone
+    assert scalar_values(events(out / TENSORBOARD), "train/loss") == [(history[0]["epoch"], pytest.approx(history[0]["loss"]))]
+    assert not (out / runs.WANDB).exists() and (out / "notes.txt").read_text() == "mine"
+
+
 def test_the_config_logged_is_the_masked_record(tmp_path: Path) -> None:
     cfg = TrainConfig(cache="s3://bucket/cache", storage_options={"secret_access_key": "hunter2"}, report_to=("tensorboard",))
     reporter = open_reporter(cfg.report_to, tmp_path, {"train": record(cfg)}, "secret")

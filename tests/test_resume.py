@@ -166,8 +166,9 @@ def test_a_run_another_process_is_training_is_never_resumed(cache: Path, tmp_pat
     (run,) = (tmp_path / "runs").iterdir()
     files.release(run)  # as if this process had died: another one now holds it
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"import fcntl, os, sys, time; fd = os.open({str(run)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print(1, flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True,
+        # It holds the lock until the test closes its stdin (or kills it), however long the trainings below take.
+        [sys.executable, "-c", f"import fcntl, os, sys; fd = os.open({str(run)!r}, os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); print(1, flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "1"

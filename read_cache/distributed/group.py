@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import itertools
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -36,6 +37,15 @@ TIMEOUT = datetime.timedelta(hours=2)
 """How long a collective waits for a slow rank. Ranks meet only at split and epoch ends, and a rank
 that dies takes the launch down (torchrun stops the others; gloo notices a closed peer at once), so
 this bounds only a rank that hangs."""
+
+TEARDOWN_TIMEOUT = datetime.timedelta(minutes=10)
+"""How long a rank waits at the end of a session for the others to finish their collectives and leave (see
+`leave`). Ranks arrive there together but for the work rank 0 alone does after the last collective (reports,
+charts), so this bounds only a rank killed in between; when it passes, the rank leaves unordered."""
+
+_sessions = itertools.count()
+"""Numbers each session of this process, so a session's teardown keys are its own: torchrun's agent store
+outlives a process group, and every rank runs the same sessions in the same order."""
 
 # Flags whose names differ from their config field, for error messages.
 FLAGS = {"float_dtype": "--store-dtype", "memory_budget_gb": "--memory-budget", "progress": "--no-progress"}
@@ -66,10 +76,49 @@ def session(device: str | None) -> Iterator[Launch]:
         torch.cuda.set_device(picked)
     dist.init_process_group(backend, timeout=TIMEOUT, device_id=picked if picked.type == "cuda" else None)
     log.debug("joined the process group as %s on %s (%s)", launch.describe(), picked, backend)
+    # The store the group met through (torch has no public getter): it outlives the group, so the ranks can
+    # still order their leaving once their sockets are closed.
+    store = dist.distributed_c10d._get_default_store()
+    in_step = False  # whether every rank leaves from the same point: a normal end, or an error all ranks agreed on
     try:
         yield launch
+        in_step = True
+    except RankError:
+        in_step = True
+        raise
     finally:
-        dist.destroy_process_group()
+        leave(launch, store, f"read-cache/teardown/{next(_sessions)}", in_step=in_step)
+
+
+def leave(launch: Launch, store: dist.Store, prefix: str, *, in_step: bool, destroy: Callable[[], None] = dist.destroy_process_group) -> None:
+    """Destroy this rank's process group, in an order that closes no socket under a rank still using it.
+
+    Left to themselves, the ranks tear down at once: one closes its gloo connections while another is still
+    finishing its last collective or destroying its own group, and that rank can abort (SIGABRT) instead of
+    exiting; and rank 0, which hosts the store of a launch started without torchrun's agent, could leave
+    before the others are done with it. So a rank that ends in step with the others (`in_step`) waits, through
+    the store, until every rank has finished its collectives, then until every rank above it has destroyed its
+    group: the highest rank goes first and rank 0 last. A rank that fails alone (`in_step` false: a bug, a
+    dead peer, Ctrl-C) never waits, since the others may be mid-work; it marks itself so that no rank waits
+    for it, and leaves.
+    """
+    def key(what: str, rank: int) -> str:
+        return f"{prefix}/{what}/{rank}"
+
+    try:
+        store.set(key("arrived", launch.rank), "in step" if in_step else "failed")
+        if in_step:
+            store.wait([key("arrived", rank) for rank in range(launch.world_size)], TEARDOWN_TIMEOUT)
+            above = [key("left", rank) for rank in range(launch.rank + 1, launch.world_size)]
+            if above:  # all of them, not just the next: a rank that failed alone is marked left early
+                store.wait(above, TEARDOWN_TIMEOUT)
+    except RuntimeError as e:  # the store's host is gone, or a rank never came (killed): leave unordered
+        log.debug("%s leaves without waiting for the others: %s", launch.describe(), e)
+    finally:  # Ctrl-C while waiting still tears the group down
+        destroy()
+    if launch.rank > 0:  # rank 0 is last: no one waits for it
+        with contextlib.suppress(RuntimeError):
+            store.set(key("left", launch.rank), "1")
 
 
 def rank_device(device: str | None, launch: Launch) -> torch.device:

@@ -6,7 +6,6 @@ A unit's chunk files are fsynced before `units_done[u]` is set; the format is in
 from __future__ import annotations
 
 import math
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,7 @@ from read_cache.store.layout import (
     storage_numpy_dtype,
 )
 from read_cache.store.location import Location
-from read_cache.util.files import FolderLock, fsync_path
+from read_cache.util.files import FolderLock, fsync_path, remove
 
 
 def BuildLock(path: Path) -> FolderLock:  # noqa: N802 - reads as the lock it returns
@@ -59,7 +58,7 @@ def clear_cache_dir(where: Path | Location) -> None:
         location.delete_keys([k for k in location.keys() if k != "build.lease"])
         return
     for child in location.path.iterdir():
-        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        remove(child)
 
 
 def is_cache(path: Path) -> bool:

@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-TENSORBOARD = "tensorboard"
-"""RUN/tensorboard/: the event files."""
+from read_cache.training.runs import TENSORBOARD
+
 
 
 class Sink(Protocol):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from read_cache.errors import ReadCacheError
-from read_cache.util.files import hold, read_json, release, write_json
+from read_cache.util.files import hold, read_json, release, remove, write_json
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,14 @@ WEIGHTS = "side_network.safetensors"
 METHOD_WEIGHTS = "method.safetensors"
 CURVES = "curves.png"
 CHECKPOINT = "checkpoint.pt"
-ARTIFACTS = (WEIGHTS, CONFIG, METRICS, SUMMARY, CURVES)
-"""A READ run's own files (what --overwrite replaces)."""
-METHOD_ARTIFACTS = (METHOD_WEIGHTS, CONFIG, METRICS, SUMMARY, CURVES)
+TENSORBOARD = "tensorboard"
+"""RUN/tensorboard/: --report-to tensorboard's event files (`training.report`)."""
+WANDB = "wandb"
+"""RUN/wandb/: W&B's files for the run (wandb.init(dir=RUN) makes this folder)."""
+REPORTS = (TENSORBOARD, WANDB)
+ARTIFACTS = (WEIGHTS, CONFIG, METRICS, SUMMARY, CURVES, *REPORTS)
+"""A READ run's own files and folders (what --overwrite replaces: old events beside new ones would show two runs as one)."""
+METHOD_ARTIFACTS = (METHOD_WEIGHTS, CONFIG, METRICS, SUMMARY, CURVES, *REPORTS)
 SWEEP_CONFIG = "sweep-config.json"
 SWEEP_REPORT = "sweep.json"
 SWEEP_CHART = "sweep.png"
@@ -62,8 +67,9 @@ def claim_folder(
 
     `first` names the file the record goes into (written here, atomically; None: nothing resumes), `last` the
     file written when done. A finished folder, or any other non-empty one, is refused unless --overwrite (which
-    deletes only `own_files` and the checkpoint); an interrupted folder of another record likewise; an interrupted
-    folder of the same record resumes even with --overwrite, since resuming ends exactly where starting over would.
+    deletes only `own_files`, files or folders, and the checkpoint); an interrupted folder of another record
+    likewise; an interrupted folder of the same record resumes even with --overwrite, since resuming ends
+    exactly where starting over would.
     """
     if out.exists() and not out.is_dir():
         raise ReadCacheError(f"--out {out} is a file; choose a folder for the {what}")
@@ -76,7 +82,7 @@ def claim_folder(
         if not overwrite:
             raise ReadCacheError(f"--out {out} exists; pass --overwrite or choose another --out")
         for name in (*own_files, CHECKPOINT):
-            (out / name).unlink(missing_ok=True)
+            remove(out / name)
     if first is not None and record is not None:
         write_json(out / first, record)
     return resuming

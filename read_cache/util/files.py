@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,14 @@ def write_text(path: Path, text: str) -> None:
 def write_json(path: Path, value: Any) -> None:
     """`value` as indented JSON (plus a newline), atomically."""
     write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def remove(path: Path) -> None:
+    """Delete a file, or a folder with everything in it (a link is unlinked, never followed); nothing if absent."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
