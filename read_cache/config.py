@@ -21,6 +21,7 @@ import numpy as np
 from read_cache.errors import ReadCacheError
 from read_cache.kinds import (
     BENCH_METHODS,
+    CACHED_TOKENS,
     CODECS,
     COMPUTE_DTYPES,
     CROSS_ATTENTION,
@@ -52,7 +53,7 @@ class BuildConfig:
     """Everything `read-cache build` takes; the identity fields must match to resume a cache."""
 
     model: str
-    """Hub id or local folder of a T5-family or encoder-only checkpoint."""
+    """Hub id or local folder of a T5-family, encoder-only (BERT family) or decoder-only (causal LM) checkpoint."""
     task: str
     """GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)."""
     data_dir: Path | None = None
@@ -95,6 +96,11 @@ class BuildConfig:
     """'t5' (this package's splits, T5's label words) or 'lst' (Ladder Side-Tuning's splits, label digits)."""
     drop_last_layers: int = 0
     """Drop the model's last K encoder and decoder layers before the forward pass (READ-large: 4 of T5-large's 24)."""
+    tokens: str = "all"
+    """`--tokens`: cache every token's states ('all'), or, for decoder-only models, the readout token's alone ('last')."""
+    prompt: str | None = None
+    """`--prompt`: decoder-only models' input template, one `{field}` per text field of the task, ending where the label
+    word would follow; None: the task's own (`TaskSpec.lm_template`: its T5 text, then a line 'answer:')."""
     storage_options: dict[str, Any] | None = None
     """Options for the object store at a URL --out (`--storage-options JSON`): obstore's `from_url` keys for
     s3://, gs://, az://, fsspec's for other URLs; None: the service's environment variables alone."""
@@ -117,6 +123,9 @@ class BuildConfig:
         task_name(self.task)
         check_choice("--store-dtype", self.float_dtype, STORE_DTYPES, " (see docs/storage.md)")
         check_choice("--codec", self.codec, CODECS, " (see docs/storage.md)")
+        check_choice("--tokens", self.tokens, CACHED_TOKENS, " (last: the readout token alone, decoder-only models)")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ReadCacheError("--prompt is empty; pass a template with one {field} per text field, e.g. 'Review: {sentence}\\nSentiment:'")
         check_location("--out", self.out, self.storage_options)
 
 
