@@ -41,8 +41,7 @@ def forward_batches(
     `type_ids` (from `Tokenized.type_ids`) go to encoders that read segment ids, so BERT sees a pair as a pair.
     `last_only` (`Tokenized.last_only`) keeps each example's last token's states alone.
     """
-    # Any id pads (a causal LM's tokenizer often has no pad token): the mask hides it, and pads go right.
-    pad_id = backbone.tokenizer.pad_token_id or 0
+    pad_id = backbone.pad_id
     for batch in length_batches(np.array([len(x) for x in ids]), batch_size):
         input_ids, mask = pad([ids[i] for i in batch], pad_id)
         types = pad([type_ids[i] for i in batch], 0)[0] if type_ids is not None and backbone.uses_token_types else None

@@ -85,6 +85,14 @@ class Backbone:
         return self.dims.n_heads
 
     @property
+    def pad_id(self) -> int:
+        """The id padding takes: the tokenizer's pad token, else 0. Any id in the vocabulary will do (the mask hides
+        it, and pads go right): a causal LM's tokenizer often has none, or one the embeddings lack (Qwen2's class
+        adds <|endoftext|> to a vocabulary without it)."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None and pad < self.model.get_input_embeddings().num_embeddings else 0
+
+    @property
     def uses_token_types(self) -> bool:
         """True where the model reads segment ids (BERT: the second text of a pair is segment 1)."""
         return self.kind == "encoder" and "token_type_ids" in getattr(self.tokenizer, "model_input_names", ())
