@@ -19,7 +19,7 @@ from read_cache.store import open_cache
 from read_cache.tasks.data import load_glue
 from read_cache.tasks.specs import get_task
 from read_cache.training.reader import SplitReader
-from read_cache.training.side_network import SideNetworkConfig, expected_parameters, lm_logits
+from read_cache.training.side_network import expected_parameters, lm_logits
 from read_cache.training.train import TrainConfig, evaluate_split, load_run, train
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -133,10 +133,8 @@ def test_each_family_returns_its_normed_last_state_and_the_lm_head_reads_it(fami
     label_ids = [causal.readout_token(tok, "answer:", w) for w in ("negative", "positive")]
     extras = causal.lm_head_extras(net, label_ids)
     assert (extras["bias"] is not None) == (family == "phi") and (extras["softcap"] is not None) == (family == "gemma2")
-    head = SideNetworkConfig(rnn="none", d_model=D, encoder_only=True, causal=True, pooling="last", head="lm",
-                             lm_bias=extras["bias"], logit_softcap=extras["softcap"])
     rows = net.get_output_embeddings().weight[label_ids].detach()
-    ours = lm_logits(head, body.hidden_states[-1].reshape(-1, D), rows).reshape(*logits.shape[:2], 2)
+    ours = lm_logits(body.hidden_states[-1].reshape(-1, D), rows, 1.0, extras["bias"], extras["softcap"]).reshape(*logits.shape[:2], 2)
     torch.testing.assert_close(ours, logits[..., label_ids], rtol=1e-5, atol=1e-5)
 
 
@@ -306,3 +304,73 @@ def test_a_custom_prompt_is_recorded_and_read_online(tiny_lm: Path, glue_dir: Pa
     cached = evaluate_split(net, SplitReader(open_cache(cache)["test"]))
     texts = load_glue(get_task("sst2"), glue_dir, 20)["test"].texts
     np.testing.assert_allclose(predict(tmp_path / "run", texts).logits, cached.logits, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The baselines on the live backbone (`train --method`)
+
+METHOD_FAMILIES = ("llama", "qwen2", "gpt2", "phi")
+"""No biases (llama), q/k/v biases only (qwen2), Conv1D layers with biases (gpt2), an LM head with a bias (phi)."""
+
+
+@pytest.fixture(scope="module")
+def method_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return {family: make_tiny_causal(tmp_path_factory.mktemp(f"method-{family}"), family) for family in METHOD_FAMILIES}
+
+
+@pytest.mark.parametrize("family", METHOD_FAMILIES)
+@pytest.mark.parametrize("spec", ["full", "lora-4", "prompt-3", "bitfit", "adapter-4"])
+def test_each_baseline_trains_exactly_its_documented_parameters(spec: str, family: str, method_models: dict[str, Path]) -> None:
+    from read_cache.backbone.load import load_backbone
+    from read_cache.kinds import parse_method
+    from read_cache.methods.model import build_task_model, head_parameters
+
+    backbone = load_backbone(str(method_models[family]), device="cpu", dtype="fp32")
+    method = parse_method(spec)
+    if family == "gpt2" and method.name == "adapter":
+        with pytest.raises(ReadCacheError, match="does not know where the sublayers of 'gpt2'") as e:
+            build_task_model(backbone, get_task("sst2"), method)
+        one_line(e)
+        return
+    module = build_task_model(backbone, get_task("sst2"), method)
+    expected = method.module().expected_parameters(backbone.config, backbone.kind, method.size, backbone.model) + head_parameters(backbone, get_task("sst2"))
+    trainable = module.trainable()
+    assert sum(p.numel() for p in trainable.values()) == expected > 0
+    assert head_parameters(backbone, get_task("sst2")) == 0  # the LM head scores the label words
+    before = {name: p.detach().clone() for name, p in module.named_parameters()}
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=1e-2)
+    torch.manual_seed(1)
+    for _ in range(2):
+        ids = torch.randint(10, 300, (4, 7))
+        mask = torch.ones_like(ids)
+        mask[0, 5:] = 0  # right padding, as the build pads
+        loss = torch.nn.functional.cross_entropy(module(ids, mask, None), torch.tensor([0, 1, 0, 1]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    moved = {name for name, p in module.named_parameters() if not torch.equal(p, before[name])}
+    assert moved and moved <= set(trainable), sorted(moved - set(trainable))[:3]
+
+
+def test_lst_on_a_decoder_only_model_is_a_one_line_refusal(method_models: dict[str, Path]) -> None:
+    from read_cache.backbone.load import load_backbone
+    from read_cache.kinds import parse_method
+    from read_cache.methods.model import build_task_model
+
+    backbone = load_backbone(str(method_models["llama"]), device="cpu", dtype="fp32")
+    with pytest.raises(ReadCacheError, match="--method lst is written for T5 and BERT") as e:
+        build_task_model(backbone, get_task("sst2"), parse_method("lst"))
+    one_line(e)
+
+
+def test_train_method_on_a_decoder_only_model_writes_a_run_predict_takes(method_models: dict[str, Path], glue_dir: Path, tmp_path: Path) -> None:
+    from read_cache.config import MethodConfig
+    from read_cache.inference.predict import predict
+    from read_cache.methods.train import train_method
+
+    out = tmp_path / "run"
+    summary = train_method(MethodConfig(method="lora-4", model=str(method_models["qwen2"]), task="sst2", data_dir=glue_dir, limit=30,
+                                        epochs=1, out=out, progress=False, threads=1))
+    assert summary["trainable_parameters"] == summary["expected_parameters"] > 0 and 0 <= summary["test"]["score"] <= 1
+    first = predict(out, ["a good film", "the plot was dull"])
+    assert set(first.labels) <= {"negative", "positive"} and first.logits.shape == (2, 2)

@@ -208,7 +208,8 @@ class SideNetwork(nn.Module):
         if self.config.head == HeadKind.LM:
             # [B, d] x [d, C] is cheap: keep the logits in fp32 even under bf16 autocast.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                return lm_logits(self.config, x.float(), self.lm_rows)
+                c = self.config
+                return lm_logits(x.float(), self.lm_rows, c.output_scale, c.lm_bias, c.logit_softcap)
         out = self.classifier(x).float()
         return out.squeeze(-1) if self.config.regression else out
 
@@ -222,13 +223,16 @@ class SideNetwork(nn.Module):
         return logits if self.config.regression else logits.argmax(dim=-1)
 
 
-def lm_logits(config: SideNetworkConfig, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """The frozen LM head over the label words, [B, d] -> [B, C], as the model applies it: scale, bias, soft cap."""
-    logits = config.output_scale * x @ rows.T
-    if config.lm_bias is not None:
-        logits = logits + torch.tensor(config.lm_bias, dtype=logits.dtype, device=logits.device)
-    if config.logit_softcap is not None:
-        logits = config.logit_softcap * torch.tanh(logits / config.logit_softcap)
+def lm_logits(
+    x: torch.Tensor, rows: torch.Tensor, scale: float = 1.0, bias: torch.Tensor | list[float] | None = None, softcap: float | None = None
+) -> torch.Tensor:
+    """The LM head over the label words, [B, d] x [C, d] -> [B, C], as the model applies it: T5's output scale,
+    the head's bias (Phi), the logit soft cap (Gemma 2). READ's `lm` head and the baselines' share it."""
+    logits = (scale * x) @ rows.T
+    if bias is not None:
+        logits = logits + torch.as_tensor(bias, dtype=logits.dtype, device=logits.device)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     return logits
 
 
