@@ -248,6 +248,18 @@ def test_mean_pooling_trains_on_every_token_and_is_refused_on_a_readout_cache(ss
     one_line(e)
 
 
+def test_a_sweep_trains_both_heads_from_one_read_of_a_decoder_cache(sst2_lm_last: Path, tmp_path: Path) -> None:
+    from read_cache.config import SweepConfig
+    from read_cache.training.sweep import sweep
+
+    shared = TrainConfig(cache=sst2_lm_last, epochs=1, batch_size=16, progress=False, threads=1)
+    report = sweep(SweepConfig(out=tmp_path / "sweep", rnn=("gru",), dim=(4,), lr=(1e-2,), head=("lm", "linear"), shared=shared))
+    assert sorted(entry["head"] for entry in report["configs"]) == ["linear", "lm"]
+    for entry in report["configs"]:
+        net, _ = load_run(entry["run_dir"])
+        assert entry["trainable_parameters"] == expected_parameters(net.config)
+
+
 @pytest.mark.parametrize("which", ["sst2_lm", "sst2_lm_last"])
 def test_online_predictions_equal_the_cached_path(which: str, sst2_lm: Path, sst2_lm_last: Path, glue_dir: Path, tmp_path: Path) -> None:
     from read_cache.inference.predict import predict
