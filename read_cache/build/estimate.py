@@ -48,6 +48,10 @@ class Estimate:
     disk_bytes: dict[str, int]
     """Per format: projected bytes on disk."""
     geometry: dict[str, Any]
+    kind: str = "t5"
+    """The backbone's kind ('t5', 'encoder', 'decoder'): how the table names its layers."""
+    stored: str = "all"
+    """`--tokens`: 'all', or 'last' (one row per example, so `tokens` counts examples)."""
 
     @property
     def tokens(self) -> int:
@@ -86,15 +90,18 @@ def estimate_build(cfg: BuildConfig) -> Estimate:
         raw[fmt] = sum(s.tokens * g.bytes_per_token + s.examples * g.bytes_per_example for s in counts)
         disk[fmt] = sum(g.projected_disk_bytes(s.tokens, s.examples) for s in counts)
     geometry = dims_geometry(dims, kind, cfg, task.is_regression, cfg.float_dtype).to_dict()
-    return Estimate(cfg.model, task.name, cfg.float_dtype, counts, raw, disk, geometry)
+    return Estimate(cfg.model, task.name, cfg.float_dtype, counts, raw, disk, geometry, kind, cfg.tokens)
 
 
 def estimate_table(est: Estimate) -> str:
     """The dry run's printout: per split examples and tokens, then per format the raw and on-disk sizes."""
     g = est.geometry
+    layers = (
+        f"{g['n_encoder_layers']} layers (decoder-only; {'the readout token alone' if est.stored == 'last' else 'every token'})"
+        if est.kind == "decoder" else f"{g['n_encoder_layers']} encoder + {g['n_decoder_layers']} decoder layers"
+    )
     lines = [
-        f"{est.model} on {est.task}: {g['n_encoder_layers']} encoder + {g['n_decoder_layers']} decoder layers, d = {g['d_model']} "
-        "(tokenizer and config only; no weights loaded)",
+        f"{est.model} on {est.task}: {layers}, d = {g['d_model']} (tokenizer and config only; no weights loaded)",
         "",
         f"{'split':<12}{'examples':>12}{'tokens':>14}{'tokens/ex':>11}{'truncated':>11}",
     ]
