@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LABEL_WORDS, PREFIX_WORDS, WORDS, build_quietly, run_cli
+from conftest import LABEL_WORDS, PREFIX_WORDS, WORDS, build_quietly, one_error, run_cli
 
 from read_cache.backbone import causal
 from read_cache.backbone.causal import DECODER_FAMILY
@@ -303,6 +303,21 @@ def test_decoder_options_on_other_models_and_a_bad_prompt_are_one_line_errors(ti
     with pytest.raises(ReadCacheError, match=r"needs exactly \{sentence\}") as e:
         build_quietly(tiny_lm, "sst2", glue_dir, tmp_path / "bad", limit=10, prompt="review: {text}\nanswer:")
     one_line(e)
+
+
+def test_the_cli_builds_trains_and_predicts_and_bad_inputs_exit_with_one_line(sst2_lm_last: Path, glue_dir: Path, tmp_path: Path) -> None:
+    code, _, output = run_cli("train", "--cache", sst2_lm_last, "--dim", 4, "--epochs", 1, "--no-progress", "--out", tmp_path / "run")
+    assert code == 0, output
+    code, stdout, output = run_cli("predict", "--run", tmp_path / "run", "a lovely film")
+    assert code == 0 and stdout.split("\t")[0] in ("negative", "positive"), output
+    code, _, output = run_cli("train", "--cache", sst2_lm_last, "--pooling", "mean", "--head", "linear", "--no-progress", "--out", tmp_path / "bad")
+    assert code != 0 and "--tokens last" in one_error(output)
+
+
+def test_drop_last_layers_cuts_a_decoder_only_model(glue_dir: Path, tmp_path: Path) -> None:
+    model = make_tiny_causal(tmp_path / "model", "llama")
+    cache = open_cache(build_quietly(model, "sst2", glue_dir, tmp_path / "cache", limit=10, float_dtype="bfloat16", drop_last_layers=1))
+    assert cache.geometry.n_encoder_layers == LAYERS - 1 and cache["train"][0].encoder_hidden.shape[1] == LAYERS - 1
 
 
 def test_a_custom_prompt_is_recorded_and_read_online(tiny_lm: Path, glue_dir: Path, tmp_path: Path) -> None:
