@@ -137,8 +137,9 @@ class TrainingOptions:
     Keyword-only, so each subclass keeps its own fields' positions first."""
 
     pooling: str | None = None
-    """Encoder-only backbones: pool tokens by 'mean' or take the 'first' token; None: the way the backbone's
-    family pools (mean for sentence-transformers models, first for BERT classifiers), for READ as the build recorded it."""
+    """Encoder-only and decoder-only backbones: pool tokens by 'mean' or take the 'first' or 'last' token; None: the way
+    the backbone's family pools (mean for sentence-transformers models, first for BERT classifiers, last for causal
+    LMs), for READ as the build recorded it."""
     lr: float | None = None
     """AdamW learning rate; None: READ's 1e-3, or with --preset paper Table 9's rate for the cache's task;
     a baseline's own default (`read_cache.kinds.METHOD_LR`)."""
@@ -192,7 +193,7 @@ class TrainConfig(TrainingOptions):
     dim: int = 256
     """Hidden size r of the side network's RNNs."""
     head: str | None = None
-    """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 classification, else linear."""
+    """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 and decoder-only classification, else linear."""
     memory_budget_gb: float = 2.0
     """RAM the decoded splits may take; splits beyond it are streamed from disk."""
     device_memory_budget_gb: float | None = None
@@ -333,7 +334,7 @@ class Trial(NamedTuple):
     dim: int
     lr: float
     head: str | None
-    """None: the task's default head (lm for T5 classification, else linear)."""
+    """None: the task's default head (lm for T5 and decoder-only classification, else linear)."""
 
 
 @dataclasses.dataclass
