@@ -214,6 +214,21 @@ def test_padding_side_and_a_missing_pad_token_leave_the_cache_unchanged(tokenize
         np.testing.assert_array_equal(a[split].array("input_ids")[...], b[split].array("input_ids")[...])
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4", "float16"])
+def test_every_store_format_and_reader_tier_serves_a_decoder_cache(fmt: str, glue_dir: Path, tmp_path: Path) -> None:
+    from read_cache.training.side_network import SideNetwork, SideNetworkConfig
+
+    model = make_tiny_causal(tmp_path / "model", "llama")
+    cache = open_cache(build_quietly(model, "sst2", glue_dir, tmp_path / "cache", limit=20, float_dtype=fmt))
+    torch.manual_seed(0)
+    net = SideNetwork(SideNetworkConfig(rnn="gru", dim=4, d_model=D, n_encoder_layers=LAYERS, n_decoder_layers=0, encoder_only=True,
+                                        causal=True, pooling="last", head="lm"), torch.from_numpy(cache.lm_head_rows()))
+    torch.nn.init.normal_(net.up.weight)  # a correction that depends on every layer's states
+    logits = {mode: evaluate_split(net, SplitReader(cache["test"], mode=mode, batch_size=8)).logits for mode in ("stream", "ram")}
+    np.testing.assert_array_equal(logits["stream"], logits["ram"])
+    assert np.isfinite(logits["ram"]).all() and cache.geometry.float_dtype == fmt
+
+
 def test_dry_run_projects_a_last_token_cache(tiny_lm: Path, glue_dir: Path) -> None:
     code, out, _ = run_cli("build", "--model", tiny_lm, "--task", "sst2", "--data-dir", glue_dir, "--limit", 40, "--dry-run")
     code_last, out_last, _ = run_cli("build", "--model", tiny_lm, "--task", "sst2", "--data-dir", glue_dir, "--limit", 40, "--dry-run", "--tokens", "last")
