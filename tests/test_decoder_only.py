@@ -416,3 +416,19 @@ def test_train_method_on_a_decoder_only_model_writes_a_run_predict_takes(method_
     assert summary["trainable_parameters"] == summary["expected_parameters"] > 0 and 0 <= summary["test"]["score"] <= 1
     first = predict(out, ["a good film", "the plot was dull"])
     assert set(first.labels) <= {"negative", "positive"} and first.logits.shape == (2, 2)
+
+
+def test_bench_runs_every_method_on_a_decoder_only_model(method_models: dict[str, Path], glue_dir: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from read_cache.bench.run import run_bench
+    from read_cache.config import BenchConfig
+    from read_cache.kinds import BENCH_METHODS
+
+    cfg = BenchConfig(model=str(method_models["llama"]), task="sst2", out=tmp_path / "bench", data_dir=glue_dir, limit=24, epochs=2,
+                      slow_epochs=1, dim=8, batch_size=8)
+    report = run_bench(cfg, isolate=False)["methods"]
+    assert set(report) == set(BENCH_METHODS)
+    backbone_params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(method_models["llama"]).parameters())
+    assert report["full"]["trainable_parameters"] == backbone_params  # the LM head scores the label words: no new head
+    assert report["online"]["trainable_parameters"] == report["cached_ram"]["trainable_parameters"] == 3 * 8 * (D + 8 + 2) + 8 * D + D + D
