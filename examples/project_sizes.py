@@ -23,7 +23,8 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoTokenizer
 
-from read_cache.build.estimate import config_geometry
+from read_cache.backbone.load import model_dims
+from read_cache.build.identity import dims_geometry
 from read_cache.config import BuildConfig
 from read_cache.store.formats import STORE_DTYPES
 
@@ -66,7 +67,7 @@ def main() -> None:
         examples = sum(rows.values())
         tokens = int(mean * examples)
         cfg = BuildConfig(model=str(args.config), task=task)
-        sizes = [config_geometry(config, "t5", cfg, False, fmt).projected_disk_bytes(tokens, examples) / 1e9 for fmt in STORE_DTYPES]
+        sizes = [dims_geometry(model_dims(config, "t5"), "t5", cfg, False, fmt).projected_disk_bytes(tokens, examples) / 1e9 for fmt in STORE_DTYPES]
         print(f"| {task} | {examples:,} | {mean:.1f} | {tokens / 1e6:.1f} M | " + " | ".join(f"{s:,.1f}" for s in sizes) + " |")
 
 

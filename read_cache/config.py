@@ -21,6 +21,7 @@ import numpy as np
 from read_cache.errors import ReadCacheError
 from read_cache.kinds import (
     BENCH_METHODS,
+    CACHED_TOKENS,
     CODECS,
     COMPUTE_DTYPES,
     CROSS_ATTENTION,
@@ -52,7 +53,7 @@ class BuildConfig:
     """Everything `read-cache build` takes; the identity fields must match to resume a cache."""
 
     model: str
-    """Hub id or local folder of a T5-family or encoder-only checkpoint."""
+    """Hub id or local folder of a T5-family, encoder-only (BERT family) or decoder-only (causal LM) checkpoint."""
     task: str
     """GLUE task name (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)."""
     data_dir: Path | None = None
@@ -95,6 +96,11 @@ class BuildConfig:
     """'t5' (this package's splits, T5's label words) or 'lst' (Ladder Side-Tuning's splits, label digits)."""
     drop_last_layers: int = 0
     """Drop the model's last K encoder and decoder layers before the forward pass (READ-large: 4 of T5-large's 24)."""
+    tokens: str = "all"
+    """`--tokens`: cache every token's states ('all'), or, for decoder-only models, the readout token's alone ('last')."""
+    prompt: str | None = None
+    """`--prompt`: decoder-only models' input template, one `{field}` per text field of the task, ending where the label
+    word would follow; None: the task's own (`TaskSpec.lm_template`: its T5 text, then a line 'answer:')."""
     storage_options: dict[str, Any] | None = None
     """Options for the object store at a URL --out (`--storage-options JSON`): obstore's `from_url` keys for
     s3://, gs://, az://, fsspec's for other URLs; None: the service's environment variables alone."""
@@ -117,6 +123,9 @@ class BuildConfig:
         task_name(self.task)
         check_choice("--store-dtype", self.float_dtype, STORE_DTYPES, " (see docs/storage.md)")
         check_choice("--codec", self.codec, CODECS, " (see docs/storage.md)")
+        check_choice("--tokens", self.tokens, CACHED_TOKENS, " (last: the readout token alone, decoder-only models)")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ReadCacheError("--prompt is empty; pass a template with one {field} per text field, e.g. 'Review: {sentence}\\nSentiment:'")
         check_location("--out", self.out, self.storage_options)
 
 
@@ -128,8 +137,9 @@ class TrainingOptions:
     Keyword-only, so each subclass keeps its own fields' positions first."""
 
     pooling: str | None = None
-    """Encoder-only backbones: pool tokens by 'mean' or take the 'first' token; None: the way the backbone's
-    family pools (mean for sentence-transformers models, first for BERT classifiers), for READ as the build recorded it."""
+    """Encoder-only and decoder-only backbones: pool tokens by 'mean' or take the 'first' or 'last' token; None: the way
+    the backbone's family pools (mean for sentence-transformers models, first for BERT classifiers, last for causal
+    LMs), for READ as the build recorded it."""
     lr: float | None = None
     """AdamW learning rate; None: READ's 1e-3, or with --preset paper Table 9's rate for the cache's task;
     a baseline's own default (`read_cache.kinds.METHOD_LR`)."""
@@ -183,7 +193,7 @@ class TrainConfig(TrainingOptions):
     dim: int = 256
     """Hidden size r of the side network's RNNs."""
     head: str | None = None
-    """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 classification, else linear."""
+    """'lm' (frozen LM head over the label words) or 'linear'; None: lm for T5 and decoder-only classification, else linear."""
     memory_budget_gb: float = 2.0
     """RAM the decoded splits may take; splits beyond it are streamed from disk."""
     device_memory_budget_gb: float | None = None
@@ -324,7 +334,7 @@ class Trial(NamedTuple):
     dim: int
     lr: float
     head: str | None
-    """None: the task's default head (lm for T5 classification, else linear)."""
+    """None: the task's default head (lm for T5 and decoder-only classification, else linear)."""
 
 
 @dataclasses.dataclass

@@ -35,10 +35,12 @@ class HeadKind(str, Enum):
 
 
 class Pooling(str, Enum):
-    """`--pooling` (encoder-only backbones): the mean of the real tokens, or the first token."""
+    """`--pooling` (encoder-only and decoder-only backbones): the mean of the real tokens, the first token ([CLS]),
+    or the last one (a causal LM's readout: the only token that has seen the whole prompt)."""
 
     MEAN = "mean"
     FIRST = "first"
+    LAST = "last"
 
 
 RNN_KINDS = tuple(k.value for k in RNNKind)
@@ -56,6 +58,9 @@ STORE_DTYPES = ("bfloat16", "float16", "fp8", "int8", "int4")
 CODECS = ("auto", "none", "zstd", "lz4")
 """`build --codec`: auto (raw codes for fp8/int8/int4, blosc-zstd for 16-bit floats: measured, docs/storage.md), none
 (crc32c only), or blosc with zstd or lz4; every chunk keeps its crc32c checksum."""
+CACHED_TOKENS = ("all", "last")
+"""`build --tokens`: cache the states of every token, or (decoder-only models) of the readout token alone: the last
+one, which is all the `lm` head reads (the cache is then about tokens-per-example times smaller)."""
 CROSS_ATTENTION = ("mean", "heads")
 """`--cross-attention`: averaged over heads (the paper's single head), or every head kept."""
 PROTOCOLS = ("t5", "lst")

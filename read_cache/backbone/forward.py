@@ -34,14 +34,15 @@ def to_stored(t: torch.Tensor, float_dtype: str, part: str = "the states") -> np
 
 
 def forward_batches(
-    backbone: Backbone, ids: list[list[int]], batch_size: int, cross: str, type_ids: list[list[int]] | None = None
+    backbone: Backbone, ids: list[list[int]], batch_size: int, cross: str, type_ids: list[list[int]] | None = None, last_only: bool = False
 ) -> Iterator[tuple[np.ndarray, BackboneStates]]:
     """(positions, states) for length-grouped batches of `ids`; the bare forward pass is this alone.
 
     `type_ids` (from `Tokenized.type_ids`) go to encoders that read segment ids, so BERT sees a pair as a pair.
+    `last_only` (`Tokenized.last_only`) keeps each example's last token's states alone.
     """
-    pad_id = backbone.tokenizer.pad_token_id or 0
+    pad_id = backbone.pad_id
     for batch in length_batches(np.array([len(x) for x in ids]), batch_size):
         input_ids, mask = pad([ids[i] for i in batch], pad_id)
         types = pad([type_ids[i] for i in batch], 0)[0] if type_ids is not None and backbone.uses_token_types else None
-        yield batch, backbone.forward(input_ids, mask, cross, token_type_ids=types)
+        yield batch, backbone.forward(input_ids, mask, cross, token_type_ids=types, last_only=last_only)

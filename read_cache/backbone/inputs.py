@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from read_cache.config import BuildConfig
 from read_cache.tasks.specs import TaskSpec
 
 
@@ -20,21 +21,45 @@ class Tokenized:
     """Segment ids per token where the tokenizer makes them (BERT pairs: 0 for the first text, 1 for the second).
     The model must get them; the cache need not keep them: they follow from input_ids (segment 1 starts
     after the first separator), and `predict` remakes them from the text with the same tokenizer."""
+    last_only: bool = False
+    """`build --tokens last`: the cache keeps each example's last token alone (its readout), so it stores one
+    row per example; the backbone still reads every token of `ids`."""
 
     @property
     def offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([len(x) for x in self.ids])]).astype(np.int64)
+        """Where each example's stored rows start and end: its tokens, or its one readout row."""
+        lengths = [min(len(x), 1) if self.last_only else len(x) for x in self.ids]
+        return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+    def stored_ids(self) -> np.ndarray:
+        """The token ids the cache keeps beside the states (int32): every token, or each example's last."""
+        rows = (x[-1:] for x in self.ids) if self.last_only else self.ids
+        return np.fromiter((t for ids in rows for t in ids), dtype=np.int32, count=int(self.offsets[-1]))
 
 
 def model_inputs(
-    backbone_kind: str, task: TaskSpec, texts: Sequence[tuple[str, ...]], protocol: str = "t5"
+    backbone_kind: str, task: TaskSpec, texts: Sequence[tuple[str, ...]], protocol: str = "t5", template: str | None = None
 ) -> tuple[list[Any], list[Any] | None]:
-    """T5 reads the paper's prefixed text (as `protocol` writes it); an encoder reads the raw text (pair)."""
+    """T5 reads the paper's prefixed text (as `protocol` writes it); an encoder reads the raw text (pair); a decoder-only
+    model reads one plain prompt (`template`, default `TaskSpec.lm_template`) ending where the label word follows."""
     if backbone_kind == "t5":
         return [task.t5_input(t, protocol) for t in texts], None
+    if backbone_kind == "decoder":
+        return [task.fill(input_template(backbone_kind, task, protocol, template), t) for t in texts], None
     firsts = [t[0] for t in texts]
     seconds = [t[1] for t in texts] if len(task.text_fields) > 1 else None
     return firsts, seconds
+
+
+def input_template(backbone_kind: str, task: TaskSpec, protocol: str = "t5", template: str | None = None) -> str:
+    """What the cache records as `task.template`: T5's prompt, a decoder-only model's (checked), or the encoder's raw text."""
+    if backbone_kind == "t5":
+        return task.template(protocol)
+    if backbone_kind == "decoder":
+        if template is not None:
+            task.check_template(template)
+        return template or task.lm_template(protocol)
+    return "text pair" if len(task.text_fields) > 1 else "text"
 
 
 def tokenize(tokenizer: Any, firsts: list[str], seconds: list[str] | None, max_length: int) -> Tokenized:
@@ -60,6 +85,12 @@ def tokenize(tokenizer: Any, firsts: list[str], seconds: list[str] | None, max_l
         len(too_long),
         [list(map(int, t)) for t in types] if types is not None else None,
     )
+
+
+def tokenize_split(tokenizer: Any, kind: str, task: TaskSpec, texts: Sequence[tuple[str, ...]], cfg: BuildConfig) -> Tokenized:
+    """One split's inputs as the build (and `--dry-run`) tokenises them, `--tokens last` applied."""
+    tokenized = tokenize(tokenizer, *model_inputs(kind, task, texts, cfg.protocol, cfg.prompt), cfg.max_length)
+    return dataclasses.replace(tokenized, last_only=cfg.tokens == "last")
 
 
 def length_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:

@@ -1,4 +1,4 @@
-"""The frozen backbone: load a T5-family or encoder-only checkpoint and extract what READ needs.
+"""The frozen backbone: load a T5-family, encoder-only or decoder-only checkpoint and extract what READ needs.
 
     backbone = load_backbone("t5-small")        # hub id or local folder
     states = backbone.forward(input_ids, attention_mask)              # + token_type_ids for BERT pairs
@@ -18,6 +18,8 @@ from typing import Any, NamedTuple
 
 import torch
 
+from read_cache.backbone import causal
+from read_cache.backbone.causal import DECODER_FAMILY
 from read_cache.errors import ReadCacheError
 from read_cache.util.device import (
     default_compute_dtype,
@@ -37,7 +39,8 @@ class BackboneStates(NamedTuple):
     """One batch's cached quantities, tokens flattened over the real (unpadded) positions."""
 
     encoder_hidden: torch.Tensor
-    """[tokens, N_E, d]: phi_E[1..N_E] of every real token, example after example."""
+    """[tokens, N_E, d]: phi_E[1..N_E] of every real token, example after example (a decoder-only model's layers;
+    [batch, N, d] of each example's last token alone under `last_only`)."""
     cross_attention: torch.Tensor | None
     """[tokens, N_D] (head mean) or [tokens, N_D, H]: sigma_D of decoder position 0; None for encoders."""
     decoder_hidden: torch.Tensor | None
@@ -51,7 +54,7 @@ class Backbone:
     model: torch.nn.Module
     tokenizer: Any
     kind: str
-    """'t5' (encoder-decoder) or 'encoder' (BERT family)."""
+    """'t5' (encoder-decoder), 'encoder' (BERT family) or 'decoder' (causal LM)."""
     device: str
     dtype: str
     info: dict[str, Any]
@@ -62,20 +65,32 @@ class Backbone:
         return self.model.config
 
     @property
+    def dims(self) -> ModelDims:
+        return model_dims(self.config, self.kind)
+
+    @property
     def n_encoder_layers(self) -> int:
-        return self.config.num_hidden_layers if self.kind == "encoder" else self.config.num_layers
+        return self.dims.n_encoder_layers
 
     @property
     def n_decoder_layers(self) -> int:
-        return 0 if self.kind == "encoder" else self.config.num_decoder_layers
+        return self.dims.n_decoder_layers
 
     @property
     def d_model(self) -> int:
-        return self.config.hidden_size if self.kind == "encoder" else self.config.d_model
+        return self.dims.d_model
 
     @property
     def n_heads(self) -> int:
-        return self.config.num_attention_heads if self.kind == "encoder" else self.config.num_heads
+        return self.dims.n_heads
+
+    @property
+    def pad_id(self) -> int:
+        """The id padding takes: the tokenizer's pad token, else 0. Any id in the vocabulary will do (the mask hides
+        it, and pads go right): a causal LM's tokenizer often has none, or one the embeddings lack (Qwen2's class
+        adds <|endoftext|> to a vocabulary without it)."""
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None and pad < self.model.get_input_embeddings().num_embeddings else 0
 
     @property
     def uses_token_types(self) -> bool:
@@ -90,16 +105,20 @@ class Backbone:
         cross_attention: str = "mean",
         *,
         token_type_ids: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> BackboneStates:
-        """Run the frozen model on a padded batch and return the flattened per-token states.
+        """Run the frozen model on a right-padded batch and return the flattened per-token states.
 
         `token_type_ids` [B, L] are the tokenizer's segment ids; encoders that use them (BERT) must get
-        them for sentence pairs, or the second sentence is read as if it were the first.
+        them for sentence pairs, or the second sentence is read as if it were the first. `last_only`
+        (decoder-only models) keeps each example's last real token alone: [B, N, d].
         """
         input_ids = input_ids.to(self.device)
         attention_mask = attention_mask.to(self.device)
         real = attention_mask.bool()
         with torch.autocast(device_type=self.device.split(":")[0], dtype=DTYPES[self.dtype], enabled=self.dtype != "fp32"):
+            if self.kind == "decoder":
+                return self._decoder_states(input_ids, attention_mask, last_only)
             if self.kind == "encoder":
                 extra = {"token_type_ids": token_type_ids.to(self.device)} if token_type_ids is not None and self.uses_token_types else {}
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, **extra)
@@ -128,16 +147,46 @@ class Backbone:
         check_finite("cross-attention of decoder", cross[real])
         return BackboneStates(enc[real], cross[real], dec)
 
-    def lm_head(self, label_words: tuple[str, ...]) -> dict[str, Any]:
-        """What the `lm` head needs, so training never loads the model: label tokens, LM rows, scaling."""
-        token_ids = [self.first_token(word) for word in label_words]
+    def _decoder_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_only: bool) -> BackboneStates:
+        """A causal LM's layers 1..N per real token (right padding: causal attention never lets a real token see a
+        pad, so its states are the unpadded sequence's). The LM head is not run: the cache needs no vocabulary-wide logits."""
+        out = causal.base_model(self.model)(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+        states = torch.stack(out.hidden_states[1:], dim=2)  # [B, L, N, d]; the last is after the final norm
+        if last_only:
+            last = attention_mask.sum(dim=1) - 1
+            states = states[torch.arange(len(states), device=states.device), last]  # [B, N, d]
+        else:
+            states = states[attention_mask.bool()]
+        check_finite("decoder-only", states)
+        return BackboneStates(states, None, None)
+
+    def lm_head(self, label_words: tuple[str, ...], template: str | None = None) -> dict[str, Any]:
+        """What the `lm` head needs, so training never loads the model: label tokens, LM rows, scaling (and for a
+        causal LM, read after `template`'s end, the head's bias and soft cap)."""
+        if self.kind == "decoder":
+            end = causal.prompt_end(template or "")
+            token_ids = [causal.readout_token(self.tokenizer, end, word) for word in label_words]
+        else:
+            token_ids = [self.first_token(word) for word in label_words]
         if len(set(token_ids)) != len(token_ids):
             raise ReadCacheError(f"label words {label_words} share a first token under this tokenizer; the lm head cannot tell them apart")
         rows = self.model.get_output_embeddings().weight[token_ids].detach().float().cpu().numpy()
+        if self.kind == "decoder":
+            return {"label_words": list(label_words), "token_ids": token_ids, "output_scale": 1.0, **causal.lm_head_extras(self.model, token_ids), "rows": rows}
         # T5 rescales the decoder output by d**-0.5 before the (tied) LM head; v5 names the switch.
         scale_flag = getattr(self.config, "scale_decoder_outputs", getattr(self.config, "tie_word_embeddings", True))
         scale = self.d_model**-0.5 if scale_flag else 1.0
         return {"label_words": list(label_words), "token_ids": token_ids, "output_scale": scale, "rows": rows}
+
+    def root_arrays(self, lm: dict[str, Any] | None) -> dict[str, Any]:
+        """The float arrays the cache keeps at its root (`store.layout.ROOT_ARRAYS`): LM rows, a causal LM's final norm."""
+        arrays = {"lm_head_rows": lm["rows"]} if lm else {}
+        if self.kind == "decoder":
+            gain, bias = causal.final_norm(self.model)
+            arrays["final_norm_scale"] = gain.numpy()
+            if bias is not None:
+                arrays["final_norm_bias"] = bias.numpy()
+        return arrays
 
     def first_token(self, word: str) -> int:
         ids = self.tokenizer(word, add_special_tokens=False)["input_ids"]
@@ -173,6 +222,8 @@ def use_fast_attention(net: torch.nn.Module, kind: str) -> str:
     without an SDPA kernel keeps eager.
     """
     part = net.encoder if kind == "t5" else net
+    if kind == "decoder" and getattr(net.config, "final_logit_softcapping", None) is not None:
+        return "eager"  # Gemma 2 soft-caps its attention logits, which only its eager path does
     try:
         part.set_attn_implementation("sdpa")
     except (ValueError, ImportError, AttributeError) as e:
@@ -189,9 +240,11 @@ def truncate_layers(net: torch.nn.Module, kind: str, drop: int) -> None:
     if drop == 0:
         return
     config = net.config
-    stacks = [(net.encoder.layer, "num_hidden_layers")] if kind == "encoder" else [
-        (net.encoder.block, "num_layers"), (net.decoder.block, "num_decoder_layers")
-    ]
+    stacks = {
+        "encoder": lambda: [(net.encoder.layer, "num_hidden_layers")],
+        "decoder": lambda: [(causal.layer_list(net), "num_hidden_layers")],
+        "t5": lambda: [(net.encoder.block, "num_layers"), (net.decoder.block, "num_decoder_layers")],
+    }[kind]()
     for layers, attr in stacks:
         if drop >= len(layers):
             raise ReadCacheError(f"--drop-last-layers {drop} leaves no layer of the model's {len(layers)}; pass a smaller number")
@@ -211,6 +264,7 @@ def load_backbone(
     from transformers import (
         AutoConfig,
         AutoModel,
+        AutoModelForCausalLM,
         AutoTokenizer,
         T5ForConditionalGeneration,
     )
@@ -224,12 +278,15 @@ def load_backbone(
     warn_if_risky_dtype(dtype, kind)
     # Attention maps need eager attention in transformers 5 (SDPA refuses output_attentions); the parts
     # that need none switch to SDPA after loading (use_fast_attention).
-    cls = T5ForConditionalGeneration if kind == "t5" else AutoModel
+    # A causal LM with its head: the `lm` head's rows (and bias) are the head's, and the online baselines train through it.
+    cls = {"t5": T5ForConditionalGeneration, "decoder": AutoModelForCausalLM}.get(kind, AutoModel)
     try:
         net = cls.from_pretrained(model, revision=revision, attn_implementation="eager", dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     except (OSError, ValueError) as e:
         raise ReadCacheError(f"cannot load model {model!r}: {_first_line(e)}") from e
+    if kind == "decoder":
+        causal.prepare_tokenizer(tokenizer)
     truncate_layers(net, kind, drop_last_layers)
     attention = use_fast_attention(net, kind)
     net.requires_grad_(False).eval().to(device)
@@ -246,6 +303,8 @@ def load_backbone(
     if kind == "encoder":
         # What `read-cache train` pools by when no --pooling is given (the family's own way).
         info["pooling"] = suggested_pooling(model, revision)
+    if kind == "decoder":
+        info["pooling"] = "last"  # the readout: the only token that has read the whole prompt
     log.info("loaded %s (%s) on %s with %s compute", model, kind, device, dtype)
     return Backbone(net, tokenizer, kind, device, dtype, info)
 
@@ -267,16 +326,36 @@ def model_reference(model: str) -> str:
 
 
 def backbone_kind(config: Any, model: str) -> str:
-    """'t5' or 'encoder'; anything else (decoder-only LMs, other encoder-decoders) is refused with the families we support."""
+    """'t5', 'encoder' or 'decoder'; anything else (a causal family not yet checked, other encoder-decoders) is
+    refused with the families we support."""
     if config.model_type in T5_FAMILY:
         return "t5"
     if config.model_type in ENCODER_FAMILY and not getattr(config, "is_decoder", False):
         return "encoder"
+    if config.model_type in DECODER_FAMILY:
+        return "decoder"
     what = "a decoder-only" if getattr(config, "is_decoder", False) or _causal(config) else "an unsupported"
     raise ReadCacheError(
-        f"--model {model} is {what} {config.model_type!r} model; read-cache supports T5-family encoder-decoders "
-        f"({', '.join(T5_FAMILY)}) and encoder-only models of the BERT family ({', '.join(ENCODER_FAMILY)})"
+        f"--model {model} is {what} {config.model_type!r} model whose hidden states read-cache has not been checked against; "
+        f"it supports T5-family encoder-decoders ({', '.join(T5_FAMILY)}), encoder-only models of the BERT family "
+        f"({', '.join(ENCODER_FAMILY)}) and decoder-only models of the families {', '.join(DECODER_FAMILY)}"
     )
+
+
+class ModelDims(NamedTuple):
+    n_encoder_layers: int
+    """The layers READ's encoder recurrence runs over (a decoder-only model's only stack)."""
+    n_decoder_layers: int
+    d_model: int
+    n_heads: int
+
+
+def model_dims(config: Any, kind: str) -> ModelDims:
+    """The shapes the cache records, from the model config alone (the build's and `--dry-run`'s one source)."""
+    if kind == "t5":
+        return ModelDims(config.num_layers, config.num_decoder_layers, config.d_model, config.num_heads)
+    # BERT and the causal families name these alike (GPT-2's n_layer / n_embd / n_head through attribute_map).
+    return ModelDims(config.num_hidden_layers, 0, config.hidden_size, config.num_attention_heads)
 
 
 def _causal(config: Any) -> bool:

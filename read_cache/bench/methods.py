@@ -216,15 +216,18 @@ class OnlineRead(torch.nn.Module):
 
 
 def online_read_trainer(cfg: BenchConfig) -> Any:
+    from read_cache.backbone.inputs import input_template
+    from read_cache.methods.model import scores_label_words
     from read_cache.methods.train import Trainer
     from read_cache.training.side_network import SideNetwork, SideNetworkConfig
 
     bb, task, splits = _backbone_and_splits(cfg)
-    lm = bb.lm_head(task.label_words) if bb.kind == "t5" and task.label_words else None
+    lm = bb.lm_head(task.label_words, input_template(bb.kind, task)) if scores_label_words(bb, task) else None
     net_cfg = SideNetworkConfig(
         rnn=cfg.rnn, dim=cfg.dim, d_model=bb.d_model, n_encoder_layers=bb.n_encoder_layers, n_decoder_layers=bb.n_decoder_layers,
-        encoder_only=bb.kind == "encoder", pooling=bb.info.get("pooling", "mean"), head="lm" if lm else "linear", num_labels=task.num_labels,
-        output_scale=lm["output_scale"] if lm else 1.0,
+        encoder_only=bb.kind != "t5", causal=bb.kind == "decoder", pooling=bb.info.get("pooling", "mean"), head="lm" if lm else "linear",
+        num_labels=task.num_labels, output_scale=lm["output_scale"] if lm else 1.0,
+        lm_bias=lm.get("bias") if lm else None, logit_softcap=lm.get("softcap") if lm else None,
     )
     torch.manual_seed(0)
     net = SideNetwork(net_cfg, torch.from_numpy(lm["rows"]) if lm else None)

@@ -23,9 +23,9 @@ from pathlib import Path
 
 from read_cache import distributed, paths
 from read_cache.backbone.hub import require_hub_for
-from read_cache.backbone.inputs import Tokenized, model_inputs, tokenize
+from read_cache.backbone.inputs import Tokenized, input_template, tokenize_split
 from read_cache.backbone.load import Backbone, load_backbone
-from read_cache.build.identity import check_same_build, make_geometry, root_attributes
+from read_cache.build.identity import check_decoder_options, check_same_build, make_geometry, root_attributes
 from read_cache.build.splits import ComputedSplit, SplitReport, build_split
 from read_cache.build.units import fit_channel_scales
 from read_cache.config import BuildConfig
@@ -95,13 +95,11 @@ def _build(cfg: BuildConfig, launch: distributed.Launch, started: float) -> Buil
     backbone = load_backbone(
         cfg.model, dtype=cfg.dtype, device=launch.device or cfg.device, revision=cfg.revision, drop_last_layers=cfg.drop_last_layers
     )
-    if backbone.kind == "encoder" and cfg.cross_attention == "heads":
-        log.info("--cross-attention heads ignored: encoder-only backbones have no cross-attention")
+    if backbone.kind != "t5" and cfg.cross_attention == "heads":
+        log.info("--cross-attention heads ignored: %s backbones have no cross-attention", backbone.kind)
+    check_decoder_options(cfg, backbone.kind, cfg.model)
     geometry = make_geometry(backbone, cfg, task)
-    tokenized = {
-        split: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, data[split].texts, cfg.protocol), cfg.max_length)
-        for split in SPLITS
-    }
+    tokenized = {split: tokenize_split(backbone.tokenizer, backbone.kind, task, data[split].texts, cfg) for split in SPLITS}
     with store_lock(launch, out, lambda: open_store(cfg, out, task, backbone, geometry, tokenized)) as guard:
         writer = CacheWriter(out, geometry)
         writer.guard = guard  # in a bucket: stop writing once the lease is lost
@@ -172,9 +170,10 @@ def open_store(cfg: BuildConfig, out: Location, task: TaskSpec, backbone: Backbo
     check_disk(out, geometry, tokenized, existing, cfg.force)
     if existing is None:
         targets = task.targets(cfg.protocol)
-        lm = backbone.lm_head(targets) if backbone.kind == "t5" and targets else None
+        template = input_template(backbone.kind, task, cfg.protocol, cfg.prompt)
+        lm = backbone.lm_head(targets, template) if backbone.kind != "encoder" and targets else None
         channels = fit_channel_scales(backbone, tokenized["train"], cfg) if geometry.format.compact else None
-        CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), lm["rows"] if lm else None, channels)
+        CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), backbone.root_arrays(lm), channels)
 
 
 def check_disk(out: Location, geometry: Geometry, tokenized: dict[str, Tokenized], existing: dict | None, force: bool) -> None:

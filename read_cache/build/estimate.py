@@ -14,11 +14,13 @@ import dataclasses
 import logging
 from typing import Any
 
-from read_cache.backbone.inputs import model_inputs, tokenize
-from read_cache.backbone.load import _load_config, backbone_kind
+from read_cache.backbone.causal import prepare_tokenizer
+from read_cache.backbone.inputs import tokenize_split
+from read_cache.backbone.load import _load_config, backbone_kind, model_dims
+from read_cache.build.identity import check_decoder_options, dims_geometry
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
-from read_cache.store import SPLITS, Geometry
+from read_cache.store import SPLITS
 from read_cache.store.formats import STORE_DTYPES
 from read_cache.tasks.data import load_glue
 from read_cache.tasks.specs import get_task
@@ -46,6 +48,10 @@ class Estimate:
     disk_bytes: dict[str, int]
     """Per format: projected bytes on disk."""
     geometry: dict[str, Any]
+    kind: str = "t5"
+    """The backbone's kind ('t5', 'encoder', 'decoder'): how the table names its layers."""
+    stored: str = "all"
+    """`--tokens`: 'all', or 'last' (one row per example, so `tokens` counts examples)."""
 
     @property
     def tokens(self) -> int:
@@ -56,22 +62,6 @@ class Estimate:
         return sum(s.examples for s in self.splits)
 
 
-def config_geometry(config: Any, kind: str, cfg: BuildConfig, regression: bool, float_dtype: str) -> Geometry:
-    """The cache's geometry from the model config alone (what `build.make_geometry` gets from the loaded model)."""
-    encoder = kind == "encoder"
-    return Geometry(
-        n_encoder_layers=config.num_hidden_layers if encoder else config.num_layers,
-        n_decoder_layers=0 if encoder else config.num_decoder_layers,
-        d_model=config.hidden_size if encoder else config.d_model,
-        n_heads=config.num_attention_heads if encoder else config.num_heads,
-        cross_attention=None if encoder else cfg.cross_attention,
-        float_dtype=float_dtype,
-        regression=regression,
-        chunk_bytes=int(cfg.chunk_mb * 2**20),
-        codec=cfg.codec,
-    )
-
-
 def estimate_build(cfg: BuildConfig) -> Estimate:
     """Tokenise every split of `cfg`'s task with the model's tokenizer and project the cache per format."""
     from transformers import AutoConfig, AutoTokenizer
@@ -80,30 +70,38 @@ def estimate_build(cfg: BuildConfig) -> Estimate:
     task = get_task(cfg.task)
     config = _load_config(AutoConfig, cfg.model, cfg.revision)
     kind = backbone_kind(config, cfg.model)
+    check_decoder_options(cfg, kind, cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model, revision=cfg.revision)
     except (OSError, ValueError) as e:
         raise ReadCacheError(f"cannot load the tokenizer of {cfg.model!r}: {str(e).splitlines()[0]}") from e
     data = load_glue(task, cfg.data_dir, cfg.limit)
     counts = []
+    if kind == "decoder":
+        prepare_tokenizer(tokenizer)  # as load_backbone does: truncation keeps the prompt's end
     for split in SPLITS:
-        tok = tokenize(tokenizer, *model_inputs(kind, task, data[split].texts), cfg.max_length)
+        # Tokens counted are the ones stored: every token, or one per example under --tokens last.
+        tok = tokenize_split(tokenizer, kind, task, data[split].texts, cfg)
         counts.append(SplitCount(split, len(tok.ids), int(tok.offsets[-1]), tok.truncated))
+    dims = model_dims(config, kind)
     raw, disk = {}, {}
     for fmt in STORE_DTYPES:
-        g = config_geometry(config, kind, cfg, task.is_regression, fmt)
+        g = dims_geometry(dims, kind, cfg, task.is_regression, fmt)
         raw[fmt] = sum(s.tokens * g.bytes_per_token + s.examples * g.bytes_per_example for s in counts)
         disk[fmt] = sum(g.projected_disk_bytes(s.tokens, s.examples) for s in counts)
-    geometry = config_geometry(config, kind, cfg, task.is_regression, cfg.float_dtype).to_dict()
-    return Estimate(cfg.model, task.name, cfg.float_dtype, counts, raw, disk, geometry)
+    geometry = dims_geometry(dims, kind, cfg, task.is_regression, cfg.float_dtype).to_dict()
+    return Estimate(cfg.model, task.name, cfg.float_dtype, counts, raw, disk, geometry, kind, cfg.tokens)
 
 
 def estimate_table(est: Estimate) -> str:
     """The dry run's printout: per split examples and tokens, then per format the raw and on-disk sizes."""
     g = est.geometry
+    layers = (
+        f"{g['n_encoder_layers']} layers (decoder-only; {'the readout token alone' if est.stored == 'last' else 'every token'})"
+        if est.kind == "decoder" else f"{g['n_encoder_layers']} encoder + {g['n_decoder_layers']} decoder layers"
+    )
     lines = [
-        f"{est.model} on {est.task}: {g['n_encoder_layers']} encoder + {g['n_decoder_layers']} decoder layers, d = {g['d_model']} "
-        "(tokenizer and config only; no weights loaded)",
+        f"{est.model} on {est.task}: {layers}, d = {g['d_model']} (tokenizer and config only; no weights loaded)",
         "",
         f"{'split':<12}{'examples':>12}{'tokens':>14}{'tokens/ex':>11}{'truncated':>11}",
     ]

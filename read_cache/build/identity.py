@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from read_cache.backbone.load import Backbone, model_reference, package_versions
+from read_cache.backbone.inputs import input_template
+from read_cache.backbone.load import Backbone, ModelDims, model_reference, package_versions
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import Geometry, codec_description, resolve_codec
@@ -16,17 +17,32 @@ from read_cache.tasks.specs import TaskSpec
 
 
 def make_geometry(backbone: Backbone, cfg: BuildConfig, task: TaskSpec) -> Geometry:
+    return dims_geometry(backbone.dims, backbone.kind, cfg, task.is_regression, cfg.float_dtype)
+
+
+def dims_geometry(dims: ModelDims, kind: str, cfg: BuildConfig, regression: bool, float_dtype: str) -> Geometry:
+    """The cache's geometry from the model's shapes (the build's, and `--dry-run`'s from the config alone)."""
     return Geometry(
-        n_encoder_layers=backbone.n_encoder_layers,
-        n_decoder_layers=backbone.n_decoder_layers,
-        d_model=backbone.d_model,
-        n_heads=backbone.n_heads,
-        cross_attention=cfg.cross_attention if backbone.kind == "t5" else None,
-        float_dtype=cfg.float_dtype,
-        regression=task.is_regression,
+        n_encoder_layers=dims.n_encoder_layers,
+        n_decoder_layers=dims.n_decoder_layers,
+        d_model=dims.d_model,
+        n_heads=dims.n_heads,
+        cross_attention=cfg.cross_attention if kind == "t5" else None,
+        float_dtype=float_dtype,
+        regression=regression,
         chunk_bytes=int(cfg.chunk_mb * 2**20),
-        codec=resolve_codec(cfg.float_dtype, cfg.codec),
+        codec=resolve_codec(float_dtype, cfg.codec),
     )
+
+
+def check_decoder_options(cfg: BuildConfig, kind: str, model: str) -> None:
+    """--tokens last and --prompt are for decoder-only models; elsewhere a one-line error."""
+    if kind == "decoder":
+        return
+    if cfg.tokens == "last":
+        raise ReadCacheError(f"--tokens last keeps a causal LM's readout token, and --model {model} is a {kind} model; leave --tokens out")
+    if cfg.prompt is not None:
+        raise ReadCacheError(f"--prompt sets a decoder-only model's input, and --model {model} is a {kind} model; leave --prompt out")
 
 
 def identity(cfg: BuildConfig) -> dict[str, Any]:
@@ -42,10 +58,12 @@ def identity(cfg: BuildConfig) -> dict[str, Any]:
         "data_dir": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else None,
         "protocol": cfg.protocol,
         "drop_last_layers": cfg.drop_last_layers,
+        "tokens": cfg.tokens,
+        "prompt": cfg.prompt,
     }
 
 
-IDENTITY_DEFAULTS = {"protocol": "t5", "drop_last_layers": 0, "codec": "zstd"}
+IDENTITY_DEFAULTS = {"protocol": "t5", "drop_last_layers": 0, "codec": "zstd", "tokens": "all", "prompt": None}
 """What a cache built before these options existed was built with."""
 
 
@@ -92,7 +110,7 @@ def root_attributes(cfg: BuildConfig, task: TaskSpec, backbone: Backbone, lm: di
             "label_words": list(task.targets(cfg.protocol)),
             "num_labels": task.num_labels,
             "regression": task.is_regression,
-            "template": task.template(cfg.protocol) if backbone.kind == "t5" else "text pair" if len(task.text_fields) > 1 else "text",
+            "template": input_template(backbone.kind, task, cfg.protocol, cfg.prompt),
         },
         "data": {
             "source": str(Path(cfg.data_dir).resolve()) if cfg.data_dir else "hub:nyu-mll/glue",

@@ -163,7 +163,7 @@ def open_split(writer: CacheWriter, split: str, data: SplitData, tokenized: Toke
         writer.create_split(
             split,
             offsets=offsets,
-            input_ids=np.fromiter((t for ids in tokenized.ids for t in ids), dtype=np.int32, count=int(offsets[-1])),
+            input_ids=tokenized.stored_ids(),
             labels=np.asarray(data.labels),
             index=np.asarray(data.index),
             info={"source": data.source, "truncated": tokenized.truncated},

@@ -84,7 +84,7 @@ def compute_unit(
     e0, e1 = unit.examples
     dec = StatesOut(e1 - e0, geometry.n_decoder_layers, geometry, "decoder_hidden", channels.get("decoder_hidden")) if geometry.cross_attention else None
     types = tokenized.type_ids[c0:c1] if tokenized.type_ids is not None else None
-    for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention, types):
+    for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention, types, tokenized.last_only):
         examples = positions + c0
         dest = token_rows(offsets, examples) - base
         enc.put(dest, states.encoder_hidden)
@@ -112,7 +112,7 @@ def fit_channel_scales(backbone: Backbone, tokenized: Tokenized, cfg: BuildConfi
     ids = tokenized.ids[:CHANNEL_SAMPLE_EXAMPLES]
     types = tokenized.type_ids[:CHANNEL_SAMPLE_EXAMPLES] if tokenized.type_ids is not None else None
     samples: dict[str, list[np.ndarray]] = {"encoder_hidden": [], "decoder_hidden": []}
-    for _, states in forward_batches(backbone, ids, cfg.batch_size, cfg.cross_attention, types):
+    for _, states in forward_batches(backbone, ids, cfg.batch_size, cfg.cross_attention, types, tokenized.last_only):
         samples["encoder_hidden"].append(states.encoder_hidden.float().cpu().numpy())
         if states.decoder_hidden is not None:
             samples["decoder_hidden"].append(states.decoder_hidden.float().cpu().numpy())

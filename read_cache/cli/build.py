@@ -41,6 +41,8 @@ def build(
     overwrite: Annotated[bool, typer.Option(help="Delete the cache already at --out and build it anew (default: resume it).")] = False,
     protocol: ProtocolOpt = BuildConfig.protocol,
     drop_last_layers: DropLayers = BuildConfig.drop_last_layers,
+    tokens: Annotated[str, typer.Option(help="Decoder-only models: cache every token's states (all) or the readout token's alone (last: far smaller; enough for --head lm and the last-token linear head).")] = BuildConfig.tokens,
+    prompt: Annotated[Optional[str], typer.Option(help="Decoder-only models: the input template, one {field} per text field, ending where the label word follows; default: the task's T5 text, then a line 'answer:'.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Tokenise only (no weights loaded), print examples, tokens and projected size per --store-dtype, exit.")] = False,
     storage_options: StorageOptions = None,
     no_progress: NoProgress = False,
@@ -52,7 +54,7 @@ def build(
         model=model, task=task, data_dir=data_dir, out=out, limit=limit, max_length=max_length, dtype=dtype,
         device=device, batch_size=batch_size, cross_attention=cross_attention, float_dtype=store_dtype, codec=codec,
         revision=revision, chunk_mb=chunk_mb, force=force, overwrite=overwrite, dry_run=dry_run, progress=not no_progress, protocol=protocol,
-        drop_last_layers=drop_last_layers,
+        drop_last_layers=drop_last_layers, tokens=tokens, prompt=prompt,
         storage_options=parse_storage_options(storage_options),
     )
     cfg.validate()  # before the heavy imports below: a bad flag is rejected in well under a second

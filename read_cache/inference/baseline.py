@@ -55,7 +55,7 @@ def predict_method(run_dir: str | Path, examples: list[tuple[str, ...]], model: 
     module, backbone, task, config = load_method_run(run_dir, model, device)
     tok = tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, examples), int(config["max_length"]))
     labels = np.zeros(len(examples), dtype=np.float32 if task.is_regression else np.int64)
-    splits = Splits({"new": tok.ids}, {"new": tok.type_ids if backbone.uses_token_types else None}, {"new": labels}, backbone.tokenizer.pad_token_id or 0)
+    splits = Splits({"new": tok.ids}, {"new": tok.type_ids if backbone.uses_token_types else None}, {"new": labels}, backbone.pad_id)
     with torch.no_grad():
         logits = Trainer(module, task, splits, lr=1.0, batch_size=batch_size, device=backbone.device).evaluate("new").logits
     if task.is_regression:

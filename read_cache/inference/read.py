@@ -86,8 +86,11 @@ def load_checked_backbone(cache: dict[str, Any], model: str | None, device: str 
 
 def online_states(backbone: Backbone, task: TaskSpec, texts: list[tuple[str, ...]], cache: dict[str, Any], batch_size: int) -> dict[str, torch.Tensor]:
     """The cached quantities for `texts`, in example order, rounded through the store's 16-bit type."""
-    firsts, seconds = model_inputs(backbone.kind, task, texts, cache.get("protocol") or "t5")
+    # A decoder-only cache records its prompt (`--prompt` or the task's default): the online input is the same text.
+    template = cache.get("template") if backbone.kind == "decoder" else None
+    firsts, seconds = model_inputs(backbone.kind, task, texts, cache.get("protocol") or "t5", template)
     tokenized = tokenize(backbone.tokenizer, firsts, seconds, int(cache["max_length"]))
+    tokenized.last_only = cache.get("tokens") == "last"
     if tokenized.truncated:
         log.info("%d of %d inputs were longer than %d tokens and truncated, as the build did", tokenized.truncated, len(texts), cache["max_length"])
     offsets = tokenized.offsets
@@ -96,7 +99,7 @@ def online_states(backbone: Backbone, task: TaskSpec, texts: list[tuple[str, ...
     channels = {name: np.asarray(v, dtype=np.float32) for name, v in (cache.get("channel_scales") or {}).items()}
     enc = np.empty((int(offsets[-1]), backbone.n_encoder_layers, backbone.d_model), dtype=np.float32)
     cross = dec = None
-    for positions, states in forward_batches(backbone, tokenized.ids, batch_size, cross_mode, tokenized.type_ids):
+    for positions, states in forward_batches(backbone, tokenized.ids, batch_size, cross_mode, tokenized.type_ids, tokenized.last_only):
         dest = token_rows(offsets, positions)
         enc[dest] = round_trip(states.encoder_hidden, fmt, channels.get("encoder_hidden"))
         if states.cross_attention is not None:

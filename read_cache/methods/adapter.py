@@ -23,6 +23,9 @@ from read_cache.methods.model import Body
 T5_OUTPUTS = ("SelfAttention.o", "EncDecAttention.o", "DenseReluDense.wo")
 ENCODER_OUTPUTS = ("attention.output.dense", "output.dense", "attention.out_lin", "ffn.lin2")
 """Sublayer output projections: BERT/RoBERTa/ELECTRA/DeBERTa names first, DistilBERT's after."""
+DECODER_OUTPUTS = ("self_attn.o_proj", "mlp.down_proj", "attention.dense", "mlp.dense_4h_to_h", "self_attn.dense", "mlp.fc2")
+"""Decoder-only LMs' sublayer outputs: Llama-style (Qwen, Mistral, Gemma, Phi-3), GPT-NeoX, Phi. GPT-2's are Conv1D
+(not Linear), so it gets none and is refused in one line."""
 
 
 class Adapter(nn.Module):
@@ -45,6 +48,8 @@ class AdapterBody(Body):
         if not targets:
             raise ReadCacheError(f"--method adapter does not know where the sublayers of {model.config.model_type!r} models end; use another method")
         d = model.config.d_model if kind == "t5" else model.config.hidden_size
+        if len(targets) != sublayers(model.config, kind):
+            raise ReadCacheError(f"--method adapter found {len(targets)} sublayer outputs in {model.config.model_type!r}, not the {sublayers(model.config, kind)} it expects; use another method")
         self.adapters = nn.ModuleDict({name.replace(".", "__"): Adapter(d, bottleneck) for name in targets})
         modules = dict(model.named_modules())
         for name in targets:
@@ -54,7 +59,7 @@ class AdapterBody(Body):
 
 def adapter_targets(model: nn.Module, kind: str) -> list[str]:
     """Names of the Linear layers whose outputs get an adapter, in the model's order."""
-    suffixes = T5_OUTPUTS if kind == "t5" else ENCODER_OUTPUTS
+    suffixes = {"t5": T5_OUTPUTS, "decoder": DECODER_OUTPUTS}.get(kind, ENCODER_OUTPUTS)
     names = []
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or name.startswith("pooler"):
@@ -72,8 +77,10 @@ def adapt(model: nn.Module, kind: str, size: int | None) -> AdapterBody:
 def expected_parameters(config: Any, kind: str, size: int | None, model: nn.Module | None = None) -> int:
     """(2 d m + m + d) per sublayer: T5 2 per encoder block and 3 per decoder block, BERT 2 per layer."""
     m = size or 0
-    if kind == "t5":
-        d, sublayers = config.d_model, 2 * config.num_layers + 3 * config.num_decoder_layers
-    else:
-        d, sublayers = config.hidden_size, 2 * config.num_hidden_layers
-    return sublayers * (2 * d * m + m + d)
+    d = config.d_model if kind == "t5" else config.hidden_size
+    return sublayers(config, kind) * (2 * d * m + m + d)
+
+
+def sublayers(config: Any, kind: str) -> int:
+    """Adapters a model gets: T5 2 per encoder block and 3 per decoder block, others 2 per layer (attention, FF)."""
+    return 2 * config.num_layers + 3 * config.num_decoder_layers if kind == "t5" else 2 * config.num_hidden_layers

@@ -57,6 +57,9 @@ class Ladder(nn.Module):
 class LadderSideBody(nn.Module):
     def __init__(self, model: nn.Module, kind: str, reduction: int):
         super().__init__()
+        if kind == "decoder":
+            # LST's side network is a pruned copy of the backbone's own layers (T5's or BERT's), wired in per family.
+            raise ReadCacheError(f"--method lst is written for T5 and BERT-family backbones, not decoder-only {model.config.model_type!r} models; use lora, prompt, bitfit, adapter or full")
         self.model, self.kind = model, kind
         config = model.config
         if kind == "t5":

@@ -21,7 +21,7 @@ class PromptBody(nn.Module):
         super().__init__()
         from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
 
-        task_type = TaskType.SEQ_2_SEQ_LM if kind == "t5" else TaskType.FEATURE_EXTRACTION
+        task_type = TaskType.SEQ_2_SEQ_LM if kind == "t5" else TaskType.FEATURE_EXTRACTION  # a causal LM's prompt too: we prepend it
         config = PromptTuningConfig(
             task_type=task_type, num_virtual_tokens=n_tokens, num_transformer_submodules=1, prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB
         )
@@ -39,7 +39,7 @@ class PromptBody(nn.Module):
         full_mask = torch.cat([ones, mask], dim=1)
         full_types = torch.cat([torch.zeros_like(ones), types], dim=1) if types is not None else None
         out = run_backbone(self.model, self.kind, None, full_mask, full_types, inputs_embeds=embeds)
-        if self.kind == "encoder":  # the head pools the real tokens only, as every other method's does
+        if self.kind != "t5":  # the head pools the real tokens only (a causal LM: its last), as every other method's does
             return out[0][:, self.n_tokens :], mask
         return out
 

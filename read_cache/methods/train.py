@@ -92,7 +92,7 @@ def load_splits(backbone: Backbone, task: TaskSpec, data_dir: Path | None, limit
     for split, d in data.items():
         tok = tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, d.texts), max_length)
         ids[split], types[split] = tok.ids, tok.type_ids if backbone.uses_token_types else None
-    return Splits(ids, types, {s: np.asarray(d.labels) for s, d in data.items()}, backbone.tokenizer.pad_token_id or 0)
+    return Splits(ids, types, {s: np.asarray(d.labels) for s, d in data.items()}, backbone.pad_id)
 
 
 def bucketed_order(ids: list[list[int]], batch_size: int, rng: np.random.Generator, window_batches: int = 50) -> np.ndarray:

@@ -22,12 +22,16 @@ class CacheAttributes:
     model: str
     """The hub id or folder the backbone was loaded from."""
     backbone_kind: str
-    """'t5' or 'encoder'."""
+    """'t5', 'encoder' or 'decoder' (a causal LM)."""
     fingerprint: str | None
     """A digest of the backbone's weights: `predict` refuses another model unless it matches."""
     d_model: int
     pooling: str | None
-    """Encoder-only backbones: how the family pools ('mean', 'first'); None for T5."""
+    """Encoder-only backbones: how the family pools ('mean', 'first'); 'last' for decoder-only; None for T5."""
+    tokens: str
+    """'all' (every token's states) or 'last' (`build --tokens last`: each example's readout token alone)."""
+    template: str | None
+    """The input the backbone read: T5's prompt, a decoder-only model's (`--prompt`), or 'text' / 'text pair'."""
     task: str
     label_words: tuple[str, ...] | None
     """The targets the LM head scores (T5's words, or digits under --protocol lst); None for regression."""
@@ -43,6 +47,10 @@ class CacheAttributes:
     tokenizer: dict[str, Any] | None
     lm_output_scale: float | None
     """T5's LM-head output scaling; None where the cache holds no LM head."""
+    lm_bias: tuple[float, ...] | None
+    """The LM head's bias at the label tokens (Phi); None where it has none."""
+    lm_softcap: float | None
+    """The LM head's logit soft cap (Gemma 2: cap * tanh(z / cap)); None where it has none."""
     splits: dict[str, dict[str, Any]]
     """Per split: examples written, whether it is complete, the measured error (`Cache.split_status`)."""
 
@@ -58,6 +66,8 @@ class CacheAttributes:
             fingerprint=backbone.get("fingerprint"),
             d_model=int(backbone.get("d_model", attrs.get("geometry", {}).get("d_model", 0))),
             pooling=backbone.get("pooling"),
+            tokens=build.get("tokens") or "all",
+            template=task.get("template"),
             task=task.get("name", "?"),
             label_words=tuple(words) if words else None,
             float_dtype=attrs.get("float_dtype", "bfloat16"),
@@ -71,6 +81,8 @@ class CacheAttributes:
             split_recipe=attrs.get("data", {}).get("split_recipe"),
             tokenizer=attrs.get("tokenizer"),
             lm_output_scale=float(lm["output_scale"]) if lm else None,
+            lm_bias=tuple(lm["bias"]) if lm and lm.get("bias") is not None else None,
+            lm_softcap=float(lm["softcap"]) if lm and lm.get("softcap") is not None else None,
             splits=attrs.get("splits", {}),
         )
 

@@ -21,6 +21,7 @@ from read_cache.errors import CacheCorruptError, ReadCacheError
 from read_cache.store.attributes import CacheAttributes
 from read_cache.store.formats import dequantise
 from read_cache.store.layout import (
+    ROOT_ARRAYS,
     SPLITS,
     Geometry,
     channel_scale_array,
@@ -263,7 +264,15 @@ class Cache:
         return self._channel_scales[name]
 
     def lm_head_rows(self) -> np.ndarray | None:
-        return self._group["lm_head_rows"][...] if "lm_head_rows" in self._group else None
+        return self.root_array("lm_head_rows")
+
+    def root_array(self, name: str) -> np.ndarray | None:
+        """One of `layout.ROOT_ARRAYS` (float32), or None where this cache has none."""
+        return self._group[name][...] if name in self._group else None
+
+    def root_arrays(self) -> dict[str, np.ndarray]:
+        """Every root array of `layout.ROOT_ARRAYS` this cache holds (what a transcode copies)."""
+        return {name: a for name in ROOT_ARRAYS if (a := self.root_array(name)) is not None}
 
     def __getitem__(self, split: str) -> Split:
         if split not in self.splits:

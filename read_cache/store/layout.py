@@ -6,7 +6,9 @@
 Layout (Zarr v3; see docs/cache-format.md for the same with plain-zarr recipes)::
 
     CACHE/                          group; root attributes describe everything (ROOT ATTRIBUTES below)
-      lm_head_rows   [C, d] f32     LM-head rows of the label words' first tokens (T5 only)
+      lm_head_rows   [C, d] f32     LM-head rows of the label words' first tokens (T5 and decoder-only)
+      final_norm_scale [d] f32      decoder-only: the final norm's effective scale (gain), and its bias
+      final_norm_bias  [d] f32      where the norm has one (LayerNorm: GPT-2, GPT-NeoX, Phi)
       train/                        one group per split: train, validation, test
         offsets         [N+1] i64   example n owns tokens offsets[n]:offsets[n+1]
         input_ids       [T] i32     the tokens of every example, concatenated (ragged, never padded)
@@ -65,6 +67,8 @@ multiplies by 1, so caches written before them read unchanged). Caches of versio
 reads every array's codecs from its own zarr.json."""
 SPLITS = ("train", "validation", "test")
 FLOAT_DTYPES = STORE_DTYPES
+ROOT_ARRAYS = ("lm_head_rows", "final_norm_scale", "final_norm_bias")
+"""The float32 arrays at a cache's root besides the per-channel scales: what training needs of the backbone."""
 SCALED_ARRAYS = ("encoder_hidden", "decoder_hidden")
 """The arrays a compact format quantises; cross-attention stays bfloat16 (N_D values per token)."""
 

@@ -60,7 +60,7 @@ def transcode(source: Path, dest: Path, store_dtype: str, codec: str = "auto") -
         transcoded_from={"path": str(source), "float_dtype": src.geometry.float_dtype},
     )
     channels = _channel_scales(src) if fmt.compact else {}
-    writer = CacheWriter.create(dest, geometry, attrs, src.lm_head_rows(), channels)
+    writer = CacheWriter.create(dest, geometry, attrs, src.root_arrays(), channels)
     for split in SPLITS:
         _transcode_split(src[split], writer, geometry, split, channels)
     return dest

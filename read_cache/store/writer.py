@@ -92,10 +92,10 @@ class CacheWriter:
 
     @classmethod
     def create(
-        cls, path: Path | Location, geometry: Geometry, attrs: dict[str, Any], lm_head_rows: np.ndarray | None,
+        cls, path: Path | Location, geometry: Geometry, attrs: dict[str, Any], root_arrays: dict[str, np.ndarray] | None,
         channel_scales: dict[str, np.ndarray] | None = None,
     ) -> CacheWriter:
-        """A new store; `channel_scales` (array name -> [layers, d], `formats.fit_channel_scale`) are written
+        """A new store with `root_arrays` (float32, `layout.ROOT_ARRAYS`: the LM head's rows, a causal LM's final norm); `channel_scales` (array name -> [layers, d], `formats.fit_channel_scale`) are written
         before any unit, as root arrays `<name>_channel_scale`, so a resume and every rank use the same."""
         attrs = {**attrs, "format_version": FORMAT_VERSION, "geometry": geometry.to_dict(), "splits": {}}
         location = Location.parse(path)
@@ -107,8 +107,8 @@ class CacheWriter:
             # The prefix already holds the build's lease object, which create_group would refuse (and
             # mode "w" delete); prepare_cache_dir made sure nothing else is there.
             group = zarr.open_group(location.store(), mode="a", zarr_format=3, attributes=attrs)
-        if lm_head_rows is not None:
-            group.create_array("lm_head_rows", data=lm_head_rows.astype(np.float32), overwrite=True)
+        for name, values in (root_arrays or {}).items():
+            group.create_array(name, data=np.asarray(values, dtype=np.float32), overwrite=True)
         for name, scale in (channel_scales or {}).items():
             group.create_array(channel_scale_array(name), data=scale.astype(np.float32), overwrite=True)
         return cls(path, geometry)

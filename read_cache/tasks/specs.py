@@ -15,8 +15,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import replace as dataclass_replace
 from enum import Enum
+from string import Formatter
 
+from read_cache.errors import ReadCacheError
 from read_cache.kinds import TASK_NAMES, task_name
+
+LM_PROMPT_END = "\nanswer:"
+"""What a decoder-only model's default prompt ends with: the task's T5 text, then a line after which the label word
+would follow (`TaskSpec.lm_template`). Plain text, no chat template: the base model continues it."""
 
 PROTOCOLS = ("t5", "lst")
 """How splits, inputs and targets are made (`--protocol`): this package's recipe with T5's label words,
@@ -77,8 +83,26 @@ class TaskSpec:
         """The text-to-text input template under `protocol`."""
         return self.lst_template if protocol == "lst" and self.lst_template else self.t5_template
 
+    def lm_template(self, protocol: str = "t5") -> str:
+        """A decoder-only model's default prompt: the T5 text, ending where the label word would follow."""
+        return self.template(protocol) + LM_PROMPT_END
+
+    def check_template(self, template: str) -> None:
+        """A `--prompt` must name each of the task's text fields once and nothing else; else a one-line error."""
+        try:
+            names = [name for _, name, _, _ in Formatter().parse(template) if name is not None]
+        except ValueError as e:
+            raise ReadCacheError(f"--prompt {template!r} is not a format string ({e}); write fields as {{{self.text_fields[0]}}}") from None
+        if sorted(names) != sorted(self.text_fields):
+            want = " ".join(f"{{{f}}}" for f in self.text_fields)
+            raise ReadCacheError(f"--prompt {template!r} has fields {names}; {self.name} needs exactly {want} (literal braces as {{{{ }}}})")
+
     def t5_input(self, fields: Mapping[str, str] | Sequence[str], protocol: str = "t5") -> str:
-        """Format one example as T5 saw it (under `protocol`: "t5", or Ladder Side-Tuning's "lst").
+        """Format one example as T5 saw it (under `protocol`: "t5", or Ladder Side-Tuning's "lst")."""
+        return self.fill(self.template(protocol), fields)
+
+    def fill(self, template: str, fields: Mapping[str, str] | Sequence[str]) -> str:
+        """`template` with one example's texts in it.
 
         `fields` is either a mapping keyed by `text_fields` (a hub row works as is) or a sequence
         in `text_fields` order (as `SplitData.texts` stores it).
@@ -95,7 +119,7 @@ class TaskSpec:
                     f"{self.text_fields}, got {len(fields)}"
                 )
             values = dict(zip(self.text_fields, fields))
-        return self.template(protocol).format(**values)
+        return template.format(**values)
 
 
 def _pair(name: str, first: str, second: str, labels: tuple[str, ...], metric: Metric) -> TaskSpec:

@@ -39,15 +39,23 @@ class SideNetworkConfig:
     n_decoder_layers: int = 12
     """N_D: decoder layers the cache holds; 0 for encoder-only caches."""
     encoder_only: bool = False
-    """True for BERT-family caches: no decoder, no cross-attention; the head reads pooled tokens."""
+    """True for BERT-family and decoder-only caches: no decoder stack, no cross-attention; the head reads pooled tokens."""
+    causal: bool = False
+    """True for decoder-only (causal LM) caches: the recurrence runs over the LM's layers, and the `lm` head may
+    score the label words at the readout (last) token, as the LM itself would."""
     pooling: str = "mean"
-    """Encoder-only: pool the example's real tokens by 'mean' (sentence-transformers) or take the 'first' ([CLS])."""
+    """Encoder-only: pool the example's real tokens by 'mean' (sentence-transformers) or take the 'first' ([CLS]);
+    decoder-only: the 'last' token (the readout), or the 'mean' (linear head)."""
     head: str = "lm"
     """'lm': the frozen LM head scores the label words (T5 classification); 'linear': a trainable Linear(d, classes)."""
     num_labels: int = 2
     """Classes (label words for 'lm'); 1 means regression (STS-B) with an MSE loss."""
     output_scale: float = 1.0
     """'lm' only: T5 scales the decoder output by d**-0.5 before its LM head (the cache records it)."""
+    lm_bias: list[float] | None = None
+    """'lm' only: the LM head's bias at the label tokens (Phi's head has one; the cache records it)."""
+    logit_softcap: float | None = None
+    """'lm' only: the LM's logit soft cap, cap * tanh(z / cap) (Gemma 2; the cache records it)."""
     recurrence: bool = True
     """True: one cell shared by every layer (READ). False: a separate cell per layer (the paper's Table 2
     ablation, `--no-recurrence`), so the RNNs' parameters grow N_E (+ N_D) times."""
@@ -63,8 +71,10 @@ class SideNetworkConfig:
             raise ReadCacheError(f"--dim {self.dim} must be a positive RNN hidden size (the paper uses 128 or 256)")
         if self.num_labels < 1:
             raise ReadCacheError(f"num_labels {self.num_labels} must be at least 1 (1 = regression)")
-        if self.head == HeadKind.LM and self.encoder_only:
-            raise ReadCacheError("--head lm needs a T5 cache's LM head, and this cache is encoder-only; use --head linear")
+        if self.head == HeadKind.LM and self.encoder_only and not self.causal:
+            raise ReadCacheError("--head lm needs a T5 or decoder-only cache's LM head, and this cache is encoder-only; use --head linear")
+        if self.head == HeadKind.LM and self.causal and self.pooling != Pooling.LAST:
+            raise ReadCacheError(f"--head lm scores the label words at the last token, so --pooling {self.pooling} cannot go with it; leave --pooling out or use --head linear")
         if self.head == HeadKind.LM and self.regression:
             raise ReadCacheError("--head lm cannot score a regression task (STS-B has no label words); use --head linear")
 
@@ -198,7 +208,8 @@ class SideNetwork(nn.Module):
         if self.config.head == HeadKind.LM:
             # [B, d] x [d, C] is cheap: keep the logits in fp32 even under bf16 autocast.
             with torch.autocast(device_type=x.device.type, enabled=False):
-                return self.config.output_scale * x.float() @ self.lm_rows.T
+                c = self.config
+                return lm_logits(x.float(), self.lm_rows, c.output_scale, c.lm_bias, c.logit_softcap)
         out = self.classifier(x).float()
         return out.squeeze(-1) if self.config.regression else out
 
@@ -212,11 +223,26 @@ class SideNetwork(nn.Module):
         return logits if self.config.regression else logits.argmax(dim=-1)
 
 
+def lm_logits(
+    x: torch.Tensor, rows: torch.Tensor, scale: float = 1.0, bias: torch.Tensor | list[float] | None = None, softcap: float | None = None
+) -> torch.Tensor:
+    """The LM head over the label words, [B, d] x [C, d] -> [B, C], as the model applies it: T5's output scale,
+    the head's bias (Phi), the logit soft cap (Gemma 2). READ's `lm` head and the baselines' share it."""
+    logits = (scale * x) @ rows.T
+    if bias is not None:
+        logits = logits + torch.as_tensor(bias, dtype=logits.dtype, device=logits.device)
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
 def pool(tokens: torch.Tensor, token_example: torch.Tensor, n_examples: int, how: str) -> torch.Tensor:
-    """[T, d] per-token vectors -> [B, d]: the mean over each example's tokens, or its first token."""
+    """[T, d] per-token vectors -> [B, d]: the mean over each example's tokens, its first token, or its last."""
     counts = torch.bincount(token_example, minlength=n_examples)  # [B]
     if how == Pooling.FIRST:
         return tokens[torch.cumsum(counts, 0) - counts]
+    if how == Pooling.LAST:
+        return tokens[torch.cumsum(counts, 0) - 1]
     summed = tokens.new_zeros(n_examples, tokens.shape[-1]).index_add_(0, token_example, tokens)
     return summed / counts.clamp(min=1).unsqueeze(-1).to(summed.dtype)
 
@@ -242,7 +268,8 @@ def expected_parameters(config: SideNetworkConfig) -> int:
     """The trainable-parameter formula of a side network and its head (what `count_trainable` must give).
 
     T5 caches: encoder cell(s) + decoder cell(s) + Psi (r*d) + Up (r*d + d) + two norm scales (2d); shared cells
-    count once, the no-recurrence ablation counts one per layer. Encoder-only: one RNN, Up and one scale.
+    count once, the no-recurrence ablation counts one per layer. Encoder-only and decoder-only: one RNN, Up and one
+    scale, g*r*(d + r + 2) + (r*d + d) + d, plus the head: 0 for `lm` (frozen rows), d*C + C for `linear`.
     """
     c = config
     head = 0 if c.head == HeadKind.LM else c.d_model * c.num_labels + c.num_labels

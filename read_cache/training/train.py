@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from read_cache import distributed, paths
 from read_cache.config import TrainConfig
 from read_cache.errors import ReadCacheError
-from read_cache.kinds import HeadKind, RNNKind
+from read_cache.kinds import HeadKind, Pooling, RNNKind
 from read_cache.paper import resolve_lr
 from read_cache.store import SCALED_ARRAYS, Cache, Split, open_cache
 from read_cache.tasks.metrics import majority_baseline, score
@@ -265,12 +265,19 @@ def shard_reader(split: Split, shard: tuple[int, int], *, block_tokens: int | No
 
 def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideNetworkConfig:
     """The side network this cache and these flags call for; refuses a head the task cannot use."""
-    g = cache.geometry
+    g, info = cache.geometry, cache.info
     encoder_only = g.cross_attention is None
-    has_lm = cache.info.lm_output_scale is not None and cache.lm_head_rows() is not None
-    head = cfg.head or (HeadKind.LM.value if has_lm and not task.is_regression and not encoder_only else HeadKind.LINEAR.value)
-    if head == HeadKind.LM and not task.is_regression and not encoder_only and not has_lm:
+    causal = info.backbone_kind == "decoder"
+    has_lm = info.lm_output_scale is not None and cache.lm_head_rows() is not None
+    head = cfg.head or (HeadKind.LM.value if has_lm and not task.is_regression and (causal or not encoder_only) else HeadKind.LINEAR.value)
+    if head == HeadKind.LM and not task.is_regression and (causal or not encoder_only) and not has_lm:
         raise ReadCacheError(f"--head lm needs the LM-head rows in the cache, and {cache.path} has none; use --head linear or rebuild the cache")
+    pooling = cfg.pooling or info.pooling or "mean"
+    if info.tokens == "last" and pooling != Pooling.LAST:
+        raise ReadCacheError(
+            f"--pooling {pooling} needs every token's states, and {cache.path} holds only each example's readout (last) token "
+            "(built with --tokens last); leave --pooling out, or rebuild without --tokens last"
+        )
     return SideNetworkConfig(
         rnn=cfg.rnn,
         dim=cfg.dim,
@@ -278,10 +285,13 @@ def side_network_config(cfg: TrainConfig, cache: Cache, task: TaskSpec) -> SideN
         n_encoder_layers=g.n_encoder_layers,
         n_decoder_layers=g.n_decoder_layers,
         encoder_only=encoder_only,
-        pooling=cfg.pooling or cache.info.pooling or "mean",
+        causal=causal,
+        pooling=pooling,
         head=head,
         num_labels=task.num_labels,
-        output_scale=cache.info.lm_output_scale if has_lm else 1.0,
+        output_scale=info.lm_output_scale if has_lm else 1.0,
+        lm_bias=list(info.lm_bias) if has_lm and info.lm_bias is not None else None,
+        logit_softcap=info.lm_softcap if has_lm else None,
         recurrence=cfg.recurrence,
     )
 
@@ -318,6 +328,8 @@ def cache_record(cache: Cache) -> dict[str, Any]:
         "label_words": list(info.label_words) if info.label_words else None,
         "protocol": info.protocol,
         "drop_last_layers": info.drop_last_layers,
+        "template": info.template,
+        "tokens": info.tokens,
         **channel_record(cache),
     }
 

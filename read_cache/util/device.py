@@ -84,13 +84,13 @@ def autocast_dtype(device: torch.device, dtype: str | None = None) -> torch.dtyp
 def default_compute_dtype(device: str, kind: str = "t5") -> str:
     """The backbone's compute dtype when --dtype is left out: bf16 where it is fast, else fp32.
 
-    Never fp16 for T5 (see `FP16_RISK`): a GPU without bf16 computes T5 in fp32; encoders, trained with
-    fp16 in mind, may use fp16 there.
+    Never fp16 for T5 (see `FP16_RISK`) or a decoder-only LM (trained in bf16, many overflow fp16's range): a GPU
+    without bf16 computes them in fp32; encoders, trained with fp16 in mind, may use fp16 there.
     """
     if device.startswith("cuda"):
         if torch.cuda.is_bf16_supported():
             return "bf16"
-        return "fp32" if kind == "t5" else "fp16"
+        return "fp16" if kind == "encoder" else "fp32"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
