@@ -355,6 +355,16 @@ def test_storage_problems_are_one_line_errors(case: str, s3_cache: str, tiny_t5:
         assert options["retry_config"]["retry_timeout"].total_seconds() == DEFAULT_RETRY["retry_timeout"] == 20
 
 
+def test_a_port_with_403_in_it_is_not_an_access_refusal() -> None:
+    # The dead-endpoint case above drew a random closed port; one like 40315 once read as HTTP 403.
+    from read_cache.store.location import storage_error
+
+    dead = storage_error(RuntimeError("Generic S3 error: error sending request for url (http://127.0.0.1:40315/b/c)"), "s3://b/c")
+    assert str(dead).startswith("cannot reach the object store"), dead
+    assert "was refused" in str(storage_error(RuntimeError("HTTP status client error (403 Forbidden)"), "s3://b/c"))
+    assert "was refused" in str(storage_error(RuntimeError("request failed with status 403"), "s3://b/c"))
+
+
 def test_storage_options_reach_the_store_and_secrets_stay_out_of_runs(s3_cache: str, endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
