@@ -19,6 +19,7 @@ blocks of every thread's arena: peak RSS then grew with the epoch's length (docs
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from typing import Any
@@ -116,7 +117,7 @@ def layout_bytes(layout: Layout) -> int:
 
 
 def _nbytes(shape: tuple[int, ...], dtype: Any) -> int:
-    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    return math.prod(shape) * np.dtype(dtype).itemsize  # per batch and view: numpy's prod costs 20x more
 
 
 def _aligned(n: int) -> int:
