@@ -1,0 +1,63 @@
+"""Streaming epochs of fresh readers (as a training run starts them) against `preadv` of the same files.
+
+    python examples/stream_epochs.py CACHE --rounds 2
+    (cd OLD_CHECKOUT && PYTHONPATH=. python /path/to/examples/stream_epochs.py CACHE)   # another version's reader
+
+For 1 and 2 workers: the train split's chunk files read by `preadv` into reused buffers (the limit), then
+one epoch of coded batches (codes + scales + offsets, batch 96) from a standing start (`cold`), and one
+timed as training reads it (`steady`: its first window read ahead during an untimed epoch before, the
+next epoch's read during it and waited for). Each reader is made afresh, so its buffers are new memory,
+as in a training run's first epochs. Runs on any version of read_cache whose `SplitReader` has
+`epoch(e, next_epoch)` (docs/benchmarks.md compares two this way, alternating the versions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from read_cache.bench.reader import preadv_seconds, stored_files
+from read_cache.store import open_cache
+from read_cache.training.reader import SplitReader
+
+
+def epoch_seconds(split, workers: int, steady: bool) -> float:  # noqa: ANN001 - any version's Split
+    reader = SplitReader(split, batch_size=96, shuffle=True, seed=0, mode="stream", workers=workers, device="cpu", coded=True)
+    if steady:
+        for _ in reader.epoch(0, next_epoch=1):
+            pass
+        for future in list(reader._early.values()):  # the read ahead lands before the clock starts
+            future.result()
+    started, n = time.perf_counter(), 0
+    for batch in reader.epoch(1, next_epoch=2 if steady else None):
+        n += len(batch["label"])
+    for future in list(reader._early.values()):
+        future.result()
+    assert n == len(split), (n, len(split))
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("cache", type=Path)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    split = open_cache(args.cache)["train"]
+    files = stored_files(split)
+    nbytes = sum(f.stat().st_size for f in files)
+    gbps: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for workers in (1, 2):
+            gbps.setdefault(f"preadv/{workers}", []).append(nbytes / preadv_seconds(files, workers) / 1e9)
+            for steady in (False, True):
+                key = f"stream-{'steady' if steady else 'cold'}/{workers}"
+                gbps.setdefault(key, []).append(nbytes / epoch_seconds(split, workers, steady) / 1e9)
+    for key, values in sorted(gbps.items()):
+        rate = statistics.median(values)
+        print(f"{key:18s} median {rate:.2f} GB/s, {rate * 1e9 / nbytes * len(split):,.0f} examples/s")
+
+
+if __name__ == "__main__":
+    main()
