@@ -172,3 +172,17 @@ def _isolated_cache_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     """Keep the 'last cache built' pointer, default cache paths and default run folders (./runs) in each test's tmp folder."""
     monkeypatch.setenv("READ_CACHE_HOME", str(tmp_path / "read-cache-home"))
     monkeypatch.chdir(tmp_path)
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    """The message of a raised error, which must be a single line."""
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def quick(cache: Path, out: Path, **changes):  # noqa: ANN201 - TrainConfig, imported late (no torch at collection)
+    """A run of seconds on a tiny cache: an RNN of 8, two epochs."""
+    from read_cache.training.train import TrainConfig
+
+    return TrainConfig(**{**dict(cache=cache, out=out, dim=8, epochs=2, batch_size=16, lr=1e-2, progress=False, threads=1), **changes})

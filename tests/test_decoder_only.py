@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import LABEL_WORDS, PREFIX_WORDS, WORDS, build_quietly, one_error, run_cli
+from conftest import LABEL_WORDS, PREFIX_WORDS, WORDS, build_quietly, one_error, one_line, quick, run_cli
 
 from read_cache.backbone import causal
 from read_cache.backbone.causal import DECODER_FAMILY
@@ -77,16 +77,6 @@ def make_tiny_causal(folder: Path, family: str, seed: int = 0, **tokenizer_optio
     torch.manual_seed(seed)
     AutoModelForCausalLM.from_config(family_config(family, len(tok))).eval().save_pretrained(folder)
     return folder
-
-
-def quick(cache: Path, out: Path, **changes) -> TrainConfig:
-    return TrainConfig(**{**dict(cache=cache, out=out, dim=8, epochs=2, batch_size=16, lr=1e-2, progress=False, threads=1), **changes})
-
-
-def one_line(error: pytest.ExceptionInfo) -> str:
-    message = str(error.value)
-    assert "\n" not in message
-    return message
 
 
 FAMILIES = ("llama", "qwen2", "gpt2")

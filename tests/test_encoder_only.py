@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED, WORDS, build_quietly, needs_shared
+from conftest import SHARED, WORDS, build_quietly, needs_shared, one_line, quick
 
 from read_cache.backbone.load import suggested_pooling
 from read_cache.bench.run import run_bench
@@ -60,16 +60,6 @@ def make_tiny_bert(folder: Path, seed: int = 0) -> Path:
     )
     BertModel(config).eval().save_pretrained(folder)
     return folder
-
-
-def quick(cache: Path, out: Path, **changes) -> TrainConfig:
-    return TrainConfig(**{**dict(cache=cache, out=out, dim=8, epochs=2, batch_size=16, lr=1e-2, progress=False, threads=1), **changes})
-
-
-def one_line(error: pytest.ExceptionInfo) -> str:
-    message = str(error.value)
-    assert "\n" not in message
-    return message
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from conftest import (
     flip_byte_in_a_chunk,
     make_tiny_t5,
     make_tokenizer,
+    one_line,
     write_glue,
 )
 from safetensors.torch import load_file
@@ -232,7 +233,6 @@ def test_the_next_epochs_first_window_is_read_ahead_without_changing_batches(sst
             assert torch.equal(x[key], y[key]), key
 
 
-
 def test_the_reader_thread_stops_with_its_consumer_and_hands_on_errors(sst2_cache: Path, tmp_path: Path) -> None:
     import threading
 
@@ -328,12 +328,6 @@ def test_predict_refuses_another_model(learned: tuple[Path, dict], tmp_path: Pat
 
 # --------------------------------------------------------------------------------------------------
 # Bad input: one line naming the problem and the fix
-
-
-def one_line(error: pytest.ExceptionInfo) -> str:
-    message = str(error.value)
-    assert "\n" not in message
-    return message
 
 
 def edited_copy(cache: Path, dest: Path, edit) -> Path:
