@@ -28,9 +28,8 @@ from typing import Any
 import crc32c
 import numpy as np
 
-from read_cache.util.mapping import PAGE, Region
-
 from read_cache.errors import CacheCorruptError
+from read_cache.util.mapping import PAGE, Region
 
 CHECKSUM_BYTES = 4
 
@@ -110,14 +109,12 @@ class DirectArray:
                 continue
             try:
                 size = os.fstat(fd).st_size
-                if size != self.chunk_bytes + CHECKSUM_BYTES:
-                    raise CacheCorruptError(f"chunk {path} is truncated ({size} of {self.chunk_bytes + CHECKSUM_BYTES} bytes); delete the cache and rebuild it")
+                _check_size(path, size, self.chunk_bytes)
                 checksum = os.pread(fd, CHECKSUM_BYTES, self.chunk_bytes)
                 region.map_file(fd, offset, self.chunk_bytes)
             finally:
                 os.close(fd)
-            if crc32c.crc32c(region.array(offset, self.chunk_bytes)) != int.from_bytes(checksum, "little"):
-                raise CacheCorruptError(f"chunk {path} fails its CRC32C checksum (a flipped or damaged byte); delete the cache and rebuild it")
+            _check_crc(path, region.array(offset, self.chunk_bytes), checksum)
 
     def chunk_path(self, c: int) -> Path:
         return self.folder.joinpath("c", str(c), *["0"] * (len(self.shape) - 1))
@@ -135,10 +132,18 @@ class DirectArray:
             got = os.preadv(fd, [dest, checksum], 0)
         finally:
             os.close(fd)
-        if got != dest.nbytes + CHECKSUM_BYTES:
-            raise CacheCorruptError(f"chunk {path} is truncated ({got} of {dest.nbytes + CHECKSUM_BYTES} bytes); delete the cache and rebuild it")
-        if crc32c.crc32c(dest) != int.from_bytes(checksum, "little"):
-            raise CacheCorruptError(f"chunk {path} fails its CRC32C checksum (a flipped or damaged byte); delete the cache and rebuild it")
+        _check_size(path, got, dest.nbytes)
+        _check_crc(path, dest, checksum)
+
+
+def _check_size(path: Path, got: int, chunk_bytes: int) -> None:
+    if got != chunk_bytes + CHECKSUM_BYTES:
+        raise CacheCorruptError(f"chunk {path} is truncated ({got} of {chunk_bytes + CHECKSUM_BYTES} bytes); delete the cache and rebuild it")
+
+
+def _check_crc(path: Path, data: np.ndarray, checksum: bytes | bytearray) -> None:
+    if crc32c.crc32c(data) != int.from_bytes(checksum, "little"):
+        raise CacheCorruptError(f"chunk {path} fails its CRC32C checksum (a flipped or damaged byte); delete the cache and rebuild it")
 
 
 def direct_arrays(split: Any, names: tuple[str, ...]) -> dict[str, DirectArray]:

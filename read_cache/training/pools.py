@@ -109,10 +109,6 @@ class Pool:
             at = at_token if k in TOKEN_ARRAYS else at_example
             np.take(a, index, axis=0, out=out[k][at : at + len(index)], mode="clip")
 
-    def take(self, positions: np.ndarray, ring: BufferRing | None = None) -> Pool:
-        """The examples at `positions`, in that order, copied contiguously (into a ring slot when given)."""
-        return take_segments([(self, positions)], ring)
-
     def gather(self, positions: np.ndarray, decoding: Decoding, ring: BufferRing | None = None) -> Batch:
         """The batch of the examples at `positions` (see `gather`)."""
         return gather([(self, np.asarray(positions, dtype=np.int64))], decoding, ring)
@@ -138,14 +134,15 @@ and the first of the next, each read from where it lies."""
 def take_segments(segments: Segments, ring: BufferRing | None = None) -> Pool:
     """The examples of `segments`, in order, copied contiguously (into a ring slot when given)."""
     first = segments[0][0]
-    lengths = np.concatenate([p.lengths[pos] for p, pos in segments])
+    each = [p.lengths[pos] for p, pos in segments]
+    lengths = np.concatenate(each)
     n, tokens = len(lengths), int(lengths.sum())
     layout: Layout = {k: (((tokens if k in TOKEN_ARRAYS else n), *a.shape[1:]), a.dtype) for k, a in first.arrays.items()}
     out = ring.take(layout) if ring is not None else {k: np.empty(s, d) for k, (s, d) in layout.items()}
     at_token = at_example = 0
-    for pool, positions in segments:
+    for (pool, positions), segment_lengths in zip(segments, each):
         pool.copy_into(positions, out, at_token, at_example)
-        at_token, at_example = at_token + int(pool.lengths[positions].sum()), at_example + len(positions)
+        at_token, at_example = at_token + int(segment_lengths.sum()), at_example + len(positions)
     labels = np.concatenate([p.label[pos] for p, pos in segments])
     rows = np.concatenate([p.rows[pos] for p, pos in segments])
     return Pool(offsets_of(lengths)[:-1], lengths, np.arange(n), labels, rows, out)
