@@ -7,7 +7,8 @@ Gaussian states with per-channel scales and a few 30x outlier channels, quantise
 build's own `quantise_torch`) in bfloat16, fp8, int8 and int4, then measures, formats interleaved:
 
   limit       read + decode every chunk on the host (numpy), on W threads: the host's ceiling
-  gpu-decode  SplitReader(device="cuda"): codes + scales shipped pinned, dequantised on the GPU (batch_to)
+  gpu-decode  SplitReader(device="cuda"): each window of codes + scales copied to the GPU once (pinned),
+              every batch gathered and dequantised there (batch_to)
   host-decode the same reader decoding to float32 on the host, then copying float32 to the GPU
   side step   one GRU/256 READ side-network training step per batch on the GPU (what reading must keep up with)
   forward     a random-init T5-base forward (bf16, batch 64) on the same examples: examples/s a

@@ -14,10 +14,13 @@ from conftest import HANG_GUARD_S, build_quietly, flip_byte_in_a_chunk
 
 from read_cache.errors import CacheCorruptError
 from read_cache.store import open_cache
-from read_cache.store.direct import DirectArray, direct_arrays
-from read_cache.training.pools import STORED, CodedBatch, batch_to
+from read_cache.store.direct import direct_arrays
+from read_cache.store.formats import to_torch_codes
+from read_cache.training import windows
+from read_cache.training.buffers import BufferRing
+from read_cache.training.pools import STORED, CodedBatch, WindowBatch, batch_to, take_segments
 from read_cache.training.reader import TIERS, SplitReader
-from read_cache.util.mapping import Region
+from read_cache.util.aligned import PAGE, page_aligned
 
 OPTIONS = dict(batch_size=16, seed=3, block_tokens=64, shuffle_blocks=2, shuffle=True, device="cpu")
 
@@ -54,44 +57,55 @@ def test_a_flipped_byte_or_a_truncated_chunk_is_named(int8_cache: Path, tmp_path
         rows.read_into(0, split.n_tokens, out)
 
 
-def _mapped(rows: DirectArray, chunks: range) -> np.ndarray:
-    region = Region(len(chunks) * rows.chunk_bytes)
-    rows.map_into(chunks, region, 0)
-    return region.array(0, len(chunks) * rows.chunk_bytes).view(rows.dtype).reshape(-1, *rows.row_shape)
-
-
-def test_mapped_chunks_equal_read_ones_and_name_damage(int8_cache: Path, tmp_path: Path) -> None:
+def test_a_chunk_never_written_reads_as_the_fill_value(int8_cache: Path, tmp_path: Path) -> None:
     copy = Path(shutil.copytree(int8_cache, tmp_path / "c"))
-    split = open_cache(copy)["train"]
-    rows = direct_arrays(split, ("encoder_hidden",))["encoder_hidden"]
-    assert rows.mappable  # its chunks are whole pages, so the streaming reader maps this array
-    chunks = rows.chunks_of(0, split.n_tokens)
-    mapped = _mapped(rows, chunks)
-    read = np.empty_like(mapped)
-    rows.read_into(0, split.n_tokens, read)
-    assert np.array_equal(mapped, read) and not mapped.flags.writeable
-    rows.chunk_path(1).unlink()  # a chunk never written (zarr skips chunks of only the fill value) reads as the fill
-    assert (_mapped(rows, chunks)[rows.chunk_rows : 2 * rows.chunk_rows] == rows.fill_value).all()
-    chunk = flip_byte_in_a_chunk(copy, "train/encoder_hidden", 0x10)
-    with pytest.raises(CacheCorruptError, match="CRC32C"):
-        _mapped(rows, chunks)
-    chunk.write_bytes(chunk.read_bytes()[:-100])
-    with pytest.raises(CacheCorruptError, match="truncated"):
-        _mapped(rows, chunks)
+    rows = direct_arrays(open_cache(copy)["train"], ("encoder_hidden",))["encoder_hidden"]
+    rows.chunk_path(1).unlink()  # zarr skips writing chunks of only the fill value
+    out = np.empty((rows.span(0, 3 * rows.chunk_rows), *rows.row_shape), rows.dtype)
+    rows.read_into(0, 3 * rows.chunk_rows, out)
+    assert (out[rows.chunk_rows : 2 * rows.chunk_rows] == rows.fill_value).all()
+    assert not (out[: rows.chunk_rows] == rows.fill_value).all()
+
+
+def test_read_buffers_start_on_a_page_and_stay_busy_while_a_view_is_held() -> None:
+    ring = BufferRing(keep=2)
+    views = ring.take({"enc": ((100, 7), np.int8), "label": ((3,), np.int64)})
+    assert views["enc"].ctypes.data % PAGE == 0 and views["label"].ctypes.data % 64 == 0
+    assert page_aligned(5).ctypes.data % PAGE == 0 and len(page_aligned(5)) == 5
+    held = torch.from_numpy(views["label"][1:])  # a view of a view, inside a tensor
+    del views
+    assert not ring._slots[0].idle()  # the tensor still holds the slot's memory
+    del held
+    assert ring._slots[0].idle()
+
+
+def test_windows_read_in_many_jobs_equal_ones_read_whole(int8_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    split = open_cache(int8_cache)["train"]
+    whole = [{k: v.clone() for k, v in b.items()} for b in SplitReader(split, mode="stream", **OPTIONS).epoch(1)]
+    monkeypatch.setattr(windows, "JOB_BYTES", 1)  # a job per chunk: each lands at its own rows of the window
+    pieces = list(SplitReader(split, mode="stream", workers=3, **OPTIONS).epoch(1))
+    assert len(pieces) == len(whole)
+    for a, b in zip(pieces, whole):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_coded_batches_are_the_same_codes_in_every_tier_and_decode_to_the_float_batches(int8_cache: Path) -> None:
     split = open_cache(int8_cache)["train"]
     floats = list(SplitReader(split, mode="stream", **OPTIONS).epoch(1))
-    for mode in TIERS[1:]:  # the device tier decodes on the device: it yields floats
-        coded = list(SplitReader(split, mode=mode, coded=True, **OPTIONS).epoch(1))
-        plain = list(SplitReader(split, mode="stream", coded=True, **OPTIONS).epoch(1))
-        assert len(coded) == len(floats) == len(plain)
-        for c, p, f in zip(coded, plain, floats):
-            assert isinstance(c, CodedBatch) and c["enc"].dtype == torch.int8 and "enc_scale" in c
-            assert c.keys() == p.keys() and all(torch.equal(c[k], p[k]) for k in c)
-            moved = batch_to(c, torch.device("cpu"))
+    gathered = list(SplitReader(split, mode="ram", coded=True, **OPTIONS).epoch(1))  # codes gathered on the host
+    streamed = list(SplitReader(split, mode="stream", coded=True, **OPTIONS).epoch(1))  # left in their windows
+    assert len(gathered) == len(streamed) == len(floats)
+    assert any(len(s.segments) > 1 for s in streamed)  # some batches take examples from two windows
+    for c, w, f in zip(gathered, streamed, floats):
+        assert isinstance(c, CodedBatch) and c["enc"].dtype == torch.int8 and "enc_scale" in c
+        assert isinstance(w, WindowBatch) and "enc" not in w  # the device gathers it
+        host = take_segments(w.segments)  # what gathering the window batch on the host copies: the same codes
+        assert host.arrays.keys() | w.keys() == c.keys()
+        assert all(torch.equal(to_torch_codes(host.arrays[k]), c[k]) for k in host.arrays) and all(torch.equal(w[k], c[k]) for k in w)
+        for batch in (c, w):
+            moved = batch_to(batch, torch.device("cpu"))
             assert moved.keys() == f.keys() and all(torch.equal(moved[k], f[k]) for k in f)
+
 
 
 def test_reused_buffers_stay_bounded_and_a_held_epoch_is_unchanged(int8_cache: Path) -> None:

@@ -222,7 +222,6 @@ def test_bench_runs_every_method_on_an_encoder(tiny_bert: Path, glue_dir: Path, 
         for path in ("stream", "ram"):
             assert entry[path]["stored_gbps"] > 0 and entry[path]["examples_per_second"] > 0, (fmt, path)
         assert "zarr" in entry["engines_gbps"] and ("direct" in entry["engines_gbps"]) == (fmt in ("fp8", "int8", "int4")), fmt
-        assert ("mapped" in entry["engines_gbps"]) <= ("direct" in entry["engines_gbps"]), fmt
 
 
 # --------------------------------------------------------------------------------------------------

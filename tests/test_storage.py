@@ -38,7 +38,7 @@ from read_cache.store.formats import (
     quantise_torch,
     to_torch_codes,
 )
-from read_cache.training.reader import CodedBatch, SplitReader, batch_to
+from read_cache.training.reader import CodedBatch, SplitReader, WindowBatch, batch_to
 
 SMALL_CHUNKS = 0.01  # MiB: several units even for a tiny split
 
@@ -327,16 +327,17 @@ def test_workers_stream_and_ram_give_the_same_batches(caches: dict[str, Path], n
 
 @pytest.mark.parametrize("name", ["bfloat16", "fp8", "int8", "int4"])
 def test_device_decoding_equals_host_decoding(caches: dict[str, Path], name: str) -> None:
-    """The CUDA path (codes shipped, dequantised in torch by batch_to), run on the CPU."""
+    """The CUDA paths (codes shipped, gathered or not, dequantised in torch by batch_to), run on the CPU."""
     split = read_cache.open_cache(caches[name])["train"]
-    host = SplitReader(split, batch_size=16)
-    device = SplitReader(split, batch_size=16, coded=True)
-    for a, coded in zip(host.epoch(0), device.epoch(0), strict=True):
-        assert isinstance(coded, CodedBatch) and coded["enc"].dtype != torch.float32
-        b = batch_to(coded, torch.device("cpu"))
-        assert a.keys() == b.keys()
-        for key in a:
-            assert torch.equal(a[key], b[key]), key
+    host = list(SplitReader(split, batch_size=16).epoch(0))
+    for mode, form in (("stream", WindowBatch), ("ram", CodedBatch)):
+        device = SplitReader(split, batch_size=16, mode=mode, coded=True)
+        for a, coded in zip(host, device.epoch(0), strict=True):
+            assert isinstance(coded, form) and (form is WindowBatch or coded["enc"].dtype != torch.float32)
+            b = batch_to(coded, torch.device("cpu"))
+            assert a.keys() == b.keys()
+            for key in a:
+                assert torch.equal(a[key], b[key]), (mode, key)
 
 
 def test_train_from_a_compact_cache_with_workers(caches: dict[str, Path], tmp_path: Path) -> None:

@@ -4,21 +4,26 @@ For every format (bfloat16, fp8, int8, int4; each a transcode of the bench's cac
 states) and in one process, formats interleaved round by round so they share the machine's moods:
 
   limit    memcpy of a window-sized buffer, and `preadv` of every chunk file of the train split's stored
-           arrays from the page cache into a reused buffer (1 and 2 threads; the faster is the limit)
+           arrays from the page cache into a reused page-aligned buffer (1 and 2 threads; the faster is
+           the limit)
+  window   the same files read into their own places of a window-sized buffer, each CRC32C computed
+           there: what any checked streaming read must do at least, so the stream path's ceiling
   engines  the states array read whole, block by block, through zarr-python's pipeline, the `zarrs`
-           pipeline, tensorstore and store.direct (preadv + crc32c, or mapped + crc32c): which engine the
-           reader uses, by data
-  stream   one shuffled epoch of `SplitReader` batches from the store, as a GPU gets them: codes + scales +
-  ram      offsets in reused buffers, ready for the device copy (`coded`); and from RAM; 1 and 2 workers.
-           `stream` is timed as training reads it (its first window read ahead during the epoch before,
-           the next epoch's read during it); `stream-cold` is the same epoch from a standing start, its
-           first window read while nothing else runs. `stream-float32` is the steady epoch dequantised to
-           float32 on the host, as a CPU run trains on it
+           pipeline, tensorstore and store.direct (preadv + crc32c): which engine the reader uses, by data
+  stream   one shuffled epoch of `SplitReader` batches from the store, as a GPU gets them (`coded`): each
+           window's codes + scales landed in a reused buffer, ready for the device copy, and each batch's
+           offsets into it (a `WindowBatch`: the device gathers the tokens, training.pools), 1 and 2
+           workers. Timed as training reads it: its first window read ahead during the epoch before, the
+           next epoch's read during it. `stream-cold` is the same epoch from a fresh reader, as a run's
+           first epoch: its first window read while nothing else runs, its buffers allocated as it goes; `stream-float32` the steady epoch gathered and dequantised
+           to float32 on the host, as a CPU run trains on it
+  ram      the same epoch from RAM, as the RAM tier feeds a GPU: each batch's codes + scales gathered on
+           the host into a reused buffer (a `CodedBatch`)
 
 Reported (medians over the rounds): examples/s, GB/s of stored bytes (the chunk files' sizes: what an
 epoch reads), the cores kept busy (process CPU seconds / wall), and per format the bench.json entry the
 issue names: `limit_preadv_gbps` and, per path (`stream`, `ram`, best worker count), `stored_gbps` and
-`examples_per_second`.
+`examples_per_second`; beside them `window_gbps` and the stream's share of each.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import crc32c
 import numpy as np
 
 from read_cache.bench.common import metered
@@ -41,7 +47,9 @@ from read_cache.store import Split, open_cache, read_root_attrs
 from read_cache.store.engines import ENGINES, engine_readers
 from read_cache.store.transcode import transcode
 from read_cache.training.pools import STORED
-from read_cache.training.reader import SplitReader
+from read_cache.store.direct import CHECKSUM_BYTES
+from read_cache.training.reader import SHUFFLE_BYTES, SplitReader
+from read_cache.util.aligned import PAGE, page_aligned
 
 FORMATS = ("bfloat16", "fp8", "int8", "int4")
 WORKERS = (1, 2)
@@ -72,32 +80,44 @@ def stored_files(split: Split, names: Iterable[str] = STORED.values()) -> list[P
     return [f for name in names if (root / name / "c").is_dir() for f in sorted((root / name / "c").rglob("*")) if f.is_file()]
 
 
-def preadv_seconds(files: list[Path], threads: int) -> float:
-    """Wall seconds to `preadv` every file into a reused buffer per thread (from the page cache once warm)."""
-    size = max(f.stat().st_size for f in files)
-    buffers = [bytearray(size) for _ in range(threads)]
+def preadv_seconds(files: list[Path], threads: int, window: bool = False) -> float:
+    """Wall seconds to `preadv` every file from the page cache (once warm), `threads` at a time, into
+    page-aligned memory, as the reader's buffers are (at 16 bytes past a page, where a plain bytearray
+    lands, the same reads ran ~4x slower: util.aligned). Plain, each thread reuses one file-sized buffer,
+    which stays in the core's cache: the issue's limit. With `window`, every file lands at its own place
+    in a window-sized buffer, as a streaming window must hold its chunks, and its CRC32C is computed there:
+    the least any checked streaming read does, and the ceiling for the reader's `stream` path."""
+    sizes = [f.stat().st_size for f in files]
+    if window:
+        places = np.cumsum([0] + [-(-size // PAGE) * PAGE for size in sizes[:-1]]) % SHUFFLE_BYTES
+        buffers = [page_aligned(SHUFFLE_BYTES + max(sizes))] * threads
+    else:
+        places = np.zeros(len(files), np.int64)
+        buffers = [page_aligned(max(sizes)) for _ in range(threads)]
 
-    def read(args: tuple[int, list[Path]]) -> None:
-        buffer = memoryview(buffers[args[0]])
-        for f in args[1]:
-            fd = os.open(f, os.O_RDONLY)
+    def read(thread: int) -> None:
+        for i in range(thread, len(files), threads):
+            data = buffers[thread][places[i] : places[i] + sizes[i]]
+            fd = os.open(files[i], os.O_RDONLY)
             try:
-                os.preadv(fd, [buffer[: os.fstat(fd).st_size]], 0)
+                os.preadv(fd, [data], 0)
             finally:
                 os.close(fd)
+            if window:
+                crc32c.crc32c(data[:-CHECKSUM_BYTES])
 
-    shares = [(t, files[t::threads]) for t in range(threads)]
     started = time.perf_counter()
     if threads == 1:
-        read(shares[0])
+        read(0)
     else:
         with ThreadPoolExecutor(threads) as pool:
-            list(pool.map(read, shares))
+            list(pool.map(read, range(threads)))
     return time.perf_counter() - started
 
 
 def memcpy_gbps(nbytes: int = 128 << 20, repeats: int = 5) -> float:
-    src, dst = np.ones(nbytes, np.uint8), np.empty(nbytes, np.uint8)
+    src, dst = page_aligned(nbytes), page_aligned(nbytes)
+    src.fill(1)
     np.copyto(dst, src)
     started = time.perf_counter()
     for _ in range(repeats):
@@ -134,16 +154,19 @@ def reader(cfg: BenchConfig, rounds: int = 3) -> dict[str, Any]:
     return {"meter": meter, "total_seconds": meter["wall_seconds"], **result}
 
 
-def _readers(splits: dict[str, Split], batch_size: int) -> dict[tuple[str, str, int], SplitReader]:
+def _reader(split: Split, path: str, workers: int, batch_size: int) -> SplitReader:
+    mode = "ram" if path == "ram" else "stream"
+    return SplitReader(split, batch_size=batch_size, shuffle=True, seed=0, mode=mode, workers=workers, device="cpu", coded=path != "stream-float32")
+
+
+def _ram_readers(splits: dict[str, Split], batch_size: int) -> dict[tuple[str, int], SplitReader]:
+    """The RAM tier's readers, loaded once. Streaming readers are made per epoch timed instead: each keeps its
+    window buffers (~0.5 GB), and two dozen kept at once squeezed the page cache the bench reads from."""
     readers = {}
     for fmt, split in splits.items():
         for workers in WORKERS:
-            for path in PATHS:
-                mode = "ram" if path == "ram" else "stream"
-                r = SplitReader(split, batch_size=batch_size, shuffle=True, seed=0, mode=mode, workers=workers, device="cpu", coded=path != "stream-float32")
-                if mode == "ram":
-                    r.load()
-                readers[fmt, path, workers] = r
+            readers[fmt, workers] = _reader(split, "ram", workers, batch_size)
+            readers[fmt, workers].load()
     return readers
 
 
@@ -152,7 +175,7 @@ def _measure(cfg: BenchConfig, rounds: int) -> dict[str, Any]:
     splits = {fmt: open_cache(path)["train"] for fmt, path in caches.items()}
     files = {fmt: stored_files(split) for fmt, split in splits.items()}
     stored = {fmt: sum(f.stat().st_size for f in fs) for fmt, fs in files.items()}
-    readers = _readers(splits, cfg.batch_size)
+    ram = _ram_readers(splits, cfg.batch_size)
     engines = {fmt: engine_readers(split) for fmt, split in splits.items()}
     seconds: dict[str, list[tuple[float, float]]] = {}
     memcpy = []
@@ -160,11 +183,14 @@ def _measure(cfg: BenchConfig, rounds: int) -> dict[str, Any]:
         memcpy.append(memcpy_gbps())
         for fmt in FORMATS[round_ % len(FORMATS) :] + FORMATS[: round_ % len(FORMATS)]:
             for workers in WORKERS:
-                wall = preadv_seconds(files[fmt], workers)
-                seconds.setdefault(f"{fmt}/preadv/{workers}", []).append((wall, wall))
+                for limit in ("preadv", "window"):
+                    wall = preadv_seconds(files[fmt], workers, window=limit == "window")
+                    seconds.setdefault(f"{fmt}/{limit}/{workers}", []).append((wall, wall))
                 for path in PATHS:
                     steady = path in ("stream", "stream-float32")
-                    seconds.setdefault(f"{fmt}/{path}/{workers}", []).append(epoch(readers[fmt, path, workers], steady))
+                    reader = ram[fmt, workers] if path == "ram" else _reader(splits[fmt], path, workers, cfg.batch_size)
+                    seconds.setdefault(f"{fmt}/{path}/{workers}", []).append(epoch(reader, steady))
+                    del reader
             array = splits[fmt].array("encoder_hidden")
             for engine, read in engines[fmt].items():
                 wall = engine_seconds(read, array.shape[0], array.chunks[0])
@@ -196,9 +222,11 @@ def _format_entry(fmt: str, rows: dict[str, Any], stored: int, examples: int) ->
         return {"stored_gbps": r["stored_gbps"], "examples_per_second": r["examples_per_second"]}
 
     limit = max(rows[f"{fmt}/preadv/{w}"]["stored_gbps"] for w in WORKERS)
-    entry = {"limit_preadv_gbps": limit, "stored_bytes": stored, "stored_bytes_per_example": stored / examples}
+    window = max(rows[f"{fmt}/window/{w}"]["stored_gbps"] for w in WORKERS)
+    entry = {"limit_preadv_gbps": limit, "window_gbps": window, "stored_bytes": stored, "stored_bytes_per_example": stored / examples}
     entry.update({path: best(path) for path in PATHS})
     entry["stream_of_limit"] = entry["stream"]["stored_gbps"] / limit
+    entry["stream_of_window"] = entry["stream"]["stored_gbps"] / window
     entry["engines_gbps"] = {e: rows[f"{fmt}/engine-{e}/1"]["stored_gbps"] for e in ENGINES if f"{fmt}/engine-{e}/1" in rows}
     return entry
 
@@ -216,7 +244,7 @@ def markdown(result: dict[str, Any]) -> str:
     for fmt in FORMATS:
         entry = result["formats"][fmt]
         for workers in WORKERS:
-            for path in ("preadv", *PATHS):
+            for path in ("preadv", "window", *PATHS):
                 r = rows[f"{fmt}/{path}/{workers}"]
                 lines.append(
                     f"| {fmt} | {entry['stored_bytes_per_example']:,.0f} | {path} | {workers} | {r['examples_per_second']:,.0f} | "

@@ -9,7 +9,8 @@ a bytes copy for the checksum (google-crc32c, ~1.5 GB/s here), another out of th
 and the coroutine machinery per chunk; `bench --methods reader` races it against this engine, the `zarrs`
 pipeline and tensorstore (docs/benchmarks.md). Here one `preadv` lands the chunk in the caller's buffer
 (the trailing checksum in a 4-byte side buffer), `crc32c` (hardware, ~13 GB/s, GIL released) checks it in
-place, and nothing else touches the bytes. Whole chunks are read because a chunk's checksum covers all of
+place (the chunk is still in the core's cache), and nothing else touches the bytes. Give it a buffer that
+starts on a page (util.aligned: the kernel's copy runs ~4x faster there on this CPU). Whole chunks are read because a chunk's checksum covers all of
 it: the caller's buffer holds the chunks that cover the rows asked for, and `read_into` says where they start.
 
 Only plain local files qualify (an object store goes through zarr, with reads in flight), and only arrays
@@ -29,7 +30,6 @@ import crc32c
 import numpy as np
 
 from read_cache.errors import CacheCorruptError
-from read_cache.util.mapping import PAGE, Region
 
 CHECKSUM_BYTES = 4
 
@@ -89,32 +89,6 @@ class DirectArray:
         for k, c in enumerate(chunks):
             self.read_chunk(c, flat[k * self.chunk_rows : (k + 1) * self.chunk_rows].reshape(-1))
         return start - chunks.start * self.chunk_rows if chunks else 0
-
-    @property
-    def mappable(self) -> bool:
-        """Whether chunks can be mapped back to back (each chunk a whole number of pages; `Region` works here)."""
-        return Region.available() and self.chunk_bytes % PAGE == 0
-
-    def map_into(self, chunks: range, region: Region, at_row: int) -> None:
-        """Map the chunk files of `chunks` into `region` from row `at_row` on, back to back, checking each one's
-        CRC32C on the mapped page cache: no copy, the batches are gathered from the mapping."""
-        row_bytes = self.chunk_bytes // self.chunk_rows
-        for k, c in enumerate(chunks):
-            offset = (at_row + k * self.chunk_rows) * row_bytes
-            path = self.chunk_path(c)
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:  # never written: the fill value (zarr skips chunks of only that)
-                region.fill(offset, self.chunk_bytes, self.dtype, self.fill_value)
-                continue
-            try:
-                size = os.fstat(fd).st_size
-                _check_size(path, size, self.chunk_bytes)
-                checksum = os.pread(fd, CHECKSUM_BYTES, self.chunk_bytes)
-                region.map_file(fd, offset, self.chunk_bytes)
-            finally:
-                os.close(fd)
-            _check_crc(path, region.array(offset, self.chunk_bytes), checksum)
 
     def chunk_path(self, c: int) -> Path:
         return self.folder.joinpath("c", str(c), *["0"] * (len(self.shape) - 1))

@@ -3,10 +3,11 @@
     readers = engine_readers(split)          # {"zarr": read(a, b), "zarrs": ..., "tensorstore": ..., "direct": ...}
 
 zarr-python's default pipeline, the `zarrs` Rust pipeline for zarr-python, tensorstore's zarr3 driver and
-store.direct's two ways, each landing rows [a, b) of one array: `direct` reads the chunk files by `preadv`
-into a reused buffer, `mapped` maps them (util.mapping) and checks their CRC32C on the mapping, copying
-nothing. The streaming reader maps where it can, reads directly elsewhere, and goes through zarr where an
-array is compressed or remote: the bench's table is why. An engine that is not installed is left out.
+store.direct, each landing rows [a, b) of one array: `direct` reads the chunk files by `preadv` into a
+reused page-aligned buffer and checks their CRC32C there. The streaming reader reads raw local arrays
+directly and goes through zarr where an array is compressed or remote: the bench's table is why. An engine
+that is not installed is left out. (A fifth, mapping the chunk files and checking them on the mapping, won
+this race alone but lost inside the reader, whose threads map and unmap concurrently: docs/benchmarks.md.)
 """
 
 from __future__ import annotations
@@ -14,14 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import zarr
 
 from read_cache.store.cache import Split
-from read_cache.store.direct import DirectArray, direct_arrays
-from read_cache.util.mapping import Region
+from read_cache.store.direct import direct_arrays
+from read_cache.util.aligned import page_aligned
 
-ENGINES = ("zarr", "zarrs", "tensorstore", "direct", "mapped")
+ENGINES = ("zarr", "zarrs", "tensorstore", "direct")
 ZARRS_PIPELINE = {"codec_pipeline.path": "zarrs.ZarrsCodecPipeline"}
 
 
@@ -45,16 +45,10 @@ def engine_readers(split: Split, name: str = "encoder_hidden") -> dict[str, Call
         pass
     direct = direct_arrays(split, (name,)).get(name)
     if direct is not None:
-        out = np.empty((direct.span(0, 32 * direct.chunk_rows), *direct.row_shape), direct.dtype)
+        rows = direct.span(0, 32 * direct.chunk_rows)
+        out = page_aligned(rows * direct.chunk_bytes // direct.chunk_rows).view(direct.dtype).reshape(rows, *direct.row_shape)
         readers["direct"] = lambda a, b: direct.read_into(a, b, out)
-        if direct.mappable:
-            readers["mapped"] = lambda a, b: _mapped(direct, a, b)
     return readers
-
-
-def _mapped(direct: DirectArray, a: int, b: int) -> None:
-    chunks = direct.chunks_of(a, b)
-    direct.map_into(chunks, Region(len(chunks) * direct.chunk_bytes), 0)  # unmapped as it goes, as a window is
 
 
 def _with_zarrs(read: Callable[[], Any]) -> Any:

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from read_cache.util.aligned import page_aligned
+
 ALIGN = 64
 """Each view starts on a cache line, so copies into it run at full speed."""
 
@@ -44,12 +46,16 @@ class Slot:
 
             self.memory = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True).numpy()
         else:
-            self.memory = np.empty(nbytes, dtype=np.uint8)
+            self.memory = page_aligned(nbytes)
         self.event: Any = None
-        self._idle_refs = sys.getrefcount(self.memory)  # the attribute's reference and the call's argument
+        # Every view carved from `memory` references the ndarray at the root of its view chain (numpy
+        # collapses chains to it; a pinned tensor's array is itself that root): while its count is above
+        # the slot's own references, someone holds a view.
+        self._owner = self.memory.base if isinstance(self.memory.base, np.ndarray) else self.memory
+        self._idle_refs = sys.getrefcount(self._owner)
 
     def idle(self) -> bool:
-        if sys.getrefcount(self.memory) > self._idle_refs:
+        if sys.getrefcount(self._owner) > self._idle_refs:
             return False
         return self.event is None or self.event.query()
 

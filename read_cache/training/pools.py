@@ -3,16 +3,24 @@
 A `Pool` is some examples of a split in their stored form: codes (+ scales) or 16-bit floats, ragged like
 the store. Its token arrays need not be contiguous per window: `starts[i]` is where example i's tokens
 begin, `examples[i]` its row in the per-example arrays, so a window read chunk by chunk straight into a
-reused buffer or mapped from the page cache (training.windows) is a Pool as it lies, with the chunk edges'
-foreign tokens left in place. `gather` copies a batch's examples (from one pool, or the end of one window
-and the start of the next), one `np.take` per array, into a slot of a `BufferRing` and either ships
-them as stored (a `CodedBatch`: codes + scales + offsets, what a GPU wants) or dequantises them in one
-pass into float32 (a CPU run). `DevicePool` holds the codes on a torch device and does the same there.
+reused buffer (training.windows) is a Pool as it lies, with the chunk edges' foreign tokens left in place.
+
+A batch leaves a pool in one of three forms:
+
+  float32      `gather` copies the batch's examples, one `np.take` per array, into a slot of a `BufferRing`
+               and dequantises them in one pass into float32 (a CPU run)
+  CodedBatch   the same copy, shipped as stored: codes + scales + offsets, for `batch_to` to dequantise on
+               the device (the RAM tier feeding a GPU)
+  WindowBatch  no copy at all: the examples' token rows in the windows they lie in. `batch_to` copies each
+               window to the device once, for all of its batches, and gathers and dequantises there, as the
+               device tier (`DevicePool`) does every batch. This is how a stream feeds a GPU: the host's only
+               work is the read itself (docs/benchmarks.md measures what the host gather cost)
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -83,6 +91,8 @@ class Pool:
     label: np.ndarray  # [n]
     rows: np.ndarray  # [n] rows in the split
     arrays: dict[str, np.ndarray]  # enc [T, N_E, d'], enc_scale, cross [T, N_D(, H)], dec [n', N_D, d'], dec_scale
+    device_copies: dict[torch.device, DevicePool] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    """This pool's arrays on a device, made by `on` for the window's batches to share."""
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -97,21 +107,20 @@ class Pool:
             np.arange(block.start, block.start + n, dtype=np.int64), {k: v for k, v in fields.items() if v is not None},
         )
 
-    def copy_into(self, positions: np.ndarray, out: dict[str, np.ndarray], at_token: int = 0, at_example: int = 0) -> None:
-        """Copy the examples at `positions` into `out` from token row `at_token` and example row `at_example`
-        on: one `np.take` per array over the batch's token rows (a C loop of row copies with the GIL released;
-        a Python slice per example ran ~0.8x its speed and held the GIL). mode="clip" writes straight into
-        `out` (numpy buffers the result first under its default mode="raise"); the rows are in range by construction."""
-        tokens = ragged_rows(self.starts[positions], self.lengths[positions])
-        rows = self.examples[positions]
-        for k, a in self.arrays.items():
-            index = tokens if k in TOKEN_ARRAYS else rows
-            at = at_token if k in TOKEN_ARRAYS else at_example
-            np.take(a, index, axis=0, out=out[k][at : at + len(index)], mode="clip")
+    def on(self, device: torch.device) -> DevicePool:
+        """This pool's arrays copied to `device`, once: every batch of a window gathers from the one copy. From
+        a pinned ring slot the copy is asynchronous; its CUDA event keeps the slot busy until it is done."""
+        held = self.device_copies.get(device)
+        if held is None:
+            held = self.device_copies[device] = DevicePool.of(self, device)
+            if isinstance(self.arrays, Views) and device.type == "cuda":
+                self.arrays.slot.event = torch.cuda.Event()
+                self.arrays.slot.event.record()
+        return held
 
     def gather(self, positions: np.ndarray, decoding: Decoding, ring: BufferRing | None = None) -> Batch:
         """The batch of the examples at `positions` (see `gather`)."""
-        return gather([(self, np.asarray(positions, dtype=np.int64))], decoding, ring)
+        return gather([Order(self, np.asarray(positions, dtype=np.int64)).segment(0, len(positions))], decoding, ring)
 
     def decoded(self, decoding: Decoding, ring: BufferRing | None = None) -> dict[str, torch.Tensor]:
         """This pool's states as float32 tensors (a ring slot's memory when given), per-channel scales applied."""
@@ -126,26 +135,66 @@ class Pool:
         }
 
 
-Segments = list[tuple[Pool, np.ndarray]]
-"""A batch's examples as (pool, positions) pairs: a streaming batch may take the last examples of one window
-and the first of the next, each read from where it lies."""
+class Segment(NamedTuple):
+    """Some examples of one pool, in batch order: a streaming batch may take the last examples of one window
+    and the first of the next, each from where it lies."""
+
+    pool: Pool
+    positions: np.ndarray  # [n] the examples' positions in the pool
+    tokens: np.ndarray  # [T] their token rows there, example after example
+    lengths: np.ndarray  # [n]
+    label: np.ndarray  # [n]
+    rows: np.ndarray  # [n] rows in the split
+
+
+Segments = list[Segment]
+
+
+class Order:
+    """A pool's examples in the order an epoch yields them, their index arrays made once for every batch cut
+    from it: a streamed batch is then slices of these, not a dozen small numpy calls of its own."""
+
+    def __init__(self, pool: Pool, positions: np.ndarray):
+        self.pool, self.positions = pool, positions
+        self.lengths, self.label, self.rows = pool.lengths[positions], pool.label[positions], pool.rows[positions]
+        self.tokens = ragged_rows(pool.starts[positions], self.lengths)
+        self.token_at = offsets_of(self.lengths)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def segment(self, a: int, b: int) -> Segment:
+        """The examples [a, b) of this order."""
+        tokens = self.tokens[self.token_at[a] : self.token_at[b]]
+        return Segment(self.pool, self.positions[a:b], tokens, self.lengths[a:b], self.label[a:b], self.rows[a:b])
 
 
 def take_segments(segments: Segments, ring: BufferRing | None = None) -> Pool:
     """The examples of `segments`, in order, copied contiguously (into a ring slot when given)."""
-    first = segments[0][0]
-    each = [p.lengths[pos] for p, pos in segments]
-    lengths = np.concatenate(each)
+    lengths = _joined([s.lengths for s in segments])
     n, tokens = len(lengths), int(lengths.sum())
-    layout: Layout = {k: (((tokens if k in TOKEN_ARRAYS else n), *a.shape[1:]), a.dtype) for k, a in first.arrays.items()}
+    layout: Layout = {k: (((tokens if k in TOKEN_ARRAYS else n), *a.shape[1:]), a.dtype) for k, a in segments[0].pool.arrays.items()}
     out = ring.take(layout) if ring is not None else {k: np.empty(s, d) for k, (s, d) in layout.items()}
     at_token = at_example = 0
-    for (pool, positions), segment_lengths in zip(segments, each):
-        pool.copy_into(positions, out, at_token, at_example)
-        at_token, at_example = at_token + int(segment_lengths.sum()), at_example + len(positions)
-    labels = np.concatenate([p.label[pos] for p, pos in segments])
-    rows = np.concatenate([p.rows[pos] for p, pos in segments])
-    return Pool(offsets_of(lengths)[:-1], lengths, np.arange(n), labels, rows, out)
+    for segment in segments:
+        _copy(segment, out, at_token, at_example)
+        at_token, at_example = at_token + len(segment.tokens), at_example + len(segment.positions)
+    return Pool(offsets_of(lengths)[:-1], lengths, np.arange(n), _joined([s.label for s in segments]), _joined([s.rows for s in segments]), out)
+
+
+def _copy(segment: Segment, out: dict[str, np.ndarray], at_token: int, at_example: int) -> None:
+    """Copy a segment's examples into `out` from token row `at_token` and example row `at_example` on: one
+    `np.take` per array over the batch's token rows (a C loop of row copies with the GIL released; a Python
+    slice per example ran ~0.8x its speed and held the GIL). mode="clip" writes straight into `out` (numpy
+    buffers the result first under its default mode="raise"); the rows are in range by construction."""
+    rows = segment.pool.examples[segment.positions]
+    for k, a in segment.pool.arrays.items():
+        index, at = (segment.tokens, at_token) if k in TOKEN_ARRAYS else (rows, at_example)
+        np.take(a, index, axis=0, out=out[k][at : at + len(index)], mode="clip")
+
+
+def _joined(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def gather(segments: Segments, decoding: Decoding, ring: BufferRing | None = None) -> Batch:
@@ -159,6 +208,22 @@ def gather(segments: Segments, decoding: Decoding, ring: BufferRing | None = Non
     batch.update({k: to_torch_codes(v) for k, v in stored.arrays.items()})
     batch.decoding = decoding
     batch.views = stored.arrays if isinstance(stored.arrays, Views) else None
+    return batch
+
+
+class WindowBatch(dict):
+    """A streamed batch still lying in its windows (see the module): the per-example fields, and the segments
+    of the windows it takes examples from. Holding it holds those windows' ring slots."""
+
+    decoding: Decoding
+    segments: Segments
+
+
+def window_batch(segments: Segments, decoding: Decoding) -> WindowBatch:
+    """The batch of the examples of `segments`, left where they lie (see `WindowBatch`)."""
+    fields = example_fields(*(_joined([getattr(s, f) for s in segments]) for f in ("lengths", "label", "rows")))
+    batch = WindowBatch(fields)
+    batch.segments, batch.decoding = segments, decoding
     return batch
 
 
@@ -203,7 +268,7 @@ class DevicePool:
 
     @classmethod
     def of(cls, pool: Pool, device: torch.device) -> DevicePool:
-        tensors = {k: to_torch_codes(np.ascontiguousarray(v)).to(device) for k, v in pool.arrays.items()}
+        tensors = {k: to_torch_codes(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in pool.arrays.items()}
         return cls(dataclasses.replace(pool, arrays={}), tensors, device)
 
     @classmethod
@@ -216,22 +281,34 @@ class DevicePool:
         """The examples at `positions`, decoded on the device exactly as `Pool.gather` decodes on the host."""
         positions = np.asarray(positions, dtype=np.int64)
         p = self.pool
-        tokens = torch.from_numpy(ragged_rows(p.starts[positions], p.lengths[positions]).astype(np.int64)).to(self.device)
-        examples = torch.from_numpy(p.examples[positions].astype(np.int64)).to(self.device)
         batch = example_fields(p.lengths[positions], p.label[positions], p.rows[positions])
+        return {**batch, **self.states(positions, ragged_rows(p.starts[positions], p.lengths[positions]), decoding)}
+
+    def states(self, positions: np.ndarray, tokens: np.ndarray, decoding: Decoding) -> Batch:
+        """The states of the examples at `positions` (their token rows `tokens`), gathered and decoded on the device."""
+        index = {
+            True: torch.from_numpy(tokens.astype(np.int64, copy=False)).to(self.device),
+            False: torch.from_numpy(self.pool.examples[positions].astype(np.int64)).to(self.device),
+        }
+        states = {}
         for key in ("enc", "cross", "dec"):
             if key in self.tensors:
-                index = tokens if key in TOKEN_ARRAYS else examples
+                rows = index[key in TOKEN_ARRAYS]
                 scale = self.tensors.get(f"{key}_scale")
-                codes = self.tensors[key].index_select(0, index)
-                batch[key] = decoding.decode_torch(key, codes, None if scale is None else scale.index_select(0, index))
-        return batch
+                codes = self.tensors[key].index_select(0, rows)
+                states[key] = decoding.decode_torch(key, codes, None if scale is None else scale.index_select(0, rows))
+        return states
 
 
 def batch_to(batch: Batch, device: torch.device) -> Batch:
-    """Move a batch to `device`; a CodedBatch is moved as codes and dequantised there. The copy from a
-    ring slot is asynchronous on CUDA: its event marks the slot busy until the copy is done."""
+    """Move a batch to `device`; a CodedBatch is moved as codes and dequantised there, a WindowBatch gathered
+    there from its windows' device copies. The copy from a ring slot is asynchronous on CUDA: its event marks
+    the slot busy until the copy is done."""
     moved = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    if isinstance(batch, WindowBatch):
+        parts = [s.pool.on(device).states(s.positions, s.tokens, batch.decoding) for s in batch.segments]
+        moved.update({k: parts[0][k] if len(parts) == 1 else torch.cat([p[k] for p in parts]) for k in parts[0]})
+        return moved
     if isinstance(batch, CodedBatch):
         if batch.views is not None and device.type == "cuda":
             batch.views.slot.event = torch.cuda.Event()

@@ -22,13 +22,14 @@ Three tiers hold a split: `stream` reads the store per window, `ram` holds the c
 memory, `device` holds them as stored on a torch device (a GPU, or any device in tests) and gathers and
 dequantises each batch there. Every tier yields the same batches in the same order, bit for bit.
 
-Streaming lands each window once (training.windows: raw chunk files mapped back to back from the page
-cache, or read by `preadv` into a reused buffer, CRC32C checked either way), and every batch is copied
-once, one `np.take` per array, into a slot of a `BufferRing`; the slot is refilled only once nothing
-holds the batch (training.buffers says the rule).
-A batch is then either shipped as stored (`coded`: codes + scales + offsets, pinned on CUDA, dequantised
-by `batch_to` on the device, 1-2 bytes a value over PCIe instead of 4) or dequantised on the reader's
-`workers` threads into float32 (a CPU run). The copies and numpy's decoding release the GIL.
+Streaming lands each window once (training.windows: raw chunk files read by `preadv` into a reused,
+page-aligned buffer, pinned on CUDA, CRC32C checked). Feeding a GPU (`coded`), a batch is then only its
+index arrays into the window (a `WindowBatch`): `batch_to` copies each window to the device once and
+gathers and dequantises every batch there, 1-2 bytes a value over PCIe instead of 4, and the host gathers
+nothing. On a CPU run each batch is copied once, one `np.take` per array, into a slot of a `BufferRing`
+and dequantised there into float32 on the reader's `workers` threads (the copies and numpy's decoding
+release the GIL). A slot, window or batch, is refilled only once nothing holds what was made from it
+(training.buffers says the rule).
 """
 
 from __future__ import annotations
@@ -56,16 +57,19 @@ from read_cache.training.pools import (
     CodedBatch,
     Decoding,
     DevicePool,
+    Order,
     Pool,
     Segments,
+    WindowBatch,
     batch_to,
     concat_pools,
     gather,
+    window_batch,
 )
 from read_cache.training.windows import WindowReader
 from read_cache.util.heap import release_free_heap
 
-__all__ = ["Batch", "CodedBatch", "Decoding", "SplitReader", "batch_to", "choose_modes", "epoch_windows"]
+__all__ = ["Batch", "CodedBatch", "Decoding", "SplitReader", "WindowBatch", "batch_to", "choose_modes", "epoch_windows"]
 T = TypeVar("T")
 
 BLOCK_BYTES = 32 << 20
@@ -180,10 +184,10 @@ class SplitReader:
         """Reused batch memory (training.buffers); pinned when coded batches go to a GPU."""
         queued = prefetch + self.workers + 1  # batches made or being made ahead of the consumer
         per_window = max(1, self.shuffle_blocks * len(split) // max(1, len(self.bounds)))  # examples, about
-        self.window_ring = BufferRing(keep=2 + math.ceil(queued * batch_size / per_window) + 1)
-        """Reused window memory (arrays that are not mapped): the window being read, the next epoch's first
-        read ahead, and every window the queued batches take examples from (one, unless windows are smaller
-        than batches)."""
+        self.window_ring = BufferRing(keep=2 + math.ceil(queued * batch_size / per_window) + 1, pinned=on_cuda and self.decoding.coded)
+        """Reused window memory: the window being read, the next epoch's first read ahead, and every window the
+        queued batches take examples from (one, unless windows are smaller than batches); pinned when its
+        windows are copied whole to a GPU (coded batches, `WindowBatch`)."""
         self._window_reader: WindowReader | None = None
         self._ram: Pool | None = None
         self._blocks: dict[int, Pool] = {}
@@ -232,7 +236,9 @@ class SplitReader:
             return (job() for job in _chosen(self._device_jobs(windows), batches))
         if self.mode == "ram":
             return run_jobs(lambda: _chosen(self._ram_jobs(windows), batches), self.workers, self.prefetch)
-        return run_jobs(lambda: _chosen(self._stream_jobs(epoch, windows, next_epoch), batches), self.workers, self.prefetch)
+        # A WindowBatch is only index arrays: cut on the prefetch thread itself, the workers' cores left to the reads.
+        cutters = 1 if self.decoding.coded else self.workers
+        return run_jobs(lambda: _chosen(self._stream_jobs(epoch, windows, next_epoch), batches), cutters, self.prefetch)
 
     def _job(self, pool: Pool, positions: np.ndarray) -> Callable[[], Batch]:
         return functools.partial(pool.gather, positions, self.decoding, self.batch_ring)
@@ -298,7 +304,7 @@ class SplitReader:
         self._early.clear()  # a read ahead for an epoch the caller skipped is let go
         if reading is None and windows:
             reading = self._read_window(windows[0])
-        pending: Segments = []  # examples that do not fill a batch yet, as (window, positions)
+        pending: Segments = []  # examples that do not fill a batch yet
         have = 0
         for i, window in enumerate(windows):
             pool = reading.result()
@@ -306,18 +312,24 @@ class SplitReader:
                 reading = self._read_window(windows[i + 1])
             elif next_epoch is not None:
                 self.read_first_window(next_epoch)
-            positions, at = _positions(pool.rows, window.order), 0
-            while at < len(positions):
-                step = min(self.batch_size - have, len(positions) - at)
-                pending.append((pool, positions[at : at + step]))
+            order, at = Order(pool, _positions(pool.rows, window.order)), 0
+            while at < len(order):
+                step = min(self.batch_size - have, len(order) - at)
+                pending.append(order.segment(at, at + step))
                 have, at = have + step, at + step
                 if have == self.batch_size:
-                    yield functools.partial(gather, pending, self.decoding, self.batch_ring)
+                    yield self._stream_job(pending)
                     pending, have = [], 0
-            del pool  # the window's memory returns once its batches are made (the last ones may still take from it)
+            del pool, order  # the window's memory returns once its batches are made (the last ones may still take from it)
             release_free_heap()  # what the training step freed meanwhile goes back too (util.heap)
         if pending:
-            yield functools.partial(gather, pending, self.decoding, self.batch_ring)
+            yield self._stream_job(pending)
+
+    def _stream_job(self, segments: Segments) -> Callable[[], Batch]:
+        """Coded, a batch stays in its windows (a WindowBatch: the device gathers it); else it is gathered here."""
+        if self.decoding.coded:
+            return functools.partial(window_batch, segments, self.decoding)
+        return functools.partial(gather, segments, self.decoding, self.batch_ring)
 
     def _read_window(self, window: Window) -> Future[Pool]:
         """Start reading a window's blocks on the reader's background thread."""
