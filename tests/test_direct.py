@@ -17,7 +17,7 @@ from read_cache.store import open_cache
 from read_cache.store.direct import direct_arrays
 from read_cache.store.formats import to_torch_codes
 from read_cache.training import windows
-from read_cache.training.buffers import BufferRing
+from read_cache.training.buffers import BufferRing, layout_bytes
 from read_cache.training.pools import STORED, CodedBatch, WindowBatch, batch_to, take_segments
 from read_cache.training.reader import TIERS, SplitReader
 from read_cache.util.aligned import PAGE, page_aligned
@@ -115,6 +115,11 @@ def test_reused_buffers_stay_bounded_and_a_held_epoch_is_unchanged(int8_cache: P
     expected = [{k: v.clone() for k, v in b.items()} for b in reader.epoch(0)]
     allocated = reader.batch_ring.allocations, reader.window_ring.allocations
     assert allocated[0] <= reader.batch_ring.keep and allocated[1] <= reader.window_ring.keep
+    # Window slots are sized to the largest window the blocks can make, so one is never replaced for size.
+    windows = reader._window_reader
+    largest = max(layout_bytes({k: (a.shape, a.dtype) for k, a in windows.read([reader.bounds[b] for b in w.blocks]).arrays.items()})
+                  for e in range(4) for w in reader.windows(e))
+    assert largest <= reader.window_ring.floor
     # The consumer lets each batch go: the rings reuse their slots. Which slots are idle when a batch is made
     # depends on the threads' timing, so an idle slot too small for a batch may still be replaced, once: a
     # replacement is at least as large as the largest slot, which fits every batch of the epoch already seen.

@@ -28,6 +28,7 @@ issue names: `limit_preadv_gbps` and, per path (`stream`, `ram`, best worker cou
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import statistics
@@ -137,14 +138,13 @@ def engine_seconds(read: Callable[[int, int], Any], rows: int, chunk_rows: int, 
 def epoch(reader: SplitReader, steady: bool) -> tuple[float, float]:
     """(wall, CPU) seconds of one epoch's batches; CPU counts every thread, the reader's pools included.
     `steady` times an epoch as training reads it: its first window read ahead during the epoch before
-    (untimed), the next epoch's read ahead during this one (timed, and waited for)."""
+    (untimed), the next epoch's read ahead during this one (timed, and waited for). Batches are dropped as
+    they come: one held past its epoch would hold its window, and the next would take fresh memory."""
     if steady:
-        for _ in reader.epoch(0, next_epoch=1):
-            pass
+        collections.deque(reader.epoch(0, next_epoch=1), maxlen=0)
         reader.wait_read_ahead()
     started, cpu = time.perf_counter(), time.process_time()
-    for _ in reader.epoch(1, next_epoch=2 if steady else None):
-        pass
+    collections.deque(reader.epoch(1, next_epoch=2 if steady else None), maxlen=0)
     reader.wait_read_ahead()
     return time.perf_counter() - started, time.process_time() - cpu
 

@@ -82,6 +82,10 @@ class BufferRing:
     def __init__(self, keep: int, pinned: bool = False):
         self.keep = max(1, keep)
         self.pinned = pinned
+        self.floor = 0
+        """Bytes every new slot holds at least: where the largest need is known ahead (a reader's largest
+        window), slots sized to it are never replaced, and a replacement is fresh memory, which this VM
+        first touches at ~0.5 GB/s."""
         self._slots: list[Slot] = []
         self._lock = threading.Lock()  # the reader's threads take slots concurrently
         self._largest_need = 0
@@ -96,7 +100,7 @@ class BufferRing:
             self._largest_need = max(self._largest_need, need)
             if slot is None:  # room to spare, so the next slightly larger window or batch fits too; and at least
                 # the largest asked so far, so a slot allocated once every size was seen is never replaced
-                slot = Slot(max(int(self._largest_need * HEADROOM), 1), self.pinned)
+                slot = Slot(max(int(self._largest_need * HEADROOM), self.floor, 1), self.pinned)
                 self.allocations += 1
                 self._slots.append(slot)
                 if len(self._slots) > self.keep:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -22,7 +23,7 @@ import numpy as np
 
 from read_cache.store import Split
 from read_cache.store.direct import DirectArray, direct_arrays
-from read_cache.training.buffers import BufferRing
+from read_cache.training.buffers import ALIGN, BufferRing
 from read_cache.training.pools import STORED, TOKEN_ARRAYS, Pool
 
 JOB_BYTES = 8 << 20
@@ -94,6 +95,17 @@ class WindowReader:
             at_token, at_example = at_token + t_span, at_example + e_span
         self._run(jobs)
         return self._pool(bounds, arrays, places)
+
+    def largest_window_bytes(self, bounds: list[tuple[int, int]], blocks: int) -> int:
+        """The most bytes a window of `blocks` of these blocks can take: the largest blocks' whole chunks."""
+        offsets = self.split.offsets
+        rows = {key: math.prod(s.row_shape) * s.dtype.itemsize for key, s in self.sources.items()}
+        sizes = sorted(
+            (sum(rows[k] * (self._span(True, int(offsets[a]), int(offsets[b])) if k in TOKEN_ARRAYS else self._span(False, a, b)) for k in rows)
+             for a, b in bounds),
+            reverse=True,
+        )
+        return sum(sizes[:blocks]) + ALIGN * len(rows)
 
     def _pool(self, bounds: list[tuple[int, int]], arrays: dict[str, np.ndarray], places: list[tuple[int, int]]) -> Pool:
         """The window's Pool: where each example's tokens and row landed (each block's first token and row at `places`)."""
