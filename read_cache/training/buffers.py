@@ -98,9 +98,11 @@ class BufferRing:
         with self._lock:
             slot = self._idle_slot(need)
             self._largest_need = max(self._largest_need, need)
-            if slot is None:  # room to spare, so the next slightly larger window or batch fits too; and at least
-                # the largest asked so far, so a slot allocated once every size was seen is never replaced
-                slot = Slot(max(int(self._largest_need * HEADROOM), self.floor, 1), self.pinned)
+            if slot is None:  # the floor, where it covers every need; else room to spare, so the next slightly
+                # larger batch fits too, and at least the largest asked so far, so a slot allocated once every
+                # size was seen is never replaced
+                size = self.floor if self.floor >= need else int(self._largest_need * HEADROOM)
+                slot = Slot(max(size, 1), self.pinned)
                 self.allocations += 1
                 self._slots.append(slot)
                 if len(self._slots) > self.keep:
