@@ -339,7 +339,8 @@ class SplitReader:
             self._background = ThreadPoolExecutor(1, thread_name_prefix="read-cache-window")
         if self._window_reader is None:
             self._window_reader = WindowReader(self.split, self.window_ring, max(self.inflight, self.workers))
-            self.window_ring.floor = self._window_reader.largest_window_bytes(self.bounds, self.shuffle_blocks)
+            blocks = self.shuffle_blocks if self.shuffle else 1  # an unshuffled epoch reads a block per window
+            self.window_ring.floor = self._window_reader.largest_window_bytes(self.bounds, blocks)
         bounds = [self.bounds[b] for b in window.blocks]
         return self._background.submit(self._window_reader.read, bounds)
 
