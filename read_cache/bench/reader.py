@@ -15,8 +15,9 @@ states) and in one process, formats interleaved round by round so they share the
            offsets into it (a `WindowBatch`: the device gathers the tokens, training.pools), 1 and 2
            workers. Timed as training reads it: its first window read ahead during the epoch before, the
            next epoch's read during it. `stream-cold` is the same epoch from a fresh reader, as a run's
-           first epoch: its first window read while nothing else runs, its buffers allocated as it goes; `stream-float32` the steady epoch gathered and dequantised
-           to float32 on the host, as a CPU run trains on it
+           first epoch: its first window read while nothing else runs, its buffers allocated as it goes;
+           `stream-float32` the steady epoch gathered and dequantised to float32 on the host, as a CPU
+           run trains on it
   ram      the same epoch from RAM, as the RAM tier feeds a GPU: each batch's codes + scales gathered on
            the host into a reused buffer (a `CodedBatch`)
 
@@ -45,10 +46,10 @@ from read_cache.bench.common import metered
 from read_cache.config import BenchConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import Split, open_cache, read_root_attrs
+from read_cache.store.direct import CHECKSUM_BYTES
 from read_cache.store.engines import ENGINES, engine_readers
 from read_cache.store.transcode import transcode
 from read_cache.training.pools import STORED
-from read_cache.store.direct import CHECKSUM_BYTES
 from read_cache.training.reader import SHUFFLE_BYTES, SplitReader
 from read_cache.util.aligned import PAGE, page_aligned
 

@@ -10,8 +10,9 @@ and the coroutine machinery per chunk; `bench --methods reader` races it against
 pipeline and tensorstore (docs/benchmarks.md). Here one `preadv` lands the chunk in the caller's buffer
 (the trailing checksum in a 4-byte side buffer), `crc32c` (hardware, ~13 GB/s, GIL released) checks it in
 place (the chunk is still in the core's cache), and nothing else touches the bytes. Give it a buffer that
-starts on a page (util.aligned: the kernel's copy runs ~4x faster there on this CPU). Whole chunks are read because a chunk's checksum covers all of
-it: the caller's buffer holds the chunks that cover the rows asked for, and `read_into` says where they start.
+starts on a page (util.aligned: the kernel's copy runs ~4x faster there on this CPU). Whole chunks are read
+because a chunk's checksum covers all of it: the caller's buffer holds the chunks that cover the rows asked
+for, and `read_into` says where they start.
 
 Only plain local files qualify (an object store goes through zarr, with reads in flight), and only arrays
 chunked along axis 0 alone with codecs exactly bytes + crc32c; anything else returns None from `open` and
@@ -116,18 +117,10 @@ class DirectArray:
             got = os.preadv(fd, [dest, checksum], 0)
         finally:
             os.close(fd)
-        _check_size(path, got, dest.nbytes)
-        _check_crc(path, dest, checksum)
-
-
-def _check_size(path: str, got: int, chunk_bytes: int) -> None:
-    if got != chunk_bytes + CHECKSUM_BYTES:
-        raise CacheCorruptError(f"chunk {path} is truncated ({got} of {chunk_bytes + CHECKSUM_BYTES} bytes); delete the cache and rebuild it")
-
-
-def _check_crc(path: str, data: np.ndarray, checksum: bytes | bytearray) -> None:
-    if crc32c.crc32c(data) != int.from_bytes(checksum, "little"):
-        raise CacheCorruptError(f"chunk {path} fails its CRC32C checksum (a flipped or damaged byte); delete the cache and rebuild it")
+        if got != dest.nbytes + CHECKSUM_BYTES:
+            raise CacheCorruptError(f"chunk {path} is truncated ({got} of {dest.nbytes + CHECKSUM_BYTES} bytes); delete the cache and rebuild it")
+        if crc32c.crc32c(dest) != int.from_bytes(checksum, "little"):
+            raise CacheCorruptError(f"chunk {path} fails its CRC32C checksum (a flipped or damaged byte); delete the cache and rebuild it")
 
 
 def direct_arrays(split: Any, names: tuple[str, ...]) -> dict[str, DirectArray]:

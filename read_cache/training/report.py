@@ -22,7 +22,6 @@ from typing import Any, Protocol
 from read_cache.training.runs import TENSORBOARD
 
 
-
 class Sink(Protocol):
     def epoch(self, record: dict[str, Any]) -> None: ...
     def finish(self, summary: dict[str, Any]) -> None: ...

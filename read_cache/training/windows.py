@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +22,7 @@ import numpy as np
 
 from read_cache.store import Split
 from read_cache.store.direct import DirectArray, direct_arrays
-from read_cache.training.buffers import ALIGN, BufferRing
+from read_cache.training.buffers import BufferRing, Layout, layout_bytes
 from read_cache.training.pools import STORED, TOKEN_ARRAYS, Pool
 
 JOB_BYTES = 8 << 20
@@ -76,36 +75,41 @@ class WindowReader:
         self.ring = ring
         self.threads = max(1, threads)
         self.sources = _sources(split)
+        self._chunk_rows = {  # by group (token or example): every array of a group shares its chunk rows
+            token: next((s.chunk_rows for k, s in self.sources.items() if (k in TOKEN_ARRAYS) == token), 1) for token in (True, False)
+        }
         self._executor: ThreadPoolExecutor | None = None
 
     def read(self, bounds: list[tuple[int, int]]) -> Pool:
         """Blocks [a, b) of `bounds`, in that order, each block's whole chunks after the last block's."""
         offsets = self.split.offsets
-        token_spans = [self._span(True, int(offsets[a]), int(offsets[b])) for a, b in bounds]
-        example_spans = [self._span(False, a, b) for a, b in bounds]
-        rows = {True: sum(token_spans), False: sum(example_spans)}
-        arrays = self.ring.take({k: ((rows[k in TOKEN_ARRAYS], *s.row_shape), s.dtype) for k, s in self.sources.items()})
+        token_spans, example_spans = self._spans(bounds)
+        arrays = self.ring.take(self._layout(sum(token_spans), sum(example_spans)))
         jobs, places, at_token, at_example = [], [], 0, 0
         for (a, b), t_span, e_span in zip(bounds, token_spans, example_spans):
             t0, t1 = int(offsets[a]), int(offsets[b])
             for key, source in self.sources.items():
                 at, lo, hi = (at_token, t0, t1) if key in TOKEN_ARRAYS else (at_example, a, b)
                 jobs += source.jobs(lo, hi, arrays[key][at:])
-            places.append((at_token + t0 % self._chunk_rows(True), at_example + a % self._chunk_rows(False)))
+            places.append((at_token + t0 % self._chunk_rows[True], at_example + a % self._chunk_rows[False]))
             at_token, at_example = at_token + t_span, at_example + e_span
         self._run(jobs)
         return self._pool(bounds, arrays, places)
 
     def largest_window_bytes(self, bounds: list[tuple[int, int]], blocks: int) -> int:
-        """The most bytes a window of `blocks` of these blocks can take: the largest blocks' whole chunks."""
+        """The most bytes a window of `blocks` of these blocks can take: the largest blocks' layouts, summed
+        (each array aligned per block, so at least what `read` asks the ring for)."""
+        sizes = sorted((layout_bytes(self._layout(t, e)) for t, e in zip(*self._spans(bounds))), reverse=True)
+        return sum(sizes[:blocks])
+
+    def _spans(self, bounds: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Per block, the token rows and example rows its whole chunks take in a window."""
         offsets = self.split.offsets
-        rows = {key: math.prod(s.row_shape) * s.dtype.itemsize for key, s in self.sources.items()}
-        sizes = sorted(
-            (sum(rows[k] * (self._span(True, int(offsets[a]), int(offsets[b])) if k in TOKEN_ARRAYS else self._span(False, a, b)) for k in rows)
-             for a, b in bounds),
-            reverse=True,
-        )
-        return sum(sizes[:blocks]) + ALIGN * len(rows)
+        return [self._span(True, int(offsets[a]), int(offsets[b])) for a, b in bounds], [self._span(False, a, b) for a, b in bounds]
+
+    def _layout(self, token_rows: int, example_rows: int) -> Layout:
+        rows = {True: token_rows, False: example_rows}
+        return {k: ((rows[k in TOKEN_ARRAYS], *s.row_shape), s.dtype) for k, s in self.sources.items()}
 
     def _pool(self, bounds: list[tuple[int, int]], arrays: dict[str, np.ndarray], places: list[tuple[int, int]]) -> Pool:
         """The window's Pool: where each example's tokens and row landed (each block's first token and row at `places`)."""
@@ -119,9 +123,6 @@ class WindowReader:
         starts_all = np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
         lengths = np.diff(offsets)[rows_all]
         return Pool(starts_all, lengths, np.concatenate(examples) if examples else starts_all, self.split.labels[rows_all], rows_all, arrays)
-
-    def _chunk_rows(self, token: bool) -> int:
-        return next((s.chunk_rows for k, s in self.sources.items() if (k in TOKEN_ARRAYS) == token), 1)
 
     def _span(self, token: bool, start: int, stop: int) -> int:
         spans = [s.span(start, stop) for k, s in self.sources.items() if (k in TOKEN_ARRAYS) == token]
