@@ -133,6 +133,35 @@ def test_heads_mode_and_float16(tiny_t5: Path, glue_dir: Path, tmp_path: Path) -
     assert cache["validation"].array("encoder_hidden").dtype == np.float16
 
 
+def test_the_channel_fit_computes_train_s_first_examples_for_the_first_unit(tiny_t5: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compact build fits its channel scales on train's first examples; the first unit takes those states as
+    they are instead of computing them again, and the cache is bit for bit the one that recomputes them."""
+    import read_cache.build as build_module
+    from read_cache.build import units
+    from read_cache.store.formats import CHANNEL_SAMPLE_EXAMPLES
+
+    glue = write_glue(tmp_path / "glue", n_train=400)
+    forwarded: list[int] = []
+    forward_batch, fit = units.forward_batch, build_module.fit_channel_scales
+
+    def counted(backbone, ids, batch, *args):  # noqa: ANN001, ANN202
+        forwarded.append(len(batch))
+        return forward_batch(backbone, ids, batch, *args)
+
+    monkeypatch.setattr(units, "forward_batch", counted)
+    build_cache(config(tiny_t5, glue, tmp_path / "once", float_dtype="int8", batch_size=8))
+    once = sum(forwarded)
+    forwarded.clear()
+    monkeypatch.setattr(build_module, "fit_channel_scales", lambda backbone, tokenized, cfg, ahead: fit(backbone, tokenized, cfg, {}))
+    build_cache(config(tiny_t5, glue, tmp_path / "twice", float_dtype="int8", batch_size=8))
+    assert len(read_cache.open_cache(tmp_path / "once")["train"]) > CHANNEL_SAMPLE_EXAMPLES
+    assert sum(forwarded) - once == CHANNEL_SAMPLE_EXAMPLES
+    once_arrays, twice_arrays = arrays(tmp_path / "once"), arrays(tmp_path / "twice")
+    assert once_arrays.keys() == twice_arrays.keys()
+    for name, values in once_arrays.items():
+        assert np.array_equal(values, twice_arrays[name]), name
+
+
 def test_units_cover_every_chunk_exactly_once() -> None:
     rng = np.random.default_rng(0)
     offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 40, size=1000))])

@@ -41,8 +41,14 @@ def forward_batches(
     `type_ids` (from `Tokenized.type_ids`) go to encoders that read segment ids, so BERT sees a pair as a pair.
     `last_only` (`Tokenized.last_only`) keeps each example's last token's states alone.
     """
-    pad_id = backbone.pad_id
     for batch in length_batches(np.array([len(x) for x in ids]), batch_size):
-        input_ids, mask = pad([ids[i] for i in batch], pad_id)
-        types = pad([type_ids[i] for i in batch], 0)[0] if type_ids is not None and backbone.uses_token_types else None
-        yield batch, backbone.forward(input_ids, mask, cross, token_type_ids=types, last_only=last_only)
+        yield batch, forward_batch(backbone, ids, batch, cross, type_ids, last_only)
+
+
+def forward_batch(
+    backbone: Backbone, ids: list[list[int]], batch: np.ndarray, cross: str, type_ids: list[list[int]] | None = None, last_only: bool = False
+) -> BackboneStates:
+    """The states of the examples ids[batch], padded together (see `forward_batches`)."""
+    input_ids, mask = pad([ids[i] for i in batch], backbone.pad_id)
+    types = pad([type_ids[i] for i in batch], 0)[0] if type_ids is not None and backbone.uses_token_types else None
+    return backbone.forward(input_ids, mask, cross, token_type_ids=types, last_only=last_only)

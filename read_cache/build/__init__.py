@@ -27,7 +27,7 @@ from read_cache.backbone.inputs import Tokenized, input_template, tokenize_split
 from read_cache.backbone.load import Backbone, load_backbone
 from read_cache.build.identity import check_decoder_options, check_same_build, make_geometry, root_attributes
 from read_cache.build.splits import ComputedSplit, SplitReport, build_split
-from read_cache.build.units import fit_channel_scales
+from read_cache.build.units import Ahead, fit_channel_scales
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import (
@@ -100,11 +100,12 @@ def _build(cfg: BuildConfig, launch: distributed.Launch, started: float) -> Buil
     check_decoder_options(cfg, backbone.kind, cfg.model)
     geometry = make_geometry(backbone, cfg, task)
     tokenized = {split: tokenize_split(backbone.tokenizer, backbone.kind, task, data[split].texts, cfg) for split in SPLITS}
-    with store_lock(launch, out, lambda: open_store(cfg, out, task, backbone, geometry, tokenized)) as guard:
+    ahead: Ahead = {}  # train's first examples, computed to fit the channel scales (a new compact cache)
+    with store_lock(launch, out, lambda: open_store(cfg, out, task, backbone, geometry, tokenized, ahead)) as guard:
         writer = CacheWriter(out, geometry)
         writer.guard = guard  # in a bucket: stop writing once the lease is lost
         forward_seconds = [0.0]
-        reports = build_splits(writer, backbone, data, tokenized, cfg, forward_seconds, launch)
+        reports = build_splits(writer, backbone, data, tokenized, cfg, forward_seconds, launch, ahead)
         forward_seconds[0] = sum(distributed.gather(launch, forward_seconds[0]))
     if launch.is_main and cfg.remember:
         paths.record_last_cache(out)
@@ -113,14 +114,15 @@ def _build(cfg: BuildConfig, launch: distributed.Launch, started: float) -> Buil
 
 def build_splits(
     writer: CacheWriter, backbone: Backbone, data: dict[str, SplitData], tokenized: dict[str, Tokenized], cfg: BuildConfig,
-    forward_seconds: list[float], launch: distributed.Launch,
+    forward_seconds: list[float], launch: distributed.Launch, ahead: Ahead | None = None,
 ) -> list[SplitReport]:
     """Every split in order, each finished after the next one is computed (its last units' writing overlaps that)."""
     reports: list[SplitReport] = []
     unfinished: list[ComputedSplit] = []
     try:
         for split in SPLITS:
-            unfinished.append(build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds, launch))
+            states_ahead = ahead if split == "train" else None
+            unfinished.append(build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds, launch, states_ahead))
             if len(unfinished) == 2:
                 reports.append(unfinished.pop(0).finish())
         reports.extend(computed.finish() for computed in unfinished)
@@ -156,8 +158,11 @@ def check_out(cfg: BuildConfig, out: Location) -> None:
         check_same_build(existing, cfg, out, fingerprint=None)
 
 
-def open_store(cfg: BuildConfig, out: Location, task: TaskSpec, backbone: Backbone, geometry: Geometry, tokenized: dict[str, Tokenized]) -> None:
-    """Under the build lock: create the store, or check the one there and tidy it for resuming."""
+def open_store(
+    cfg: BuildConfig, out: Location, task: TaskSpec, backbone: Backbone, geometry: Geometry, tokenized: dict[str, Tokenized], ahead: Ahead
+) -> None:
+    """Under the build lock: create the store, or check the one there and tidy it for resuming (a new compact
+    store's channel fit leaves the states of train's first examples in `ahead`)."""
     existing = read_root_attrs(out)  # re-read under the lock
     if existing is not None and cfg.overwrite:
         log.info("--overwrite: deleting the cache at %s", out)
@@ -172,7 +177,7 @@ def open_store(cfg: BuildConfig, out: Location, task: TaskSpec, backbone: Backbo
         targets = task.targets(cfg.protocol)
         template = input_template(backbone.kind, task, cfg.protocol, cfg.prompt)
         lm = backbone.lm_head(targets, template) if backbone.kind != "encoder" and targets else None
-        channels = fit_channel_scales(backbone, tokenized["train"], cfg) if geometry.format.compact else None
+        channels = fit_channel_scales(backbone, tokenized["train"], cfg, ahead) if geometry.format.compact else None
         CacheWriter.create(out, geometry, root_attributes(cfg, task, backbone, lm), backbone.root_arrays(lm), channels)
 
 

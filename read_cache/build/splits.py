@@ -17,7 +17,7 @@ from read_cache import distributed
 from read_cache.backbone.inputs import Tokenized
 from read_cache.backbone.load import Backbone
 from read_cache.build.progress import BuildProgress
-from read_cache.build.units import UnitWriter, compute_unit
+from read_cache.build.units import Ahead, UnitWriter, compute_unit
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import CacheWriter, Unit, plan_units
@@ -77,10 +77,11 @@ class ComputedSplit:
 
 def build_split(
     writer: CacheWriter, backbone: Backbone, split: str, data: SplitData, tokenized: Tokenized, cfg: BuildConfig,
-    forward_seconds: list[float], launch: distributed.Launch = distributed.SINGLE,
+    forward_seconds: list[float], launch: distributed.Launch = distributed.SINGLE, ahead: Ahead | None = None,
 ) -> ComputedSplit:
-    """Compute this rank's share of the split's pending units; `finish()` the result once the caller has
-    started on the next split: rank 0 then marks the split complete, once every unit is durable."""
+    """Compute this rank's share of the split's pending units (its first unit taking the states in `ahead`);
+    `finish()` the result once the caller has started on the next split: rank 0 then marks the split complete,
+    once every unit is durable."""
     offsets = tokenized.offsets
     resumed, pending = distributed.on_main(launch, lambda: open_split(writer, split, data, tokenized))
     distributed.agree(launch, lambda: check_skeleton(writer, split, data, offsets))
@@ -112,7 +113,7 @@ def build_split(
     tail.enter_context(others_progress(writer, split, units, others, progress, status, written))
     unit_writer = UnitWriter(writer, split, on_written)
     tail.callback(unit_writer.close)
-    compute_units(mine, backbone, tokenized, cfg, writer, unit_writer, progress, tail, forward_seconds)
+    compute_units(mine, backbone, tokenized, cfg, writer, unit_writer, progress, tail, forward_seconds, ahead)
     computed = time.perf_counter() - started
 
     def complete() -> SplitReport:
@@ -132,7 +133,7 @@ def build_split(
 
 def compute_units(
     mine: list[Unit], backbone: Backbone, tokenized: Tokenized, cfg: BuildConfig, writer: CacheWriter, unit_writer: UnitWriter,
-    progress: BuildProgress, tail: contextlib.ExitStack, forward_seconds: list[float],
+    progress: BuildProgress, tail: contextlib.ExitStack, forward_seconds: list[float], ahead: Ahead | None = None,
 ) -> None:
     """Run the backbone over this rank's units, handing each to the writer thread; on failure the units already
     computed are still written (`tail`), as a rerun resumes from them."""
@@ -143,13 +144,16 @@ def compute_units(
             for unit in mine:
                 t = time.perf_counter()
                 tokens, examples, unit_errors = compute_unit(
-                    backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed, channels
+                    backbone, unit, tokenized, offsets, cfg, writer.geometry, progress.computed, channels, ahead
                 )
                 forward_seconds[0] += time.perf_counter() - t
                 unit_writer.put(unit, tokens, examples, unit_errors)
     except BaseException:
         tail.close()
         raise
+    finally:
+        if ahead is not None:
+            ahead.clear()  # what no unit here took (another rank owns train's first unit, or it was done before)
 
 
 def open_split(writer: CacheWriter, split: str, data: SplitData, tokenized: Tokenized) -> tuple[bool, list[int]]:

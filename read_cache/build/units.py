@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from read_cache.backbone.forward import forward_batches, to_stored
-from read_cache.backbone.inputs import Tokenized
-from read_cache.backbone.load import Backbone
+from read_cache.backbone.forward import forward_batch, to_stored
+from read_cache.backbone.inputs import Tokenized, length_batches
+from read_cache.backbone.load import Backbone, BackboneStates
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import CacheWriter, Geometry, Unit, token_rows
@@ -27,6 +27,9 @@ from read_cache.store.formats import (
 
 ERROR_SAMPLE_STRIDE = 8
 """Every 8th row of every batch is dequantised again and compared with the float32 it came from."""
+Ahead = dict[bytes, BackboneStates]
+"""Forward states computed before their unit, by the batch's positions (`np.ndarray.tobytes`): the channel fit's
+sample, train's first examples, which train's first unit then takes instead of computing them again."""
 
 
 class StatesOut:
@@ -66,9 +69,10 @@ class StatesOut:
 
 def compute_unit(
     backbone: Backbone, unit: Unit, tokenized: Tokenized, offsets: np.ndarray, cfg: BuildConfig, geometry: Geometry,
-    on_batch: Callable[[int], None] = lambda n: None, channels: dict[str, np.ndarray] | None = None,
+    on_batch: Callable[[int], None] = lambda n: None, channels: dict[str, np.ndarray] | None = None, ahead: Ahead | None = None,
 ) -> tuple[dict, dict, dict[str, ErrorStats]]:
-    """Run the backbone over a unit's examples and lay the results out as the store wants them.
+    """Run the backbone over a unit's examples and lay the results out as the store wants them (a split's first
+    unit takes the batches in `ahead` as they are: `unit_batches`).
 
     `on_batch(n)` is told after each forward batch how many of the unit's own examples it computed, so
     progress moves per batch rather than per unit (a unit of a big model is minutes of work).
@@ -83,8 +87,12 @@ def compute_unit(
     cross = np.empty((n_tok, *geometry.cross_shape()), dtype=_np16(geometry.cross_dtype)) if geometry.cross_attention else None
     e0, e1 = unit.examples
     dec = StatesOut(e1 - e0, geometry.n_decoder_layers, geometry, "decoder_hidden", channels.get("decoder_hidden")) if geometry.cross_attention else None
-    types = tokenized.type_ids[c0:c1] if tokenized.type_ids is not None else None
-    for positions, states in forward_batches(backbone, tokenized.ids[c0:c1], cfg.batch_size, cfg.cross_attention, types, tokenized.last_only):
+    ids, types = tokenized.ids[c0:c1], tokenized.type_ids[c0:c1] if tokenized.type_ids is not None else None
+    ahead = ahead if c0 == 0 and ahead is not None else {}
+    for positions in unit_batches(np.array([len(x) for x in ids]), c0 == 0, cfg.batch_size):
+        states = ahead.pop(positions.tobytes(), None)
+        if states is None:
+            states = forward_batch(backbone, ids, positions, cfg.cross_attention, types, tokenized.last_only)
         examples = positions + c0
         dest = token_rows(offsets, examples) - base
         enc.put(dest, states.encoder_hidden)
@@ -106,17 +114,29 @@ def compute_unit(
     return tokens, examples_out, errors
 
 
-def fit_channel_scales(backbone: Backbone, tokenized: Tokenized, cfg: BuildConfig) -> dict[str, np.ndarray]:
+def fit_channel_scales(backbone: Backbone, tokenized: Tokenized, cfg: BuildConfig, ahead: Ahead) -> dict[str, np.ndarray]:
     """Per-channel scales of the quantised arrays, fitted on the first CHANNEL_SAMPLE_EXAMPLES train examples
-    (`formats.fit_channel_scale`); the build stores them with the new cache, before its first unit."""
+    (`formats.fit_channel_scale`); the build stores them with the new cache, before its first unit. The sample's
+    states go to `ahead`, batched as train's first unit batches them, so the build computes them once."""
     ids = tokenized.ids[:CHANNEL_SAMPLE_EXAMPLES]
     types = tokenized.type_ids[:CHANNEL_SAMPLE_EXAMPLES] if tokenized.type_ids is not None else None
     samples: dict[str, list[np.ndarray]] = {"encoder_hidden": [], "decoder_hidden": []}
-    for _, states in forward_batches(backbone, ids, cfg.batch_size, cfg.cross_attention, types, tokenized.last_only):
+    for batch in unit_batches(np.array([len(x) for x in ids]), True, cfg.batch_size):
+        states = ahead[batch.tobytes()] = forward_batch(backbone, ids, batch, cfg.cross_attention, types, tokenized.last_only)
         samples["encoder_hidden"].append(states.encoder_hidden.float().cpu().numpy())
         if states.decoder_hidden is not None:
             samples["decoder_hidden"].append(states.decoder_hidden.float().cpu().numpy())
     return {name: fit_channel_scale(np.concatenate(parts)) for name, parts in samples.items() if parts}
+
+
+def unit_batches(lengths: np.ndarray, first: bool, batch_size: int) -> list[np.ndarray]:
+    """A unit's forward batches (positions in the unit), grouped by length. A split's `first` unit batches its
+    first CHANNEL_SAMPLE_EXAMPLES apart, as `fit_channel_scales` batches its sample: the fit's states are then
+    this unit's own, bit for bit, whether this build fitted them or the one it resumes did."""
+    if not first:
+        return length_batches(lengths, batch_size)
+    head = min(CHANNEL_SAMPLE_EXAMPLES, len(lengths))
+    return length_batches(lengths[:head], batch_size) + [b + head for b in length_batches(lengths[head:], batch_size)]
 
 
 def _np16(float_dtype: str) -> Any:
