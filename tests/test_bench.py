@@ -31,6 +31,10 @@ def test_bench_reports_every_figure(tiny_t5: Path, glue_dir: Path, tmp_path: Pat
         assert on_disk["ratios"][name] > 0, name
     assert set(on_disk["methods"]) == set(METHODS)
     assert on_disk["methods"]["interleaved"]["epochs_each"] > 0
+    # The bare forward ran before and after the build, and build/forward is over the two runs' mean (A-B-A).
+    forwards = on_disk["methods"]["forward"]["all_total_seconds"]
+    assert len(forwards) == 2 and forwards[0] == on_disk["methods"]["forward"]["total_seconds"]
+    assert on_disk["ratios"]["build_over_forward"] == pytest.approx(on_disk["methods"]["build"]["total_seconds"] / (sum(forwards) / 2))
     for name, result in on_disk["methods"].items():
         meter = result["meter"]
         assert meter["wall_seconds"] > 0 and meter["cpu_seconds"] > 0 and meter["peak_rss_bytes"] > 0, name

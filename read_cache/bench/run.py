@@ -3,7 +3,9 @@
     read-cache bench --model ./t5-small-random --task sst2 --data-dir ../shared/glue --limit 2000 --epochs 10 --out bench/
 
 Each method runs in a fresh subprocess (`python -m read_cache.bench.run METHOD SPEC`), so its peak memory
-is its own and not the leftovers of the method before it. Every method is metered the same way
+is its own and not the leftovers of the method before it. With both `forward` and `build` asked, the bare forward runs
+again after the build, and build/forward is the build against the mean of the two forwards (A-B-A: this
+machine's speed drifts by more than the goal's margin within minutes). Every method is metered the same way
 (`read_cache.util.energy.Meter`): wall and CPU seconds, energy where a counter exists, peak RSS and CUDA
 memory, and the test score where the method trains one. `--methods` also takes the baselines of
 `read_cache.methods` (lora-8, lora-32, prompt-20, adapter-64, bitfit, lst-8, ...): one row each in
@@ -53,16 +55,13 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
             if earlier.is_file():
                 results[method] = json.loads(earlier.read_text())
             continue
-        log.info("bench: %s", method)
-        if isolate:
-            proc = subprocess.run([sys.executable, "-m", "read_cache.bench.run", method, str(spec)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-                raise ReadCacheError(f"bench method {method} failed: {tail[0]}")
-        else:
-            main(method, str(spec))
-        results[method] = json.loads((cfg.out / f"{method}.json").read_text())
-        log.info("bench: %s done in %.1f s", method, results[method]["meter"]["wall_seconds"])
+        results[method] = run_method(method, spec, isolate)
+        if method == "build" and "forward" in results:
+            # The bare forward again, after the build: build/forward then compares the build with the forward on
+            # both sides of it (A-B-A), not with one run a minute earlier on a machine whose speed drifts.
+            again = run_method("forward", spec, isolate)
+            results["forward"]["all_total_seconds"] = [results["forward"]["total_seconds"], again["total_seconds"]]
+            write_json(cfg.out / "forward.json", results["forward"])
     report = {"config": json.loads(spec.read_text()), "methods": results, "ratios": ratios(results, cfg.epochs)}
     attrs = read_root_attrs(cfg.out / "cache") or {}
     sizes = {split: status["n_examples"] for split, status in attrs.get("splits", {}).items()} or None
@@ -72,6 +71,21 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
     chart(report, cfg.out / "bench.png")
     score_chart(report, cfg.out / "bench-scores.png")
     return report
+
+
+def run_method(method: str, spec: Path, isolate: bool) -> dict[str, Any]:
+    """One method in a fresh process (or this one, for tests); returns what it wrote to METHOD.json."""
+    log.info("bench: %s", method)
+    if isolate:
+        proc = subprocess.run([sys.executable, "-m", "read_cache.bench.run", method, str(spec)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise ReadCacheError(f"bench method {method} failed: {tail[0]}")
+    else:
+        main(method, str(spec))
+    result = json.loads((spec.parent / f"{method}.json").read_text())
+    log.info("bench: %s done in %.1f s", method, result["meter"]["wall_seconds"])
+    return result
 
 
 def bench_names(methods: tuple[str, ...]) -> list[str]:
@@ -95,8 +109,9 @@ def ratios(results: dict[str, Any], epochs: int) -> dict[str, float | None]:
         return results[method]["total_seconds"] if method in results else None
 
     out: dict[str, float | None] = {}
-    if "build" in results and "forward" in results:
-        out["build_over_forward"] = wall("build") / wall("forward")
+    if "build" in results and "forward" in results:  # against the forward before and after the build, where both ran
+        forward = results["forward"].get("all_total_seconds", [wall("forward")])
+        out["build_over_forward"] = wall("build") / (sum(forward) / len(forward))
     if "interleaved" in results:  # the robust figure: both readers timed in alternation, one process
         out["store_epoch_over_ram_epoch"] = results["interleaved"]["store_over_ram"]
     elif "cached_store" in results and "cached_ram" in results:
