@@ -91,6 +91,16 @@ def test_torch_and_numpy_agree_bit_for_bit(name: str) -> None:
     on_torch = dequantise_torch(to_torch_codes(codes), None if scale is None else torch.from_numpy(scale), fmt).numpy()
     assert np.array_equal(dequantise(codes, scale, fmt), on_torch)
     assert not np.isnan(on_torch).any() and np.all(dequantise(codes, scale, fmt)[1, 0] == 0)
+    # As the build calls it: with channel scales, and on the bfloat16 states an autocast forward gives.
+    channel = np.ones(x.shape[1:], np.float32)
+    channel[:, :3] = 64.0
+    for given in (torch.from_numpy(x), torch.from_numpy(x).to(torch.bfloat16)):
+        reference = given.float().numpy().copy()
+        for ch in (None, channel):
+            codes, scale = quantise(reference, fmt, ch)
+            codes_t, scale_t = quantise_torch(given, fmt, ch)
+            assert np.array_equal(codes, codes_t) and (scale is None or np.array_equal(scale, scale_t))
+        assert np.array_equal(given.float().numpy(), reference)  # the caller's states are left as they were
 
 
 def test_fp8_codes_are_torchs_float8_e4m3fn() -> None:

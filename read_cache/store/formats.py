@@ -244,38 +244,52 @@ def _dequantise(codes: np.ndarray, scale: np.ndarray | None, fmt: StoreFormat, o
 
 
 def quantise_torch(x: Any, fmt: StoreFormat, channel: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The numpy `quantise` in torch, on x's device; returns numpy (the store's input). Bit-identical."""
+    """The numpy `quantise` in torch, on x's device; returns numpy (the store's input). Bit-identical.
+
+    It runs on the build's main thread between forward batches, and the batches grow (sorted by length), so
+    every fresh temporary is new memory to fault in: the work is done in place on one float32 copy of x."""
     import torch
 
-    x = x.float()
-    if channel is not None:
-        x = x / torch.from_numpy(channel).to(x.device)
+    y = _scaled_copy(x, channel)
     if fmt.name == "bfloat16":
-        return x.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
+        return y.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
     if fmt.name == "float16":
-        return x.to(torch.float16).cpu().numpy(), None
+        return y.to(torch.float16).cpu().numpy(), None
     if fmt.name in ("fp8", "int8"):
         top = FP8_MAX if fmt.name == "fp8" else float(INT8_MAX)
-        scale = x.abs().amax(dim=-1) / torch.tensor(top, dtype=torch.float32)
-        # clamp_ and round_ in place: this runs on the build's main thread between forward batches.
-        y = torch.div(x, torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-top, top)
-        if fmt.name == "fp8":
-            codes = y.to(torch.float8_e4m3fn).view(torch.uint8)
-        else:
-            codes = y.round_().to(torch.int8)
+        scale = _absmax(y) / torch.tensor(top, dtype=torch.float32)
+        y.div_(torch.where(scale > 0, scale, 1.0)[..., None]).clamp_(-top, top)
+        codes = y.to(torch.float8_e4m3fn).view(torch.uint8) if fmt.name == "fp8" else y.round_().to(torch.int8)
         return codes.cpu().numpy(), scale.cpu().numpy()
     if fmt.name == "int4":
-        d = x.shape[-1]
-        groups = x.reshape(*x.shape[:-1], d // int4_group(d), int4_group(d))
-        absmax = groups.abs().amax(dim=-1)
+        d = y.shape[-1]
+        groups = y.reshape(*y.shape[:-1], d // int4_group(d), int4_group(d))
+        absmax = _absmax(groups)
         if absmax.numel() and float(absmax.max()) / INT4_MAX > FLOAT16_MAX:
             _int4_scale(absmax.cpu().numpy())  # raises the one-line error
         scale = (absmax / torch.tensor(float(INT4_MAX))).to(torch.float16)
         s = scale.float()
-        q = (torch.round(groups / torch.where(s > 0, s, 1.0)[..., None]).clamp(-INT4_MAX, INT4_MAX) + 8).to(torch.uint8)
-        q = q.reshape(*x.shape[:-1], d // 2, 2)
+        q = groups.div_(torch.where(s > 0, s, 1.0)[..., None]).round_().clamp_(-INT4_MAX, INT4_MAX).add_(8).to(torch.uint8)
+        q = q.reshape(*y.shape[:-1], d // 2, 2)
         return (q[..., 0] | (q[..., 1] << 4)).cpu().numpy(), scale.cpu().numpy()
     raise ReadCacheError(f"unknown store format {fmt.name!r}")
+
+
+def _scaled_copy(x: Any, channel: np.ndarray | None) -> Any:
+    """x as float32 divided by the channel scales (exact: powers of two), in a tensor of its own: the caller keeps x."""
+    import torch
+
+    if channel is not None and not np.all(channel == 1):
+        return torch.div(x, torch.from_numpy(channel).to(x.device))  # promotes a 16-bit x to float32 exactly
+    return x.float() if x.dtype != torch.float32 else x.clone()
+
+
+def _absmax(y: Any) -> Any:
+    """max |y| over the last axis in one pass with no |y| temporary (exact: -min and max are exact, abs_ makes -0.0 0.0)."""
+    import torch
+
+    low, high = torch.aminmax(y, dim=-1)
+    return torch.maximum(low.neg_(), high).abs_()
 
 
 def to_torch_codes(codes: np.ndarray) -> Any:
