@@ -250,7 +250,7 @@ def quantise_torch(x: Any, fmt: StoreFormat, channel: np.ndarray | None = None) 
     every fresh temporary is new memory to fault in: the work is done in place on one float32 copy of x."""
     import torch
 
-    y = _scaled_copy(x, channel)
+    y = _scaled(x, channel, copy=fmt.compact)  # the 16-bit formats only read it
     if fmt.name == "bfloat16":
         return y.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16), None
     if fmt.name == "float16":
@@ -275,13 +275,14 @@ def quantise_torch(x: Any, fmt: StoreFormat, channel: np.ndarray | None = None) 
     raise ReadCacheError(f"unknown store format {fmt.name!r}")
 
 
-def _scaled_copy(x: Any, channel: np.ndarray | None) -> Any:
-    """x as float32 divided by the channel scales (exact: powers of two), in a tensor of its own: the caller keeps x."""
+def _scaled(x: Any, channel: np.ndarray | None, copy: bool) -> Any:
+    """x as float32 divided by the channel scales (exact: powers of two); with `copy`, in a tensor of its own,
+    free to change in place (the caller keeps x)."""
     import torch
 
     if channel is not None and not np.all(channel == 1):
         return torch.div(x, torch.from_numpy(channel).to(x.device))  # promotes a 16-bit x to float32 exactly
-    return x.float() if x.dtype != torch.float32 else x.clone()
+    return x.clone() if copy and x.dtype == torch.float32 else x.float()
 
 
 def _absmax(y: Any) -> Any:
