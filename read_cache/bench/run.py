@@ -56,7 +56,7 @@ def run_bench(cfg: BenchConfig, *, isolate: bool = True) -> dict[str, Any]:
                 results[method] = json.loads(earlier.read_text())
             continue
         results[method] = run_method(method, spec, isolate)
-        if method == "build" and "forward" in results:
+        if method == "build" and "forward" in wanted:  # not a forward kept from an earlier run in --out
             # The bare forward again, after the build: build/forward then compares the build with the forward on
             # both sides of it (A-B-A), not with one run a minute earlier on a machine whose speed drifts.
             again = run_method("forward", spec, isolate)

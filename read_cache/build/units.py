@@ -88,8 +88,9 @@ def compute_unit(
     e0, e1 = unit.examples
     dec = StatesOut(e1 - e0, geometry.n_decoder_layers, geometry, "decoder_hidden", channels.get("decoder_hidden")) if geometry.cross_attention else None
     ids, types = tokenized.ids[c0:c1], tokenized.type_ids[c0:c1] if tokenized.type_ids is not None else None
-    ahead = ahead if c0 == 0 and ahead is not None else {}
-    for positions in unit_batches(np.array([len(x) for x in ids]), c0 == 0, cfg.batch_size):
+    first = c0 == 0  # a split's first unit: the one that may take states computed ahead
+    ahead = ahead if first and ahead is not None else {}
+    for positions in unit_batches(np.array([len(x) for x in ids]), first, cfg.batch_size):
         states = ahead.pop(positions.tobytes(), None)
         if states is None:
             states = forward_batch(backbone, ids, positions, cfg.cross_attention, types, tokenized.last_only)

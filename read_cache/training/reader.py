@@ -28,8 +28,8 @@ index arrays into the window (a `WindowBatch`, cut on the consumer's thread as i
 each window to the device once and gathers and dequantises every batch there, 1-2 bytes a value over PCIe
 instead of 4, and the host gathers nothing. On a CPU run each batch is copied once, one `np.take` per
 array, into a slot of a `BufferRing` and dequantised there into float32 on the reader's `workers` threads
-(the copies and numpy's decoding release the GIL). A slot, window or batch, is refilled only once nothing holds what was made from it
-(training.buffers says the rule).
+(the copies and numpy's decoding release the GIL). A slot, window or batch, is refilled only once nothing
+holds what was made from it (training.buffers says the rule).
 """
 
 from __future__ import annotations
