@@ -269,8 +269,9 @@ def storage_error(e: BaseException, location: Location | str) -> ReadCacheError:
             f"no credentials for {where}; set the service's variables (for S3: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY) "
             "or pass --storage-options"
         )
-    # A bare status code, not digits inside a port or a size: a dead endpoint at 127.0.0.1:40315 is not a 403.
-    if re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|(?<![\d.:])403(?!\d)", text):
+    # A bare status code, not digits inside a port, a size or a name: a dead endpoint at 127.0.0.1:40315, or a
+    # bucket named rc-9c403e1f, is not a 403.
+    if re.search(r"InvalidAccessKeyId|SignatureDoesNotMatch|AccessDenied|Forbidden|(?<![\w.:])403(?!\w)", text):
         return ReadCacheError(f"access to {where} was refused ({_short(first)}); check the credentials and the bucket's permissions")
     if re.search(r"error sending request|Connection refused|connect|dns error|timed out|timeout|Name or service not known", text, re.I):
         endpoint = os.environ.get("AWS_ENDPOINT_URL") if location and str(location).startswith("s3") else None
