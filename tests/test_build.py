@@ -162,6 +162,23 @@ def test_the_channel_fit_computes_train_s_first_examples_for_the_first_unit(tiny
         assert np.array_equal(values, twice_arrays[name]), name
 
 
+def test_only_the_unit_the_channel_fit_comes_from_batches_its_sample_apart(tiny_t5: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample batched apart is padded to its longest example: train's first unit of a compact cache does it (its
+    batches must be the channel fit's), every other unit, and every unit of a 16-bit cache, batches by length alone."""
+    from read_cache.build import units
+
+    glue = write_glue(tmp_path / "glue", n_train=400)
+    unit_batches, apart = units.unit_batches, []
+    monkeypatch.setattr(units, "unit_batches", lambda lengths, fitted, size: apart.append(fitted) or unit_batches(lengths, fitted, size))
+    for dtype, batched_apart in (("int8", 2), ("bfloat16", 0)):  # int8: the fit's sample, then train's first unit
+        apart.clear()
+        build_cache(config(tiny_t5, glue, tmp_path / dtype, float_dtype=dtype, batch_size=8))
+        cache = read_cache.open_cache(tmp_path / dtype)
+        n_units = sum(cache[split].array("units_done").shape[0] for split in ("train", "validation", "test"))
+        assert len(apart) == n_units + (dtype == "int8")  # every unit, and the fit
+        assert sum(apart) == batched_apart, dtype
+
+
 def test_units_cover_every_chunk_exactly_once() -> None:
     rng = np.random.default_rng(0)
     offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 40, size=1000))])

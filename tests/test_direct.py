@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import HANG_GUARD_S, build_quietly, flip_byte_in_a_chunk
 
 from read_cache.errors import CacheCorruptError
@@ -42,6 +43,30 @@ def test_direct_reads_equal_zarr_for_every_raw_array(int8_cache: Path) -> None:
             out = np.empty((rows.span(a, b), *rows.row_shape), rows.dtype)
             first = rows.read_into(a, b, out)
             assert np.array_equal(out[first : first + b - a], split.array(name)[a:b]), (name, a, b)
+
+
+def test_direct_writes_are_the_files_zarr_writes(int8_cache: Path, tmp_path: Path) -> None:
+    """The build's direct writer leaves every chunk file byte for byte as zarr-python writes it, the array's
+    last partial chunk (padded with the fill value) included; ranges that are not whole chunks are refused."""
+    by_zarr, by_direct = (Path(shutil.copytree(int8_cache, tmp_path / name)) for name in ("zarr", "direct"))
+    for name, rows in direct_arrays(open_cache(int8_cache)["train"], tuple(STORED.values())).items():
+        assert rows.shape[0] % rows.chunk_rows  # a partial last chunk
+        values = open_cache(int8_cache)["train"].array(name)[...]
+        for copy in (by_zarr, by_direct):
+            shutil.rmtree(copy / "train" / name / "c")
+        zarr.open_array(by_zarr / "train" / name, mode="r+")[...] = values
+        target = direct_arrays(open_cache(by_direct)["train"], (name,))[name]
+        middle = rows.chunk_rows * 2
+        target.write_rows(0, middle, values[:middle])
+        target.write_rows(middle, rows.shape[0], values[middle:])
+        files = sorted(p.relative_to(by_zarr) for p in (by_zarr / "train" / name / "c").rglob("*") if p.is_file())
+        assert len(files) == len(rows.chunks_of(0, rows.shape[0]))
+        for f in files:
+            assert (by_direct / f).read_bytes() == (by_zarr / f).read_bytes(), f
+        with pytest.raises(ValueError, match="whole chunks"):
+            target.write_rows(1, middle, values[1:middle])
+        with pytest.raises(ValueError, match="whole chunks"):
+            target.write_rows(0, middle - 1, values[: middle - 1])
 
 
 def test_a_flipped_byte_or_a_truncated_chunk_is_named(int8_cache: Path, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from read_cache.backbone.hub import require_hub_for
 from read_cache.backbone.inputs import Tokenized, input_template, tokenize_split
 from read_cache.backbone.load import Backbone, load_backbone
 from read_cache.build.identity import check_decoder_options, check_same_build, make_geometry, root_attributes
-from read_cache.build.splits import ComputedSplit, SplitReport, build_split
+from read_cache.build.splits import ComputedSplit, SplitReport, build_split, prepare_split
 from read_cache.build.units import Ahead, fit_channel_scales
 from read_cache.config import BuildConfig
 from read_cache.errors import ReadCacheError
@@ -116,13 +116,19 @@ def build_splits(
     writer: CacheWriter, backbone: Backbone, data: dict[str, SplitData], tokenized: dict[str, Tokenized], cfg: BuildConfig,
     forward_seconds: list[float], launch: distributed.Launch, ahead: Ahead | None = None,
 ) -> list[SplitReport]:
-    """Every split in order, each finished after the next one is computed (its last units' writing overlaps that)."""
+    """Every split in order, each finished after the next one is computed (its last units' writing overlaps that).
+
+    Every skeleton is made first, while no unit is being written: beside a unit's write each took 0.3-0.5 s of
+    the build's main thread here (t5-small, SST-2 --limit 1000), alone 0.07."""
     reports: list[SplitReport] = []
     unfinished: list[ComputedSplit] = []
+    opened = {split: prepare_split(writer, split, data[split], tokenized[split], launch) for split in SPLITS}
     try:
         for split in SPLITS:
             states_ahead = ahead if split == "train" else None
-            unfinished.append(build_split(writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds, launch, states_ahead))
+            unfinished.append(build_split(
+                writer, backbone, split, data[split], tokenized[split], cfg, forward_seconds, launch, states_ahead, opened=opened[split]
+            ))
             if len(unfinished) == 2:
                 reports.append(unfinished.pop(0).finish())
         reports.extend(computed.finish() for computed in unfinished)

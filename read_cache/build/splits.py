@@ -53,6 +53,14 @@ class SplitReport:
     resumed: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class OpenedSplit:
+    """A split whose skeleton exists (`prepare_split`): whether an earlier build made it, and its units still to write."""
+
+    resumed: bool
+    pending: list[int]
+
+
 @dataclasses.dataclass
 class ComputedSplit:
     """A split whose units are all computed and handed to its writer thread, the last ones perhaps not yet
@@ -75,16 +83,22 @@ class ComputedSplit:
             self.tail.close()
 
 
+def prepare_split(writer: CacheWriter, split: str, data: SplitData, tokenized: Tokenized, launch: distributed.Launch) -> OpenedSplit:
+    """Create the split's skeleton (rank 0) or check the one a resumed build made (every rank)."""
+    resumed, pending = distributed.on_main(launch, lambda: open_split(writer, split, data, tokenized))
+    distributed.agree(launch, lambda: check_skeleton(writer, split, data, tokenized.offsets))
+    return OpenedSplit(resumed, pending)
+
+
 def build_split(
     writer: CacheWriter, backbone: Backbone, split: str, data: SplitData, tokenized: Tokenized, cfg: BuildConfig,
-    forward_seconds: list[float], launch: distributed.Launch = distributed.SINGLE, ahead: Ahead | None = None,
+    forward_seconds: list[float], launch: distributed.Launch = distributed.SINGLE, ahead: Ahead | None = None, *, opened: OpenedSplit,
 ) -> ComputedSplit:
-    """Compute this rank's share of the split's pending units (its first unit taking the states in `ahead`);
+    """Compute this rank's share of the `opened` split's pending units (its first unit taking the states in `ahead`);
     `finish()` the result once the caller has started on the next split: rank 0 then marks the split complete,
     once every unit is durable."""
     offsets = tokenized.offsets
-    resumed, pending = distributed.on_main(launch, lambda: open_split(writer, split, data, tokenized))
-    distributed.agree(launch, lambda: check_skeleton(writer, split, data, offsets))
+    resumed, pending = opened.resumed, opened.pending
     units = plan_units(offsets, writer.group[split].attrs["unit_examples"], writer.geometry.token_chunk)
     mine = [units[u] for u in distributed.round_robin(pending, launch.rank, launch.world_size)]
     status = {"n_examples": len(offsets) - 1, "n_tokens": int(offsets[-1]), "truncated": tokenized.truncated, "source": data.source}

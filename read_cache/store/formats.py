@@ -281,16 +281,19 @@ def _scaled(x: Any, channel: np.ndarray | None, copy: bool) -> Any:
     import torch
 
     if channel is not None and not np.all(channel == 1):
-        return torch.div(x, torch.from_numpy(channel).to(x.device))  # promotes a 16-bit x to float32 exactly
+        # Widen, then divide in place: torch.div(x, channel) on a 16-bit x measured 15.5 ms against 2.1 on a
+        # [1600, 6, 512] bfloat16 batch (2 cores), the same values (a 16-bit value is exact in float32).
+        return x.to(torch.float32, copy=True).div_(torch.from_numpy(channel).to(x.device))
     return x.clone() if copy and x.dtype == torch.float32 else x.float()
 
 
 def _absmax(y: Any) -> Any:
-    """max |y| over the last axis in one pass with no |y| temporary (exact: -min and max are exact, abs_ makes -0.0 0.0)."""
+    """max |y| over the last axis with no |y| temporary (exact: -min and max are exact, abs_ makes -0.0 0.0).
+
+    amin and amax apart, not torch.aminmax: 0.7 against 6.9 ms on a [1600, 6, 512] float32 batch (2 cores)."""
     import torch
 
-    low, high = torch.aminmax(y, dim=-1)
-    return torch.maximum(low.neg_(), high).abs_()
+    return torch.maximum(y.amin(-1).neg_(), y.amax(-1)).abs_()
 
 
 def to_torch_codes(codes: np.ndarray) -> Any:
