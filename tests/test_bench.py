@@ -30,7 +30,11 @@ def test_bench_reports_every_figure(tiny_t5: Path, glue_dir: Path, tmp_path: Pat
     for name in RATIOS:
         assert on_disk["ratios"][name] > 0, name
     assert set(on_disk["methods"]) == set(METHODS)
-    assert on_disk["methods"]["interleaved"]["epochs_each"] > 0
+    interleaved = on_disk["methods"]["interleaved"]
+    assert interleaved["epochs_each"] > 0
+    for mode, waited in interleaved["reading_seconds_all"].items():  # each epoch's wait for its batches, within the epoch
+        epochs = interleaved["epoch_seconds_all"][mode]
+        assert len(waited) == len(epochs) == interleaved["epochs_each"] and all(0 < w < e for w, e in zip(waited, epochs)), mode
     # The bare forward ran before and after the build, and build/forward is over the two runs' mean (A-B-A).
     forwards = on_disk["methods"]["forward"]["all_total_seconds"]
     assert len(forwards) == 2 and forwards[0] == on_disk["methods"]["forward"]["total_seconds"]

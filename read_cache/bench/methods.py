@@ -13,10 +13,12 @@ lora-8, ...   E epochs of a baseline of `read_cache.methods` (any `--method` spe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -259,7 +261,9 @@ def interleaved(cfg: BenchConfig, epochs: int = 5) -> dict[str, Any]:
     runs["ram"].readers["train"].load()
     runs["stream"].readers["train"].read_first_window(1).result()
     members = {mode: read_member(run) for mode, run in runs.items()}  # each with its own AdamW, as `train` makes it
+    reading: dict[str, list[float]] = {"stream": [], "ram": []}
     passes = {mode: read_pass(run) for mode, run in runs.items()}
+    passes = {mode: dataclasses.replace(p, batches=_timed(p.batches, reading[mode])) for mode, p in passes.items()}
     seconds: dict[str, list[float]] = {"stream": [], "ram": []}
     baseline = _rss()
 
@@ -271,7 +275,32 @@ def interleaved(cfg: BenchConfig, epochs: int = 5) -> dict[str, Any]:
 
     _, meter = metered(work)
     store, ram = statistics.median(seconds["stream"]), statistics.median(seconds["ram"])
-    return _result(meter, baseline, epoch_seconds_store=store, epoch_seconds_ram=ram, epoch_seconds_all=seconds, store_over_ram=store / ram, epochs_each=epochs)
+    return _result(
+        meter, baseline, epoch_seconds_store=store, epoch_seconds_ram=ram, epoch_seconds_all=seconds, store_over_ram=store / ram, epochs_each=epochs,
+        reading_seconds_all=reading,
+    )
+
+
+def _timed(batches: Callable[[int], Iterable[Any]], spent: list[float]) -> Callable[[int], Iterator[Any]]:
+    """`batches` that appends each epoch's seconds spent waiting for its batches (reading, decoding, the device copy) to
+    `spent`: what the tier itself costs, apart from the steps (which vary by several % from epoch to epoch here)."""
+
+    def timed(epoch: int) -> Iterator[Any]:
+        batches_of_epoch, waited = iter(batches(epoch)), 0.0
+        try:
+            while True:
+                started = time.perf_counter()
+                try:
+                    item = next(batches_of_epoch)
+                except StopIteration:
+                    return
+                finally:
+                    waited += time.perf_counter() - started
+                yield item
+        finally:
+            spent.append(waited)
+
+    return timed
 
 
 # --------------------------------------------------------------------------------------------------
