@@ -20,8 +20,9 @@ Writing is the mirror image. zarr-python writes a chunk by copying it out of the
 copy to append the checksum) and replacing the file atomically (a temporary file, a rename, a folder made per
 chunk): a t5-small test split's unit (100 MB int8) took its writer 0.42-0.55 s here, fsyncs included. Here a
 chunk is one `writev` of the block's rows (zero copies: chunks split axis 0 alone) and its checksum, then its
-fsync. The build's units own whole chunks and a unit is marked done only after its chunks are durable, so a
-chunk file written in place is never read half written: a killed build's unit is computed and written again.
+fsync. The build's units own whole chunks and a unit is marked done only after its chunks are durable, so a chunk
+file written in place counts only once its unit is marked done: a killed build's unit is computed and written
+again (a reader of an unfinished split must keep to the units marked done, docs/cache-format.md).
 
 Only plain local files qualify (an object store goes through zarr, with reads in flight), and only arrays
 chunked along axis 0 alone with codecs exactly bytes + crc32c; anything else returns None from `open` and
@@ -131,25 +132,22 @@ class DirectArray:
         if crc32c.crc32c(dest) != int.from_bytes(checksum, "little"):
             raise CacheCorruptError(f"chunk {path} fails its CRC32C checksum (a flipped or damaged byte); delete the cache and rebuild it")
 
-
-    def write_rows(self, start: int, stop: int, block: np.ndarray) -> list[Path]:
+    def write_rows(self, start: int, stop: int, block: np.ndarray) -> None:
         """Write rows [start, stop) (`block`), whole chunks (start on a chunk's first row, stop on a chunk's end or
-        the array's), each file then fsynced; returns the files written (their folders are the caller's to fsync)."""
+        the array's), each file then fsynced (their folders are the caller's to fsync)."""
         rows = self.chunk_rows
         if start % rows or (stop % rows and stop != self.shape[0]) or block.shape != (stop - start, *self.row_shape):
             raise ValueError(f"rows [{start}, {stop}) of {self.folder} are not whole chunks of {rows} rows, or block {block.shape} does not fit them")
         block = np.ascontiguousarray(block, dtype=self.dtype)
-        written = []
         for c in self.chunks_of(start, stop):
             part = block[c * rows - start : (c + 1) * rows - start]
             if len(part) < rows:  # the array's last chunk: stored whole, its rows past the end the fill value
                 whole = np.full((rows, *self.row_shape), self.fill_value, self.dtype)
                 whole[: len(part)] = part
                 part = whole
-            written.append(self.write_chunk(c, part.reshape(-1).view(np.uint8)))
-        return written
+            self.write_chunk(c, part.reshape(-1).view(np.uint8))
 
-    def write_chunk(self, c: int, data: np.ndarray) -> Path:
+    def write_chunk(self, c: int, data: np.ndarray) -> None:
         """Chunk c's file: `data` (uint8, chunk_bytes long) and its CRC32C, fsynced before this returns."""
         path = self.chunk_path(c)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,7 +163,6 @@ class DirectArray:
             os.fsync(fd)
         finally:
             os.close(fd)
-        return path
 
 
 def direct_arrays(split: Any, names: tuple[str, ...]) -> dict[str, DirectArray]:
