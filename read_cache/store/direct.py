@@ -3,7 +3,7 @@ written the same way by the build.
 
     rows = DirectArray.open(split.array("encoder_hidden"), cache_dir / "train" / "encoder_hidden")
     first = rows.read_into(t0, t1, out)      # whole chunks land in out; rows t0..t1 are out[first : first + t1 - t0]
-    rows.write_rows(t0, t1, block)           # the build: whole chunks, each file written once and fsynced
+    rows.write_rows(t0, t1, block)           # the build: whole chunks, each file written once (store.writer fsyncs them)
 
 Format 3 stores the 8-/4-bit codes and their scales raw: a chunk file is the chunk's C-order bytes followed
 by their 4-byte CRC32C (docs/cache-format.md). zarr-python reads such a chunk through its codec pipeline:
@@ -19,8 +19,8 @@ for, and `read_into` says where they start.
 Writing is the mirror image. zarr-python writes a chunk by copying it out of the block, encoding it (another
 copy to append the checksum) and replacing the file atomically (a temporary file, a rename, a folder made per
 chunk): a t5-small test split's unit (100 MB int8) took its writer 0.42-0.55 s here, fsyncs included. Here a
-chunk is one `writev` of the block's rows (zero copies: chunks split axis 0 alone) and its checksum, then its
-fsync. The build's units own whole chunks and a unit is marked done only after its chunks are durable, so a chunk
+chunk is one `writev` of the block's rows (zero copies: chunks split axis 0 alone) and its checksum; the
+writer fsyncs the unit's files and folders as it does zarr's. The build's units own whole chunks and a unit is marked done only after its chunks are durable, so a chunk
 file written in place counts only once its unit is marked done: a killed build's unit is computed and written
 again (a reader of an unfinished split must keep to the units marked done, docs/cache-format.md).
 
@@ -134,7 +134,7 @@ class DirectArray:
 
     def write_rows(self, start: int, stop: int, block: np.ndarray) -> None:
         """Write rows [start, stop) (`block`), whole chunks (start on a chunk's first row, stop on a chunk's end or
-        the array's), each file then fsynced (their folders are the caller's to fsync)."""
+        the array's). Making them durable is the caller's (`store.writer` fsyncs every unit's chunks and folders)."""
         rows = self.chunk_rows
         if start % rows or (stop % rows and stop != self.shape[0]) or block.shape != (stop - start, *self.row_shape):
             raise ValueError(f"rows [{start}, {stop}) of {self.folder} are not whole chunks of {rows} rows, or block {block.shape} does not fit them")
@@ -148,7 +148,7 @@ class DirectArray:
             self.write_chunk(c, part.reshape(-1).view(np.uint8))
 
     def write_chunk(self, c: int, data: np.ndarray) -> None:
-        """Chunk c's file: `data` (uint8, chunk_bytes long) and its CRC32C, fsynced before this returns."""
+        """Chunk c's file: `data` (uint8, chunk_bytes long) and its CRC32C."""
         path = self.chunk_path(c)
         path.parent.mkdir(parents=True, exist_ok=True)
         parts = [memoryview(data), memoryview(crc32c.crc32c(data).to_bytes(CHECKSUM_BYTES, "little"))]
@@ -160,7 +160,6 @@ class DirectArray:
                     done -= len(parts.pop(0))
                 if parts:
                     parts[0] = parts[0][done:]
-            os.fsync(fd)
         finally:
             os.close(fd)
 

@@ -201,14 +201,14 @@ class CacheWriter:
         blocks = [(name, block, *unit.tokens) for name, block in tokens.items()] + [(name, block, *unit.examples) for name, block in examples.items()]
         for name, block, start, stop in blocks:
             arr = sg[name]
-            # Raw local arrays skip zarr's copies and per-chunk renames (`store.direct`); each file is fsynced there.
+            # Raw local arrays skip zarr's copies and per-chunk renames (`store.direct`).
             direct = DirectArray.open(arr, local / split / name) if local is not None else None
             if direct is not None:
                 direct.write_rows(start, stop, block)
             else:
                 arr[start:stop] = block
             if local is not None:  # in a bucket a PUT is acknowledged only once durable
-                _fsync_chunks(local / split / name, arr, start, stop, files=direct is None)
+                _fsync_chunks(local / split / name, arr, start, stop)
         sg["units_done"][unit.index] = 1
         if local is not None:
             _fsync_chunks(local / split / "units_done", sg["units_done"], unit.index, unit.index + 1)
@@ -227,8 +227,8 @@ class CacheWriter:
             fsync_path(self.location.path / "zarr.json")
 
 
-def _fsync_chunks(array_dir: Path, arr: zarr.Array, start: int, stop: int, files: bool = True) -> None:
-    """fsync the chunk files (unless the caller did) and their folders holding rows [start, stop) of `arr`."""
+def _fsync_chunks(array_dir: Path, arr: zarr.Array, start: int, stop: int) -> None:
+    """fsync the chunk files (and their folders) holding rows [start, stop) of `arr`."""
     if stop <= start:
         return
     rows = arr.chunks[0]
@@ -236,8 +236,7 @@ def _fsync_chunks(array_dir: Path, arr: zarr.Array, start: int, stop: int, files
     folders = set()
     for c in range(start // rows, (stop - 1) // rows + 1):
         chunk = array_dir.joinpath("c", str(c), *tail)
-        if files:
-            fsync_path(chunk)
+        fsync_path(chunk)
         folders.add(chunk.parent)
     for folder in folders | {array_dir / "c"}:
         fsync_path(folder)
