@@ -1,7 +1,7 @@
 """The race on a GPU: a cached READ epoch, per reader tier, against online READ with a tuned forward.
 
     python examples/gpu_race.py --out /tmp/race                 # a CUDA GPU; ~4 minutes on an H100/H200
-    python examples/gpu_race.py --out /tmp/race --tiny          # seconds on a CPU: checks the script runs
+    python examples/gpu_race.py --out /tmp/race --tiny          # ~20 s on a CPU: checks the script runs
 
 For each shape (T5-base: 12 + 12 layers, d 768; T5-3B: 24 + 24 layers, d 1024, 32 heads of 128 -- T5-large
 has the same cache shape, so one cache serves both) and each compact format (int8, int4), it writes a
@@ -43,6 +43,8 @@ SHAPES = {  # (N_E, N_D, d, heads, d_ff, examples written)
     "t5-base": (12, 12, 768, 12, 3072, 12_000),
     "t5-3b": (24, 24, 1024, 32, 16384, 4_000),
 }
+TINY = (2, 2, 64, 4, 128, 300)
+"""Every shape under --tiny: the script's whole path in seconds on a CPU (tests/test_bench.py runs it), not a measurement."""
 TIERS = ("device", "ram", "stream")
 BATCH = 96  # both arms train at the paper's batch
 
@@ -52,11 +54,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def synthetic_cache(path: Path, shape: str, fmt: str, examples: int, mean_tokens: int, device: str) -> Path:
+def dims(shape: str, tiny: bool) -> tuple[int, int, int, int, int, int]:
+    return TINY if tiny else SHAPES[shape]
+
+
+def synthetic_cache(path: Path, shape: str, fmt: str, mean_tokens: int, device: str, tiny: bool) -> Path:
     """A complete cache of random states in `fmt` (kept between runs)."""
     if (path / "zarr.json").is_file():
         return path
-    n_e, n_d, d, heads, _, _ = SHAPES[shape]
+    n_e, n_d, d, heads, _, examples = dims(shape, tiny)
     g = Geometry(n_e, n_d, d, heads, "mean", fmt, False)
     rng = np.random.default_rng(0)
     lengths = np.clip(rng.poisson(mean_tokens, examples), 4, 256)
@@ -80,7 +86,7 @@ def synthetic_cache(path: Path, shape: str, fmt: str, examples: int, mean_tokens
     return path
 
 
-def side_step(shape: str, device: str) -> Callable[[dict[str, torch.Tensor]], None]:
+def side_step(shape: str, device: str, tiny: bool) -> Callable[[dict[str, torch.Tensor]], None]:
     """One GRU/256 training step on a batch already on `device` (bf16 autocast on CUDA, as `train` runs)."""
     from read_cache.training.side_network import (
         SideNetwork,
@@ -88,7 +94,7 @@ def side_step(shape: str, device: str) -> Callable[[dict[str, torch.Tensor]], No
         forward_batch,
     )
 
-    n_e, n_d, d, *_ = SHAPES[shape]
+    n_e, n_d, d, *_ = dims(shape, tiny)
     cfg = SideNetworkConfig(rnn="gru", dim=256, d_model=d, n_encoder_layers=n_e, n_decoder_layers=n_d, head="linear", num_labels=2)
     net = SideNetwork(cfg, None).to(device)
     opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-3)
@@ -110,11 +116,9 @@ def tuned_backbone(shape: str, device: str, tiny: bool) -> Any:
 
     from read_cache.backbone.load import Backbone, use_fast_attention
 
-    n_e, n_d, d, heads, d_ff, _ = SHAPES[shape]
+    n_e, n_d, d, heads, d_ff, _ = dims(shape, tiny)
     config = T5Config(d_model=d, d_ff=d_ff, num_layers=n_e, num_decoder_layers=n_d, num_heads=heads, d_kv=d // heads,
                       vocab_size=32128, decoder_start_token_id=0, pad_token_id=0, attn_implementation="eager")
-    if tiny:
-        config.num_layers = config.num_decoder_layers = 2
     net = T5ForConditionalGeneration(config)
     attention = use_fast_attention(net, "t5")
     net = net.requires_grad_(False).eval().to(device)
@@ -188,10 +192,9 @@ def pcie_gbps(device: str) -> float | None:
 
 
 def race(shape: str, fmt: str, args: argparse.Namespace, forward: tuple[int, float, dict]) -> dict[str, Any]:
-    examples = 600 if args.tiny else SHAPES[shape][5]
-    path = synthetic_cache(args.out / f"{shape}-{fmt}", shape, fmt, examples, args.mean_tokens, args.device)
+    path = synthetic_cache(args.out / f"{shape}-{fmt}{'-tiny' if args.tiny else ''}", shape, fmt, args.mean_tokens, args.device, args.tiny)
     split = open_cache(path)["train"]
-    step = side_step(shape, args.device)
+    step = side_step(shape, args.device, args.tiny)
     steps = step_rate(split, step, args.device, batches=min(40, len(split) // BATCH))
     best_batch, fwd, _ = forward
     online = 1 / (1 / fwd + 1 / steps)  # recompute each batch's states at the forward's best batch, then the step at 96
@@ -214,15 +217,15 @@ def race(shape: str, fmt: str, args: argparse.Namespace, forward: tuple[int, flo
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shapes", default="t5-base,t5-3b")
     ap.add_argument("--formats", default="int8,int4")
     ap.add_argument("--mean-tokens", type=int, default=38)
-    ap.add_argument("--tiny", action="store_true", help="a CPU smoke test: small caches, a 2-layer forward")
-    args = ap.parse_args()
+    ap.add_argument("--tiny", action="store_true", help="a smoke test: every shape shrunk to TINY (seconds on a CPU)")
+    args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
                               "pcie_h2d_gbps": pcie_gbps(args.device), "cpu_cores": len(os.sched_getaffinity(0)), "shapes": {}}
@@ -238,6 +241,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     (args.out / "gpu_race.json").write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,8 @@ def test_bench_reports_every_figure(tiny_t5: Path, glue_dir: Path, tmp_path: Pat
     assert set(on_disk["methods"]) == set(METHODS)
     interleaved = on_disk["methods"]["interleaved"]
     assert interleaved["epochs_each"] > 0
+    pairs = [s / r for s, r in zip(interleaved["epoch_seconds_all"]["stream"], interleaved["epoch_seconds_all"]["ram"])]
+    assert on_disk["ratios"]["store_epoch_over_ram_epoch_paired"] == pytest.approx(statistics.median(pairs))  # epoch i with epoch i
     for mode, waited in interleaved["reading_seconds_all"].items():  # each epoch's wait for its batches, within the epoch
         epochs = interleaved["epoch_seconds_all"][mode]
         assert len(waited) == len(epochs) == interleaved["epochs_each"] and all(0 < w < e for w, e in zip(waited, epochs)), mode
@@ -71,3 +74,24 @@ def test_cli_lists_the_same_methods() -> None:
     from read_cache import cli
 
     assert cli.METHODS == METHODS
+
+
+def test_the_gpu_race_script_runs_its_whole_path_on_a_cpu(tmp_path: Path) -> None:
+    """examples/gpu_race.py is what a lent GPU runs, once, in a few minutes: its every step (synthetic caches, the
+    tuned forward, the step, each tier's epoch) must work before it gets there. --tiny shrinks the shapes; the
+    device tier runs on the CPU as the library's tests run it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_race", Path(__file__).resolve().parents[1] / "examples" / "gpu_race.py")
+    race = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(race)
+    report = race.main(["--out", str(tmp_path), "--tiny", "--device", "cpu", "--shapes", "t5-base", "--formats", "int8,int4"])
+    assert json.loads((tmp_path / "gpu_race.json").read_text()) == json.loads(json.dumps(report))
+    shape = report["shapes"]["t5-base"]
+    assert shape["forward"]["best_batch"] in (8, 16) and shape["forward"]["examples_per_second"] > 0
+    for fmt in ("int8", "int4"):
+        result = shape[fmt]
+        assert result["examples"] == race.TINY[-1] and result["bound"] > 1
+        assert set(result["tiers"]) == set(race.TIERS)
+        for tier, figures in result["tiers"].items():
+            assert "error" not in figures and figures["examples_per_second"] > 0, (fmt, tier, figures)

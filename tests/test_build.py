@@ -179,6 +179,25 @@ def test_only_the_unit_the_channel_fit_comes_from_batches_its_sample_apart(tiny_
         assert sum(apart) == batched_apart, dtype
 
 
+def test_the_channel_fit_sample_is_batched_finely_so_it_pads_little() -> None:
+    """The sample is the unit's first examples, of every length: cut into batches of the build's size, each would
+    be padded to its longest example; a quarter of that size pads it under half as much."""
+    from read_cache.backbone.inputs import length_batches
+    from read_cache.build.units import unit_batches
+    from read_cache.store.formats import CHANNEL_SAMPLE_EXAMPLES as head
+
+    lengths = np.random.default_rng(0).integers(4, 64, size=1000)
+    batches = unit_batches(lengths, True, 64)
+    sample = [b for b in batches if b.max() < head]
+    assert sorted(np.concatenate(sample).tolist()) == list(range(head)) and max(len(b) for b in sample) == 16
+    assert all(b.min() >= head for b in batches if b.max() >= head)  # the rest of the unit batches by length alone
+
+    def excess(batches: list[np.ndarray]) -> int:
+        return sum(len(b) * int(lengths[b].max()) - int(lengths[b].sum()) for b in batches)
+
+    assert excess(sample) < excess(length_batches(lengths[:head], 64)) / 2
+
+
 def test_units_cover_every_chunk_exactly_once() -> None:
     rng = np.random.default_rng(0)
     offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 40, size=1000))])

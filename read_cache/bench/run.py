@@ -114,6 +114,7 @@ def ratios(results: dict[str, Any], epochs: int) -> dict[str, float | None]:
         out["build_over_forward"] = wall("build") / (sum(forward) / len(forward))
     if "interleaved" in results:  # the robust figure: both readers timed in alternation, one process
         out["store_epoch_over_ram_epoch"] = results["interleaved"]["store_over_ram"]
+        out["store_epoch_over_ram_epoch_paired"] = results["interleaved"].get("store_over_ram_paired")  # absent in older bench.json
     elif "cached_store" in results and "cached_ram" in results:
         out["store_epoch_over_ram_epoch"] = results["cached_store"]["epoch_seconds"] / results["cached_ram"]["epoch_seconds"]
     if "cached_store" in results and "cached_ram" in results:

@@ -67,7 +67,6 @@ from read_cache.training.pools import (
     window_batch,
 )
 from read_cache.training.windows import WindowReader
-from read_cache.util.heap import release_free_heap
 
 __all__ = ["Batch", "CodedBatch", "Decoding", "SplitReader", "WindowBatch", "batch_to", "choose_modes", "epoch_windows"]
 T = TypeVar("T")
@@ -322,8 +321,11 @@ class SplitReader:
                 if have == self.batch_size:
                     yield self._stream_job(pending)
                     pending, have = [], 0
-            del pool, order  # the window's memory returns once its batches are made (the last ones may still take from it)
-            release_free_heap()  # what the training step freed meanwhile goes back too (util.heap)
+            # The window's slot is idle again once its batches are made (the last ones may still take from it).
+            # The heap is not trimmed here: a malloc_trim per window handed the training step's freed memory
+            # back, which it then faulted in again, ~8% of a CPU epoch; the epoch's RSS stays flat without it
+            # (docs/benchmarks.md, ninth session).
+            del pool, order
         if pending:
             yield self._stream_job(pending)
 
