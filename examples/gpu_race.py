@@ -55,6 +55,7 @@ def sync(device: str) -> None:
 
 
 def dims(shape: str, tiny: bool) -> tuple[int, int, int, int, int, int]:
+    """(N_E, N_D, d, heads, d_ff, examples written) of `shape`, or TINY's under --tiny."""
     return TINY if tiny else SHAPES[shape]
 
 

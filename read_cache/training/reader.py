@@ -323,7 +323,7 @@ class SplitReader:
                     pending, have = [], 0
             # The window's slot is idle again once its batches are made (the last ones may still take from it).
             # The heap is not trimmed here: a malloc_trim per window handed the training step's freed memory
-            # back, which it then faulted in again, ~8% of a CPU epoch; the epoch's RSS stays flat without it
+            # back, which it then faulted in again, 6-9% of a CPU epoch; the epoch's RSS stays flat without it
             # (docs/benchmarks.md, ninth session).
             del pool, order
         if pending:
