@@ -94,7 +94,7 @@ def compute_unit(
     # whether this build fitted them or the one it resumes did; every other unit batches by length alone (batching
     # a sample apart pads it to its longest example: +8% padded tokens when every split's first unit did it).
     fitted = c0 == 0 and ahead is not None and geometry.format.compact
-    ahead = ahead if fitted and ahead is not None else {}
+    ahead = ahead if fitted else {}  # fitted implies it is a dict (empty on a resume)
     for positions in unit_batches(np.array([len(x) for x in ids]), fitted, cfg.batch_size):
         states = ahead.pop(positions.tobytes(), None)
         if states is None:
