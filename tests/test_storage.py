@@ -310,6 +310,35 @@ def test_bad_store_inputs_are_one_line_errors(tiny_t5: Path, caches: dict[str, P
     assert code == 2 and "--reader-workers" in one_error(output)
 
 
+def test_split_status_updates_from_two_threads_are_never_lost(tmp_path: Path) -> None:
+    # The build marks a split complete on the main thread while the writer thread records the next split's
+    # progress: both rewrite the root's one `splits` attribute. Unserialised, one thread's read-modify-write
+    # overwrote the other's now and then (a finished build once left train "incomplete" on CI).
+    import threading
+
+    from read_cache.store.layout import Geometry
+    from read_cache.store.writer import CacheWriter
+
+    writer = CacheWriter.create(tmp_path / "cache", Geometry(1, 0, 8, 1, None, "bfloat16", False), {}, None)
+    rounds, start, lost = 300, threading.Barrier(2), []
+
+    def record(split: str) -> None:
+        start.wait()
+        for i in range(rounds):
+            if writer.split_status(split).get("examples_written", 0) != i:  # the other thread wrote over it
+                lost.append((split, i))
+            writer.update_split_status(split, {"examples_written": i + 1})
+
+    threads = [threading.Thread(target=record, args=(split,)) for split in ("train", "validation")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(HANG_GUARD_S)
+    assert not lost
+    on_disk = json.loads((tmp_path / "cache" / "zarr.json").read_text())["attributes"]["splits"]
+    assert {s: v["examples_written"] for s, v in on_disk.items()} == {"train": rounds, "validation": rounds}
+
+
 # --------------------------------------------------------------------------------------------------
 # The reader
 

@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import importlib
 import itertools
 import json
 import logging
@@ -74,6 +75,11 @@ def session(device: str | None) -> Iterator[Launch]:
         return
     if picked.type == "cuda":
         torch.cuda.set_device(picked)
+    # torch.distributed.nn.functional binds `group.WORLD` as a default argument of 10 functions when first
+    # imported. Imported inside the group (transformers' model imports pull it in), those defaults keep the
+    # group alive after destroy_process_group: its gloo threads then ran on until the process exited, and a rank
+    # could abort there ("terminate called without an active exception"). Imported first, they bind None.
+    importlib.import_module("torch.distributed.nn.functional")
     dist.init_process_group(backend, timeout=TIMEOUT, device_id=picked if picked.type == "cuda" else None)
     log.debug("joined the process group as %s on %s (%s)", launch.describe(), picked, backend)
     # The store the group met through (torch has no public getter): it outlives the group, so the ranks can

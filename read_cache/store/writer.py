@@ -7,6 +7,7 @@ local cache are written by `store.direct` (measured faster than zarr-python's pi
 from __future__ import annotations
 
 import math
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +92,9 @@ class CacheWriter:
         self.group = zarr.open_group(self.location.store(), mode="a", zarr_format=3)
         self.guard: Any = None
         """Called before each write; the build sets it to its lease's `check` (see store.lease)."""
+        self._status_lock = threading.Lock()
+        """Serialises `update_split_status`: the main thread marks a split complete while the writer thread
+        records the next split's progress, and both rewrite the one `splits` attribute."""
 
     @classmethod
     def create(
@@ -220,11 +224,12 @@ class CacheWriter:
     def update_split_status(self, split: str, status: dict[str, Any]) -> None:
         if self.guard is not None:
             self.guard()
-        splits = dict(self.group.attrs.get("splits", {}))
-        splits[split] = {**splits.get(split, {}), **status}
-        self.group.attrs["splits"] = splits
-        if self.location.path is not None:
-            fsync_path(self.location.path / "zarr.json")
+        with self._status_lock:  # a read-modify-write of the root's attributes: two threads would lose an update
+            splits = dict(self.group.attrs.get("splits", {}))
+            splits[split] = {**splits.get(split, {}), **status}
+            self.group.attrs["splits"] = splits
+            if self.location.path is not None:
+                fsync_path(self.location.path / "zarr.json")
 
 
 def _fsync_chunks(array_dir: Path, arr: zarr.Array, start: int, stop: int) -> None:
