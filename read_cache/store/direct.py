@@ -20,9 +20,10 @@ Writing is the mirror image. zarr-python writes a chunk by copying it out of the
 copy to append the checksum) and replacing the file atomically (a temporary file, a rename, a folder made per
 chunk): a t5-small test split's unit (100 MB int8) took its writer 0.42-0.55 s here, fsyncs included. Here a
 chunk is one `writev` of the block's rows (zero copies: chunks split axis 0 alone) and its checksum; the
-writer fsyncs the unit's files and folders as it does zarr's. The build's units own whole chunks and a unit is marked done only after its chunks are durable, so a chunk
-file written in place counts only once its unit is marked done: a killed build's unit is computed and written
-again (a reader of an unfinished split must keep to the units marked done, docs/cache-format.md).
+writer fsyncs the unit's files and folders as it does zarr's. The build's units own whole chunks and a unit
+is marked done only after its chunks are durable, so a chunk file written in place counts only once its unit
+is marked done: a killed build's unit is computed and written again (a reader of an unfinished split must
+keep to the units marked done, docs/cache-format.md).
 
 Only plain local files qualify (an object store goes through zarr, with reads in flight), and only arrays
 chunked along axis 0 alone with codecs exactly bytes + crc32c; anything else returns None from `open` and
