@@ -17,7 +17,7 @@ from read_cache.errors import CacheCorruptError
 from read_cache.store import open_cache
 from read_cache.store.direct import direct_arrays
 from read_cache.store.formats import to_torch_codes
-from read_cache.training import windows
+from read_cache.training import staging, windows
 from read_cache.training.buffers import BufferRing, layout_bytes
 from read_cache.training.pools import STORED, CodedBatch, WindowBatch, batch_to, take_segments
 from read_cache.training.reader import TIERS, SplitReader
@@ -187,3 +187,103 @@ def test_an_epoch_can_make_only_some_batches(int8_cache: Path) -> None:
         assert len(some) == 3
         for got, want in zip(some, [full[1], full[3], full[-1]]):
             assert all(torch.equal(got[k], want[k]) for k in want), mode
+
+
+# --------------------------------------------------------------------------------------------------
+# Staged windows: each chunk through a thread's small host buffers into a window on the device
+
+
+def _on_cpu(batches: list) -> list[dict]:
+    return [batch_to(b, torch.device("cpu")) for b in batches]
+
+
+@pytest.mark.parametrize(("workers", "stage_bytes"), [(1, 1000), (3, 1000), (3, None)])
+def test_staged_windows_give_the_batches_of_host_windows(
+    int8_cache: Path, monkeypatch: pytest.MonkeyPatch, workers: int, stage_bytes: int | None
+) -> None:
+    """Staged on the CPU (the copy a memcpy), chunks in pieces that do not divide them (1000 bytes) or packed
+    whole several to a buffer (the default), many jobs per window: the same batches, bit for bit, as windows
+    landed in host memory and as the RAM tier's."""
+    split = open_cache(int8_cache)["train"]
+    host = _on_cpu(list(SplitReader(split, mode="stream", coded=True, **OPTIONS).epoch(1)))
+    ram = list(SplitReader(split, mode="ram", **OPTIONS).epoch(1))
+    monkeypatch.setattr(staging, "STAGE_BYTES", stage_bytes or staging.STAGE_BYTES)
+    monkeypatch.setattr(windows, "JOB_BYTES", 1 if stage_bytes else windows.JOB_BYTES)
+    reader = SplitReader(split, mode="stream", coded=True, stage=True, workers=workers, **OPTIONS)
+    assert reader.staged and reader._window_reader is None
+    streamed = list(reader.epoch(1))
+    chunk = direct_arrays(split, ("encoder_hidden",))["encoder_hidden"].chunk_bytes
+    assert (reader._window_reader.stager.piece_bytes < chunk) == (stage_bytes is not None)
+    assert reader.window_ring.allocations == 0  # the host held no window
+    assert all(isinstance(b, WindowBatch) and not s.pool.arrays for b in streamed for s in b.segments)
+    staged = _on_cpu(streamed)
+    assert len(staged) == len(host) == len(ram)
+    for s, h, r in zip(staged, host, ram):
+        assert s.keys() == h.keys() == r.keys()
+        assert all(torch.equal(s[k], h[k]) and torch.equal(s[k], r[k]) for k in s)
+
+
+def test_a_staged_window_names_a_flipped_byte_and_a_truncated_chunk(int8_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    copy = Path(shutil.copytree(int8_cache, tmp_path / "c"))
+    chunk = flip_byte_in_a_chunk(copy, "train/encoder_hidden", 0x10)
+    monkeypatch.setattr(staging, "STAGE_BYTES", 1000)  # the flipped byte lies in a later piece than the first
+    reader = SplitReader(open_cache(copy)["train"], mode="stream", coded=True, stage=True, **OPTIONS)
+    with pytest.raises(CacheCorruptError, match=f"{chunk.name}.*CRC32C"):
+        list(reader.epoch(0))
+    chunk.write_bytes(chunk.read_bytes()[:-100])
+    reader = SplitReader(open_cache(copy)["train"], mode="stream", coded=True, stage=True, **OPTIONS)
+    with pytest.raises(CacheCorruptError, match="truncated"):
+        list(reader.epoch(0))
+
+
+def test_a_chunk_read_in_pieces_is_checked_whole_and_a_missing_one_is_the_fill_value(int8_cache: Path, tmp_path: Path) -> None:
+    copy = Path(shutil.copytree(int8_cache, tmp_path / "c"))
+    rows = direct_arrays(open_cache(copy)["train"], ("encoder_hidden",))["encoder_hidden"]
+    whole = np.empty(rows.chunk_bytes, np.uint8)
+    rows.read_chunk(0, whole)
+    pieces, buffers = np.zeros(rows.chunk_bytes, np.uint8), [np.empty(96, np.uint8) for _ in range(2)]
+    turn = iter(range(10**9))
+
+    def land(piece: np.ndarray, at: int) -> None:
+        pieces[at : at + len(piece)] = piece
+
+    rows.read_chunk_through(0, lambda n: buffers[next(turn) % 2], land, 96)
+    assert np.array_equal(pieces, whole)
+    rows.chunk_path(0).unlink()
+    rows.read_chunk_through(0, lambda n: buffers[next(turn) % 2], land, 96)
+    assert (pieces.view(rows.dtype) == rows.fill_value).all()
+
+
+def test_a_staging_buffer_is_refilled_only_after_its_last_copy_is_done() -> None:
+    """The rule of training.staging, with recorded events standing in for CUDA's."""
+    waited = []
+
+    class Event:
+        def __init__(self, name: str):
+            self.name = name
+
+        def synchronize(self) -> None:
+            waited.append(self.name)
+
+    mine = staging._ThreadBuffers(torch.device("cpu"), 64)
+    first = mine.next_free(64)
+    mine.events[0] = Event("copy of buffer 0")  # what `land` records on CUDA
+    second = mine.next_free(64)
+    assert second is not first and waited == []  # the other buffer had no copy in flight
+    again = mine.next_free(64)
+    assert again is first and waited == ["copy of buffer 0"] and mine.events[0] is None
+
+
+def test_the_bench_stages_to_meta_where_the_copy_costs_nothing(int8_cache: Path) -> None:
+    """`bench --methods reader` times the host's share of a GPU stream on torch's meta device: the same
+    batches' host fields, the states' device copies shaped as on a real device."""
+    split = open_cache(int8_cache)["train"]
+    cpu = list(SplitReader(split, mode="stream", coded=True, stage=True, **OPTIONS).epoch(1))
+    reader = SplitReader(split, mode="stream", coded=True, **{**OPTIONS, "device": "meta"})
+    assert reader.staged  # coded batches for a device other than the CPU are staged by default
+    meta = list(reader.epoch(1))
+    assert len(meta) == len(cpu)
+    for m, c in zip(meta, cpu):
+        assert m.keys() == c.keys() and all(torch.equal(m[k], c[k]) for k in m)
+        moved, real = batch_to(m, torch.device("meta")), batch_to(c, torch.device("cpu"))
+        assert moved["enc"].device.type == "meta" and moved["enc"].shape == real["enc"].shape

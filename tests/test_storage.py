@@ -369,8 +369,8 @@ def test_device_decoding_equals_host_decoding(caches: dict[str, Path], name: str
     """The CUDA paths (codes shipped, gathered or not, dequantised in torch by batch_to), run on the CPU."""
     split = read_cache.open_cache(caches[name])["train"]
     host = list(SplitReader(split, batch_size=16).epoch(0))
-    for mode, form in (("stream", WindowBatch), ("ram", CodedBatch)):
-        device = SplitReader(split, batch_size=16, mode=mode, coded=True)
+    for mode, form, stage in (("stream", WindowBatch, False), ("stream", WindowBatch, True), ("ram", CodedBatch, False)):
+        device = SplitReader(split, batch_size=16, mode=mode, coded=True, stage=stage)  # staged: every format, 16-bit via zarr
         for a, coded in zip(host, device.epoch(0), strict=True):
             assert isinstance(coded, form) and (form is WindowBatch or coded["enc"].dtype != torch.float32)
             b = batch_to(coded, torch.device("cpu"))

@@ -7,24 +7,31 @@ states) and in one process, formats interleaved round by round so they share the
            arrays from the page cache into a reused page-aligned buffer (1 and 2 threads; the faster is
            the limit)
   window   the same files read into their own places of a window-sized buffer, each CRC32C computed
-           there: what any checked streaming read must do at least, so the stream path's ceiling
+           there: what a checked read into a window held in host memory must do at least (`stream-host`'s
+           ceiling)
+  staged   the same files read in pieces of up to 4 MB through two small buffers per thread, the CRC32C
+           over the pieces: what a checked read staged to a device must do at least (`stream`'s ceiling)
   engines  the states array read whole, block by block, through zarr-python's pipeline, the `zarrs`
            pipeline, tensorstore and store.direct (preadv + crc32c): which engine the reader uses, by data
-  stream   one shuffled epoch of `SplitReader` batches from the store, as a GPU gets them (`coded`): each
-           window's codes + scales landed in a reused buffer, ready for the device copy, and each batch's
-           offsets into it (a `WindowBatch`: the device gathers the tokens, training.pools), 1 and 2
-           workers. Timed as training reads it: its first window read ahead during the epoch before, the
-           next epoch's read during it. `stream-cold` is the same epoch from a fresh reader, as a run's
-           first epoch: its first window read while nothing else runs, its buffers allocated as it goes;
-           `stream-float32` the steady epoch gathered and dequantised to float32 on the host, as a CPU
-           run trains on it
+  stream   one shuffled epoch of `SplitReader` batches from the store, as a GPU gets them (`coded`, staged):
+           every chunk read and checked through the reading thread's small host buffers and handed to its
+           place in the device's window (training.staging), and each batch's offsets into the window (a
+           `WindowBatch`: the device gathers the tokens, training.pools), 1 and 2 workers. The device here
+           is torch's `meta`, on which the copy costs nothing: on a GPU the copy engine does it, not the
+           host, so this is the host's whole share (a projection of the GPU's side: docs/benchmarks.md).
+           Timed as training reads it: its first window read ahead during the epoch before, the next
+           epoch's read during it. `stream-host` is the same epoch with each window landed whole in host
+           memory (how a CPU run reads, and a GPU's stream did before staging); `stream-cold` the staged
+           epoch from a fresh reader, as a run's first epoch: its first window read while nothing else
+           runs; `stream-float32` the steady epoch gathered and dequantised to float32 on the host, as a
+           CPU run trains on it
   ram      the same epoch from RAM, as the RAM tier feeds a GPU: each batch's codes + scales gathered on
            the host into a reused buffer (a `CodedBatch`)
 
 Reported (medians over the rounds): examples/s, GB/s of stored bytes (the chunk files' sizes: what an
 epoch reads), the cores kept busy (process CPU seconds / wall), and per format the bench.json entry the
 issue names: `limit_preadv_gbps` and, per path (`stream`, `ram`, best worker count), `stored_gbps` and
-`examples_per_second`; beside them `window_gbps` and the stream's share of each.
+`examples_per_second`; beside them the two ceilings (`window_gbps`, `staged_gbps`) and each stream's share of its own.
 """
 
 from __future__ import annotations
@@ -46,17 +53,20 @@ from read_cache.bench.common import metered
 from read_cache.config import BenchConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import Split, open_cache, read_root_attrs
-from read_cache.store.direct import CHECKSUM_BYTES
 from read_cache.store.engines import ENGINES, engine_readers
 from read_cache.store.transcode import transcode
 from read_cache.training.pools import STORED
 from read_cache.training.reader import SHUFFLE_BYTES, SplitReader
+from read_cache.training.staging import BUFFERS, STAGE_BYTES
 from read_cache.util.aligned import PAGE, page_aligned
 
 FORMATS = ("bfloat16", "fp8", "int8", "int4")
 WORKERS = (1, 2)
-PATHS = ("stream", "stream-cold", "ram", "stream-float32")
-"""`stream` and `stream-float32` in steady state (see `epoch`), `stream-cold` an epoch read from a standing start."""
+PATHS = ("stream", "stream-host", "stream-cold", "ram", "stream-float32")
+"""`stream`, `stream-host` and `stream-float32` in steady state (see `epoch`), `stream-cold` an epoch read from a standing start."""
+STEADY = ("stream", "stream-host", "stream-float32")
+STAGED = ("stream", "stream-cold")
+"""The paths that stage windows to a device (`meta`: the host's share of feeding a GPU, see the module)."""
 
 
 def format_caches(source: Path, root: Path) -> dict[str, Path]:
@@ -82,34 +92,47 @@ def stored_files(split: Split, names: Iterable[str] = STORED.values()) -> list[P
     return [f for name in names if (root / name / "c").is_dir() for f in sorted((root / name / "c").rglob("*")) if f.is_file()]
 
 
-def preadv_seconds(files: list[Path], threads: int, window: bool = False) -> float:
+LIMITS = ("preadv", "window", "staged")
+"""What `preadv_seconds` lands into: the issue's limit, and the least the two ways of streaming must do."""
+
+
+def preadv_seconds(files: list[Path], threads: int, target: str = "preadv") -> float:
     """Wall seconds to `preadv` every file from the page cache (once warm), `threads` at a time, into
     page-aligned memory, as the reader's buffers are (at 16 bytes past a page, where a plain bytearray
-    lands, the same reads ran ~4x slower: util.aligned). Plain, each thread reuses one file-sized buffer,
-    which stays in the core's cache: the issue's limit. With `window`, every file lands at its own place
-    in a window-sized buffer, as a streaming window must hold its chunks, and its CRC32C is computed there:
-    the least any checked streaming read does, and the ceiling for the reader's `stream` path."""
+    lands, the same reads ran ~4x slower: util.aligned). `target`:
+
+      preadv   each thread reuses one file-sized buffer, which stays in the core's cache: the issue's limit
+      window   every file lands at its own place in a window-sized buffer, as a window held in host memory
+               must hold its chunks, and its CRC32C is computed there: the ceiling of `stream-host`
+      staged   each file read in STAGE_BYTES pieces, in turn into each thread's BUFFERS small buffers, the
+               CRC32C running over the pieces: the ceiling of the staged `stream` (training.staging)
+    """
     sizes = [f.stat().st_size for f in files]
-    if window:
+    piece = STAGE_BYTES if target == "staged" else max(sizes)
+    if target == "window":
         places = np.cumsum([0] + [-(-size // PAGE) * PAGE for size in sizes[:-1]]) % SHUFFLE_BYTES
-        buffers = [page_aligned(SHUFFLE_BYTES + max(sizes))] * threads
+        buffers = [[page_aligned(SHUFFLE_BYTES + max(sizes))]] * threads
     else:
         places = np.zeros(len(files), np.int64)
-        buffers = [page_aligned(max(sizes)) for _ in range(threads)]
-
-    for buffer in buffers:
-        buffer.fill(0)  # touched before the clock starts, as the reader's reused buffers are: first touches are slow here
+        buffers = [[page_aligned(piece) for _ in range(BUFFERS if target == "staged" else 1)] for _ in range(threads)]
+    for mine in buffers:
+        for buffer in mine:
+            buffer.fill(0)  # touched before the clock starts, as the reader's reused buffers are: first touches are slow here
 
     def read(thread: int) -> None:
+        turn = 0
         for i in range(thread, len(files), threads):
-            data = buffers[thread][places[i] : places[i] + sizes[i]]
             fd = os.open(files[i], os.O_RDONLY)
             try:
-                os.preadv(fd, [data], 0)
+                crc = 0
+                for at in range(0, sizes[i], piece):
+                    data = buffers[thread][turn % len(buffers[thread])][places[i] : places[i] + min(piece, sizes[i] - at)]
+                    turn += 1
+                    os.preadv(fd, [data], at)
+                    if target != "preadv":
+                        crc = crc32c.crc32c(data, crc)
             finally:
                 os.close(fd)
-            if window:
-                crc32c.crc32c(data[:-CHECKSUM_BYTES])
 
     started = time.perf_counter()
     if threads == 1:
@@ -159,8 +182,8 @@ def reader(cfg: BenchConfig, rounds: int = 3) -> dict[str, Any]:
 
 
 def _reader(split: Split, path: str, workers: int, batch_size: int) -> SplitReader:
-    mode = "ram" if path == "ram" else "stream"
-    return SplitReader(split, batch_size=batch_size, shuffle=True, seed=0, mode=mode, workers=workers, device="cpu", coded=path != "stream-float32")
+    mode, device = "ram" if path == "ram" else "stream", "meta" if path in STAGED else "cpu"
+    return SplitReader(split, batch_size=batch_size, shuffle=True, seed=0, mode=mode, workers=workers, device=device, coded=path != "stream-float32")
 
 
 def _ram_readers(splits: dict[str, Split], batch_size: int) -> dict[tuple[str, int], SplitReader]:
@@ -187,11 +210,11 @@ def _measure(cfg: BenchConfig, rounds: int) -> dict[str, Any]:
         memcpy.append(memcpy_gbps())
         for fmt in FORMATS[round_ % len(FORMATS) :] + FORMATS[: round_ % len(FORMATS)]:
             for workers in WORKERS:
-                for limit in ("preadv", "window"):
-                    wall = preadv_seconds(files[fmt], workers, window=limit == "window")
+                for limit in LIMITS:
+                    wall = preadv_seconds(files[fmt], workers, limit)
                     seconds.setdefault(f"{fmt}/{limit}/{workers}", []).append((wall, wall))
                 for path in PATHS:
-                    steady = path in ("stream", "stream-float32")
+                    steady = path in STEADY
                     reader = ram[fmt, workers] if path == "ram" else _reader(splits[fmt], path, workers, cfg.batch_size)
                     seconds.setdefault(f"{fmt}/{path}/{workers}", []).append(epoch(reader, steady))
                     del reader
@@ -225,12 +248,13 @@ def _format_entry(fmt: str, rows: dict[str, Any], stored: int, examples: int) ->
         r = max((rows[f"{fmt}/{path}/{w}"] for w in WORKERS), key=lambda r: r["stored_gbps"])
         return {"stored_gbps": r["stored_gbps"], "examples_per_second": r["examples_per_second"]}
 
-    limit = max(rows[f"{fmt}/preadv/{w}"]["stored_gbps"] for w in WORKERS)
-    window = max(rows[f"{fmt}/window/{w}"]["stored_gbps"] for w in WORKERS)
-    entry = {"limit_preadv_gbps": limit, "window_gbps": window, "stored_bytes": stored, "stored_bytes_per_example": stored / examples}
+    limit, window, staged = (max(rows[f"{fmt}/{target}/{w}"]["stored_gbps"] for w in WORKERS) for target in LIMITS)
+    entry = {"limit_preadv_gbps": limit, "window_gbps": window, "staged_gbps": staged, "stored_bytes": stored, "stored_bytes_per_example": stored / examples}
     entry.update({path: best(path) for path in PATHS})
     entry["stream_of_limit"] = entry["stream"]["stored_gbps"] / limit
-    entry["stream_of_window"] = entry["stream"]["stored_gbps"] / window
+    entry["stream_of_staged"] = entry["stream"]["stored_gbps"] / staged
+    entry["stream_host_of_limit"] = entry["stream-host"]["stored_gbps"] / limit
+    entry["stream_host_of_window"] = entry["stream-host"]["stored_gbps"] / window
     entry["engines_gbps"] = {e: rows[f"{fmt}/engine-{e}/1"]["stored_gbps"] for e in ENGINES if f"{fmt}/engine-{e}/1" in rows}
     return entry
 
@@ -248,7 +272,7 @@ def markdown(result: dict[str, Any]) -> str:
     for fmt in FORMATS:
         entry = result["formats"][fmt]
         for workers in WORKERS:
-            for path in ("preadv", "window", *PATHS):
+            for path in (*LIMITS, *PATHS):
                 r = rows[f"{fmt}/{path}/{workers}"]
                 lines.append(
                     f"| {fmt} | {entry['stored_bytes_per_example']:,.0f} | {path} | {workers} | {r['examples_per_second']:,.0f} | "

@@ -14,7 +14,9 @@ pipeline and tensorstore (docs/benchmarks.md). Here one `preadv` lands the chunk
 place (the chunk is still in the core's cache), and nothing else touches the bytes. Give it a buffer that
 starts on a page (util.aligned: the kernel's copy runs ~4x faster there on this CPU). Whole chunks are read
 because a chunk's checksum covers all of it: the caller's buffer holds the chunks that cover the rows asked
-for, and `read_into` says where they start.
+for, and `read_into` says where they start. `read_chunk_through` reads a chunk in pieces instead, each into
+a small buffer of the caller's and handed on, the checksum running over the pieces (training.staging feeds a
+GPU so: the host never holds a whole window).
 
 Writing is the mirror image. zarr-python writes a chunk by copying it out of the block, encoding it (another
 copy to append the checksum) and replacing the file atomically (a temporary file, a rename, a folder made per
@@ -35,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -117,20 +120,39 @@ class DirectArray:
 
     def read_chunk(self, c: int, dest: np.ndarray) -> None:
         """Chunk c's bytes into `dest` (uint8, chunk_bytes long), checksum checked; a chunk never written is the fill value."""
-        path = self._chunk_file(c)
+        self.read_chunk_through(c, lambda n: dest, lambda piece, at: None, dest.nbytes)
+
+    def read_chunk_through(
+        self, c: int, buffer: Callable[[int], np.ndarray], land: Callable[[np.ndarray, int], object], piece_bytes: int
+    ) -> None:
+        """Chunk c in pieces of up to `piece_bytes`: each read into `buffer(n)` (uint8, at least n long; the first n
+        bytes are used), then handed to `land(piece, at)` (chunk bytes [at, at + n)). The CRC32C runs over the
+        pieces as they pass and is checked after the last, so what was landed counts only once this returns.
+        A chunk never written is the fill value (zarr leaves chunks of only the fill value unwritten)."""
+        path, size = self._chunk_file(c), self.chunk_bytes
         try:
             fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:  # zarr leaves chunks of only the fill value unwritten, and reads them as it
-            dest.view(self.dtype)[:] = self.fill_value
+        except FileNotFoundError:
+            for at in range(0, size, piece_bytes):
+                n = min(piece_bytes, size - at)
+                piece = buffer(n)[:n]
+                piece.view(self.dtype)[:] = self.fill_value
+                land(piece, at)
             return
-        checksum = bytearray(CHECKSUM_BYTES)
+        crc, checksum = 0, bytearray(CHECKSUM_BYTES)
         try:
-            got = os.preadv(fd, [dest, checksum], 0)
+            for at in range(0, size, piece_bytes):
+                n = min(piece_bytes, size - at)
+                piece = buffer(n)[:n]
+                last = at + n == size  # the last piece brings the checksum along: one syscall (each one's GIL hand-off costs)
+                got = os.preadv(fd, [piece, checksum] if last else [piece], at)
+                if got != n + (CHECKSUM_BYTES if last else 0):
+                    raise CacheCorruptError(f"chunk {path} is truncated ({at + got} of {size + CHECKSUM_BYTES} bytes); delete the cache and rebuild it")
+                crc = crc32c.crc32c(piece, crc)
+                land(piece, at)
         finally:
             os.close(fd)
-        if got != dest.nbytes + CHECKSUM_BYTES:
-            raise CacheCorruptError(f"chunk {path} is truncated ({got} of {dest.nbytes + CHECKSUM_BYTES} bytes); delete the cache and rebuild it")
-        if crc32c.crc32c(dest) != int.from_bytes(checksum, "little"):
+        if crc != int.from_bytes(checksum, "little"):
             raise CacheCorruptError(f"chunk {path} fails its CRC32C checksum (a flipped or damaged byte); delete the cache and rebuild it")
 
     def write_rows(self, start: int, stop: int, block: np.ndarray) -> None:

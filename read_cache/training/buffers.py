@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from read_cache.store.formats import to_torch_codes
 from read_cache.util.aligned import page_aligned
 
 ALIGN = 64
@@ -60,12 +61,7 @@ class Slot:
         return self.event is None or self.event.query()
 
     def carve(self, layout: Layout) -> dict[str, np.ndarray]:
-        views, at = {}, 0
-        for name, (shape, dtype) in layout.items():
-            n = _nbytes(shape, dtype)
-            views[name] = self.memory[at : at + n].view(dtype).reshape(shape)
-            at = _aligned(at + n)
-        return views
+        return carve(self.memory, layout)
 
 
 class Views(dict[str, np.ndarray]):
@@ -122,6 +118,18 @@ class BufferRing:
     def _drop_one(self, keep: Slot) -> None:
         idle = [s for s in self._slots if s is not keep and s.idle()]
         self._slots.remove(idle[0] if idle else next(s for s in self._slots if s is not keep))
+
+
+def carve(memory: Any, layout: Layout) -> dict[str, Any]:
+    """Views of `memory` (flat uint8: a numpy array, or a tensor on any device) shaped as `layout`, each on a
+    cache line, `layout_bytes(layout)` in all; a tensor's views take the dtypes `to_torch_codes` gives."""
+    views, at = {}, 0
+    for name, (shape, dtype) in layout.items():
+        n = _nbytes(shape, dtype)
+        part = memory[at : at + n]
+        views[name] = (part.view(dtype) if isinstance(part, np.ndarray) else part.view(to_torch_codes(np.empty(0, dtype)).dtype)).reshape(shape)
+        at = _aligned(at + n)
+    return views
 
 
 def layout_bytes(layout: Layout) -> int:

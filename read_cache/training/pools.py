@@ -109,9 +109,13 @@ class Pool:
 
     def on(self, device: torch.device) -> DevicePool:
         """This pool's arrays copied to `device`, once: every batch of a window gathers from the one copy. From
-        a pinned ring slot the copy is asynchronous; its CUDA event keeps the slot busy until it is done."""
+        a pinned ring slot the copy is asynchronous; its CUDA event keeps the slot busy until it is done. A
+        window staged straight to a device (training.staging) holds no host arrays: it is that copy already."""
         held = self.device_copies.get(device)
-        if held is None:
+        if held is None and not self.arrays and self.device_copies:  # a window landed on a device (training.staging)
+            landed = next(iter(self.device_copies.values()))
+            held = self.device_copies[device] = DevicePool(landed.pool, {k: v.to(device) for k, v in landed.tensors.items()}, device)
+        elif held is None:
             held = self.device_copies[device] = DevicePool.of(self, device)
             if isinstance(self.arrays, Views) and device.type == "cuda":
                 self.arrays.slot.event = torch.cuda.Event()

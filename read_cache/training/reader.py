@@ -22,13 +22,14 @@ Three tiers hold a split: `stream` reads the store per window, `ram` holds the c
 memory, `device` holds them as stored on a torch device (a GPU, or any device in tests) and gathers and
 dequantises each batch there. Every tier yields the same batches in the same order, bit for bit.
 
-Streaming lands each window once (training.windows: raw chunk files read by `preadv` into a reused,
-page-aligned buffer, pinned on CUDA, CRC32C checked). Feeding a GPU (`coded`), a batch is then only its
-index arrays into the window (a `WindowBatch`, cut on the consumer's thread as it asks): `batch_to` copies
-each window to the device once and gathers and dequantises every batch there, 1-2 bytes a value over PCIe
-instead of 4, and the host gathers nothing. On a CPU run each batch is copied once, one `np.take` per
-array, into a slot of a `BufferRing` and dequantised there into float32 on the reader's `workers` threads
-(the copies and numpy's decoding release the GIL). A slot, window or batch, is refilled only once nothing
+Streaming lands each window once (training.windows: raw chunk files read by `preadv`, CRC32C checked).
+Feeding a GPU (`coded`), the window lands in the GPU's memory, each chunk passing through a small pinned
+buffer of the reading thread (training.staging), and a batch is only its index arrays into the window (a
+`WindowBatch`, cut on the consumer's thread as it asks): `batch_to` gathers and dequantises every batch
+there, 1-2 bytes a value over PCIe instead of 4, and the host neither holds the window nor gathers. On a
+CPU run the window lands in host memory and each batch is copied once, one `np.take` per array, into a
+slot of a `BufferRing` and dequantised there into float32 on the reader's `workers` threads (the copies
+and numpy's decoding release the GIL). A slot, window or batch, is refilled only once nothing
 holds what was made from it (training.buffers says the rule).
 """
 
@@ -105,6 +106,9 @@ class Window:
     """Indices into the block list, in read order."""
     order: np.ndarray
     """The rows of those blocks' examples, in the order the epoch yields them."""
+    positions: np.ndarray
+    """Where each of `order` lies among the blocks' rows laid end to end (block by block, in read order): its
+    position in the window a streaming read makes of them (so no search is needed to find it there)."""
 
 
 def epoch_windows(
@@ -124,12 +128,13 @@ def epoch_windows(
 
         order = order[balanced([bounds[b][1] - bounds[b][0] for b in order], world_size)[rank]]
     if not shuffle:
-        return [Window([int(b)], np.arange(*bounds[b])) for b in order]
+        return [Window([int(b)], np.arange(*bounds[b]), np.arange(bounds[b][1] - bounds[b][0])) for b in order]
     windows = []
     for w in range(0, len(order), shuffle_blocks):
         blocks = [int(b) for b in order[w : w + shuffle_blocks]]
         rows = np.concatenate([np.arange(*bounds[b]) for b in blocks])
-        windows.append(Window(blocks, rng.permutation(rows)))
+        positions = rng.permutation(len(rows))  # the same draws, and so the same order, as rng.permutation(rows)
+        windows.append(Window(blocks, rows[positions], positions))
     return windows
 
 
@@ -156,6 +161,7 @@ class SplitReader:
         inflight: int | None = None,
         shard: tuple[int, int] = (0, 1),
         coded: bool | None = None,
+        stage: bool | None = None,
     ):
         if mode not in TIERS:
             raise ValueError(f"mode must be one of {', '.join(TIERS)}, got {mode!r}")
@@ -171,6 +177,9 @@ class SplitReader:
         on_cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self.decoding = Decoding.of(split, on_cuda if coded is None else coded)
         """Coded batches (codes + scales, for `batch_to` to dequantise) by default only when feeding a GPU."""
+        self.staged = mode == "stream" and self.decoding.coded and (self.device.type != "cpu" if stage is None else stage)
+        """Streamed windows land in `device`'s memory through small host buffers (training.staging): by default
+        when coded batches feed a device other than the CPU; `stage` forces it either way (tests, the bench)."""
         per_token = split.cache.geometry.bytes_per_token
         self.block_tokens = block_tokens or split.token_chunk * max(1, round(BLOCK_BYTES / (split.token_chunk * per_token)))
         self.inflight = inflight or default_inflight(split, self.block_tokens * per_token)
@@ -183,10 +192,10 @@ class SplitReader:
         """Reused batch memory (training.buffers); pinned when coded batches go to a GPU."""
         queued = prefetch + self.workers + 1  # batches made or being made ahead of the consumer
         per_window = max(1, self.shuffle_blocks * len(split) // max(1, len(self.bounds)))  # examples, about
-        self.window_ring = BufferRing(keep=2 + math.ceil(queued * batch_size / per_window) + 1, pinned=on_cuda and self.decoding.coded)
-        """Reused window memory: the window being read, the next epoch's first read ahead, and every window the
-        queued batches take examples from (one, unless windows are smaller than batches); pinned when its
-        windows are copied whole to a GPU (coded batches, `WindowBatch`)."""
+        self.window_ring = BufferRing(keep=2 + math.ceil(queued * batch_size / per_window) + 1, pinned=on_cuda and self.decoding.coded and not self.staged)
+        """Reused window memory (unused when staged): the window being read, the next epoch's first read ahead,
+        and every window the queued batches take examples from (one, unless windows are smaller than batches);
+        pinned when its windows are copied whole to a GPU (coded batches, `WindowBatch`, not staged)."""
         self._window_reader: WindowReader | None = None
         self._ram: Pool | None = None
         self._blocks: dict[int, Pool] = {}
@@ -313,7 +322,7 @@ class SplitReader:
                 reading = self._read_window(windows[i + 1])
             elif next_epoch is not None:
                 self.read_first_window(next_epoch)
-            order, at = Order(pool, _positions(pool.rows, window.order)), 0
+            order, at = Order(pool, window.positions), 0
             while at < len(order):
                 step = min(self.batch_size - have, len(order) - at)
                 pending.append(order.segment(at, at + step))
@@ -340,7 +349,8 @@ class SplitReader:
         if self._background is None:
             self._background = ThreadPoolExecutor(1, thread_name_prefix="read-cache-window")
         if self._window_reader is None:
-            self._window_reader = WindowReader(self.split, self.window_ring, max(self.inflight, self.workers))
+            land_on = self.device if self.staged else None
+            self._window_reader = WindowReader(self.split, self.window_ring, max(self.inflight, self.workers), land_on)
             blocks = self.shuffle_blocks if self.shuffle else 1  # an unshuffled epoch reads a block per window
             self.window_ring.floor = self._window_reader.largest_window_bytes(self.bounds, blocks)
         bounds = [self.bounds[b] for b in window.blocks]

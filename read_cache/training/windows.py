@@ -7,8 +7,12 @@ The result is a `Pool` whose arrays hold each block's chunks as they lie, back t
 chunks bring their neighbours' tokens along and `Pool.starts` skips them. Raw local arrays (format 3's
 codes and scales) are read by `preadv` + CRC32C (store.direct) straight into a slot of a `BufferRing`, a
 few chunks per job so the threads stay evenly busy; compressed arrays and object stores go through zarr,
-a block per job, into the same slot. The slot is page-aligned (util.aligned) and, feeding a GPU, pinned:
-the window is then ready to copy to the device as it lies (training.pools.WindowBatch).
+a block per job, into the same slot. The slot is page-aligned (util.aligned).
+
+Given a device to land on (`land_on`: how a stream feeds a GPU), the window is made in that device's memory
+instead, and raw chunks reach it through each thread's small host buffers (training.staging): the host never
+holds the window, and the Pool comes with its device copy made (`Pool.device_copies`), which every batch
+of the window gathers from (training.pools.WindowBatch).
 """
 
 from __future__ import annotations
@@ -17,13 +21,17 @@ import dataclasses
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
+import torch
 
 from read_cache.store import Split
 from read_cache.store.direct import DirectArray, direct_arrays
-from read_cache.training.buffers import BufferRing, Layout, layout_bytes
-from read_cache.training.pools import STORED, TOKEN_ARRAYS, Pool
+from read_cache.store.formats import to_torch_codes
+from read_cache.training.buffers import BufferRing, Layout, carve, layout_bytes
+from read_cache.training.pools import STORED, TOKEN_ARRAYS, DevicePool, Pool
+from read_cache.training.staging import DeviceWindow, Stager
 
 JOB_BYTES = 8 << 20
 """Raw bytes one direct read job lands: a 128 MB window is ~16 jobs, so two threads finish it together
@@ -48,8 +56,10 @@ class RowSource:
         c = self.chunk_rows
         return ((stop - 1) // c - start // c + 1) * c
 
-    def jobs(self, start: int, stop: int, out: np.ndarray) -> list[Callable[[], object]]:
-        """Reads that land the chunks of rows [start, stop) at out[0:]; row `start` is then out[start % chunk_rows]."""
+    def jobs(self, start: int, stop: int, out: Any, stager: Stager | None = None, window: DeviceWindow | None = None) -> list[Callable[[], object]]:
+        """Reads that land the chunks of rows [start, stop) at out[0:]; row `start` is then out[start % chunk_rows].
+        `out` is host memory, or with a `stager` a view of its device `window` (direct reads staged, see
+        training.staging; zarr's reads copied over)."""
         if stop <= start:
             return []
         c, low = self.chunk_rows, start // self.chunk_rows * self.chunk_rows
@@ -57,22 +67,38 @@ class RowSource:
             high = min(self.n_rows, ((stop - 1) // c + 1) * c)
             return [functools.partial(_assign, out, high - low, self.read, slice(low, high))]
         step = max(1, JOB_BYTES // self.direct.chunk_bytes) * c
+        if stager is None:
+            return [
+                functools.partial(self.direct.read_into, max(start, a), min(stop, a + step), out[a - low : a - low + step])
+                for a in range(low, stop, step)
+            ]
         return [
-            functools.partial(self.direct.read_into, max(start, a), min(stop, a + step), out[a - low : a - low + step])
+            functools.partial(stager.read_into, self.direct, max(start, a), min(stop, a + step), _bytes(out[a - low : a - low + step]), window)
             for a in range(low, stop, step)
         ]
 
 
-def _assign(out: np.ndarray, rows: int, read: Callable[[slice], np.ndarray], where: slice) -> None:
-    out[:rows] = read(where)
+def _bytes(rows: torch.Tensor) -> torch.Tensor:
+    """Contiguous rows of a device window as the flat bytes the stager lands chunks in."""
+    return rows.reshape(-1).view(torch.uint8)
+
+
+def _assign(out: Any, rows: int, read: Callable[[slice], np.ndarray], where: slice) -> None:
+    values = read(where)
+    if isinstance(out, np.ndarray):
+        out[:rows] = values
+    else:  # a device window's view
+        out[:rows].copy_(to_torch_codes(values))
 
 
 class WindowReader:
     """Reads windows of a split into slots of `ring`, `threads` reads at a time (see the module)."""
 
-    def __init__(self, split: Split, ring: BufferRing, threads: int):
+    def __init__(self, split: Split, ring: BufferRing, threads: int, land_on: torch.device | None = None):
         self.split = split
         self.ring = ring
+        self.stager = None if land_on is None else Stager(land_on)
+        """With a device to land on, windows are made there (training.staging) and `ring` is not used."""
         self.threads = max(1, threads)
         self.sources = _sources(split)
         self._chunk_rows = {  # by group (token or example): every array of a group shares its chunk rows
@@ -84,17 +110,22 @@ class WindowReader:
         """Blocks [a, b) of `bounds`, in that order, each block's whole chunks after the last block's."""
         offsets = self.split.offsets
         token_spans, example_spans = self._spans(bounds)
-        arrays = self.ring.take(self._layout(sum(token_spans), sum(example_spans)))
+        layout = self._layout(sum(token_spans), sum(example_spans))
+        window = None if self.stager is None else self.stager.window(layout_bytes(layout))
+        arrays = self.ring.take(layout) if window is None else carve(window.memory, layout)
         jobs, places, at_token, at_example = [], [], 0, 0
         for (a, b), t_span, e_span in zip(bounds, token_spans, example_spans):
             t0, t1 = int(offsets[a]), int(offsets[b])
             for key, source in self.sources.items():
                 at, lo, hi = (at_token, t0, t1) if key in TOKEN_ARRAYS else (at_example, a, b)
-                jobs += source.jobs(lo, hi, arrays[key][at:])
+                jobs += source.jobs(lo, hi, arrays[key][at:], self.stager, window)
             places.append((at_token + t0 % self._chunk_rows[True], at_example + a % self._chunk_rows[False]))
             at_token, at_example = at_token + t_span, at_example + e_span
         self._run(jobs)
-        return self._pool(bounds, arrays, places)
+        pool = self._pool(bounds, arrays if window is None else {}, places)
+        if window is not None:  # the window lies on the device already: the batches gather from it there
+            pool.device_copies[window.memory.device] = DevicePool(dataclasses.replace(pool), arrays, window.memory.device)
+        return pool
 
     def largest_window_bytes(self, bounds: list[tuple[int, int]], blocks: int) -> int:
         """The most bytes a window of `blocks` of these blocks can take: the largest blocks' layouts, summed
