@@ -54,6 +54,12 @@ def test_bench_reports_every_figure(tiny_t5: Path, glue_dir: Path, tmp_path: Pat
     assert on_disk["methods"]["online"]["scaled_from_epochs"] == 1 and on_disk["methods"]["online"]["epochs_run"] == 1
     assert on_disk["methods"]["cached_store"]["epochs_run"] == 3
     assert on_disk["gpu_prediction"]["assumptions"]
+    # The reader's entry, per format: the fields, and both streams beside their own ceilings.
+    for fmt, entry in on_disk["methods"]["reader"]["formats"].items():
+        for field in ("limit_preadv_gbps", "window_gbps", "staged_gbps", "stream_of_limit", "stream_of_staged", "stream_host_of_window"):
+            assert entry[field] > 0, (fmt, field)
+        for path in ("stream", "stream-host", "stream-cold", "ram", "stream-float32"):
+            assert entry[path]["stored_gbps"] > 0 and entry[path]["examples_per_second"] > 0, (fmt, path)
     assert (out / "bench.png").stat().st_size > 0 and "build_over_forward" in (out / "bench.md").read_text()
 
 
