@@ -14,8 +14,8 @@ synthetic cache of ~38-token examples (QQP's length; Gaussian states, quantised 
             self-attention (the library's `Backbone.forward`, exactly what online READ runs), at the
             fastest batch size that fits (tried: 64 ... 1024)
   online    online READ's epoch: forward (at its best batch) + the same step per batch of 96
-  cached    a cached epoch per tier (device, ram, stream): SplitReader batches moved to the GPU
-            (codes + scales, dequantised there) + the same step
+  cached    a cached epoch per tier (device, ram, stream, and stream-host: the stream without staging):
+            SplitReader batches moved to the GPU (codes + scales, dequantised there) + the same step
   pcie      a pinned host-to-device copy of 1 GB: the link the ram and stream tiers cross
 
 Printed and written to OUT/gpu_race.json: examples/s of each, the bound (forward + step) / step, and
@@ -45,7 +45,9 @@ SHAPES = {  # (N_E, N_D, d, heads, d_ff, examples written)
 }
 TINY = (2, 2, 64, 4, 128, 300)
 """Every shape under --tiny: the script's whole path in seconds on a CPU (tests/test_bench.py runs it), not a measurement."""
-TIERS = ("device", "ram", "stream")
+TIERS = ("device", "ram", "stream", "stream-host")
+"""`stream` stages each chunk through small pinned buffers into a window in GPU memory (training.staging);
+`stream-host` lands each window whole in pinned host memory first, as the stream did before staging."""
 BATCH = 96  # both arms train at the paper's batch
 
 
@@ -167,7 +169,8 @@ def step_rate(split: Any, step: Callable, device: str, batches: int) -> float:
 
 def cached_rate(split: Any, tier: str, step: Callable, device: str) -> float:
     """Examples/s of one cached epoch: read (tier) + move + dequantise + step; the tier's one-time load is paid first."""
-    reader = SplitReader(split, batch_size=BATCH, shuffle=True, seed=0, mode=tier, device=device)
+    streamed = {"coded": True, "stage": tier == "stream"} if tier.startswith("stream") else {}  # both ways, on a CPU too
+    reader = SplitReader(split, batch_size=BATCH, shuffle=True, seed=0, mode=tier.split("-")[0], device=device, **streamed)
     for _, b in zip(range(2), reader.epoch(0)):  # loads a ram/device tier, warms the stream's first window
         step(batch_to(b, torch.device(device)))
     sync(device)
