@@ -149,6 +149,7 @@ class Segment(NamedTuple):
     lengths: np.ndarray  # [n]
     label: np.ndarray  # [n]
     rows: np.ndarray  # [n] rows in the split
+    token_example: np.ndarray | None = None  # [T] each token's example, numbered within its batch (Order's batch_size)
 
 
 Segments = list[Segment]
@@ -158,19 +159,24 @@ class Order:
     """A pool's examples in the order an epoch yields them, their index arrays made once for every batch cut
     from it: a streamed batch is then slices of these, not a dozen small numpy calls of its own."""
 
-    def __init__(self, pool: Pool, positions: np.ndarray):
+    def __init__(self, pool: Pool, positions: np.ndarray, batch_size: int = 0, first_slot: int = 0):
+        """With `batch_size`, the order is cut into batches of that size whose first already holds `first_slot`
+        examples (a streamed window's first examples may finish the last window's batch): each token's example
+        number within its batch is then made here too, once for the window (`Segment.token_example`)."""
         self.pool, self.positions = pool, positions
         self.lengths, self.label, self.rows = pool.lengths[positions], pool.label[positions], pool.rows[positions]
         self.tokens = ragged_rows(pool.starts[positions], self.lengths)
         self.token_at = offsets_of(self.lengths)
+        self.token_example = np.repeat((np.arange(len(positions)) + first_slot) % batch_size, self.lengths) if batch_size else None
 
     def __len__(self) -> int:
         return len(self.positions)
 
     def segment(self, a: int, b: int) -> Segment:
         """The examples [a, b) of this order."""
-        tokens = self.tokens[self.token_at[a] : self.token_at[b]]
-        return Segment(self.pool, self.positions[a:b], tokens, self.lengths[a:b], self.label[a:b], self.rows[a:b])
+        t0, t1 = self.token_at[a], self.token_at[b]
+        token_example = None if self.token_example is None else self.token_example[t0:t1]
+        return Segment(self.pool, self.positions[a:b], self.tokens[t0:t1], self.lengths[a:b], self.label[a:b], self.rows[a:b], token_example)
 
 
 def take_segments(segments: Segments, ring: BufferRing | None = None) -> Pool:
@@ -224,8 +230,12 @@ class WindowBatch(dict):
 
 
 def window_batch(segments: Segments, decoding: Decoding) -> WindowBatch:
-    """The batch of the examples of `segments`, left where they lie (see `WindowBatch`)."""
-    fields = example_fields(*(_joined([getattr(s, f) for s in segments]) for f in ("lengths", "label", "rows")))
+    """The batch of the examples of `segments`, left where they lie (see `WindowBatch`). Segments cut from an
+    Order with a batch size bring their token -> example map along: the batch is then slices, no numpy work."""
+    if all(s.token_example is not None for s in segments):
+        fields = {f: torch.from_numpy(_joined([getattr(s, f) for s in segments])) for f in ("token_example", "label", "rows")}
+    else:
+        fields = example_fields(*(_joined([getattr(s, f) for s in segments]) for f in ("lengths", "label", "rows")))
     batch = WindowBatch(fields)
     batch.segments, batch.decoding = segments, decoding
     return batch

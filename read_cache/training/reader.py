@@ -322,7 +322,8 @@ class SplitReader:
                 reading = self._read_window(windows[i + 1])
             elif next_epoch is not None:
                 self.read_first_window(next_epoch)
-            order, at = Order(pool, window.positions), 0
+            cut = self.batch_size if self.decoding.coded else 0  # the token -> example maps a WindowBatch slices
+            order, at = Order(pool, window.positions, cut, have), 0
             while at < len(order):
                 step = min(self.batch_size - have, len(order) - at)
                 pending.append(order.segment(at, at + step))
