@@ -230,13 +230,10 @@ class WindowBatch(dict):
 
 
 def window_batch(segments: Segments, decoding: Decoding) -> WindowBatch:
-    """The batch of the examples of `segments`, left where they lie (see `WindowBatch`). Segments cut from an
-    Order with a batch size bring their token -> example map along: the batch is then slices, no numpy work."""
-    if all(s.token_example is not None for s in segments):
-        fields = {f: torch.from_numpy(_joined([getattr(s, f) for s in segments])) for f in ("token_example", "label", "rows")}
-    else:
-        fields = example_fields(*(_joined([getattr(s, f) for s in segments]) for f in ("lengths", "label", "rows")))
-    batch = WindowBatch(fields)
+    """The batch of the examples of `segments`, left where they lie (see `WindowBatch`). The segments come from
+    Orders with the batch size, so they bring their token -> example map along (`example_fields`' entries made
+    once per window): the batch is slices, no numpy work."""
+    batch = WindowBatch({f: torch.from_numpy(_joined([getattr(s, f) for s in segments])) for f in ("token_example", "label", "rows")})
     batch.segments, batch.decoding = segments, decoding
     return batch
 
