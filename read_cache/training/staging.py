@@ -100,11 +100,11 @@ class _ThreadBuffers:
     """One thread's host buffers, and on CUDA its copy stream and each buffer's last copy's event."""
 
     def __init__(self, device: torch.device, nbytes: int):
-        self.on_cuda = device.type == "cuda"
-        self.tensors = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(BUFFERS)] if self.on_cuda else None
+        on_cuda = device.type == "cuda"
+        self.tensors = [torch.empty(nbytes, dtype=torch.uint8, pin_memory=True) for _ in range(BUFFERS)] if on_cuda else None
         self.arrays = [t.numpy() for t in self.tensors] if self.tensors is not None else [page_aligned(nbytes) for _ in range(BUFFERS)]
         self.events: list[Any] = [None] * BUFFERS
-        self.stream = torch.cuda.Stream(device) if self.on_cuda else None
+        self.stream = torch.cuda.Stream(device) if on_cuda else None
         self._next = 0
         self._current = 0
 

@@ -123,8 +123,10 @@ class WindowReader:
             at_token, at_example = at_token + t_span, at_example + e_span
         self._run(jobs)
         pool = self._pool(bounds, arrays if window is None else {}, places)
-        if window is not None:  # the window lies on the device already: the batches gather from it there
-            pool.device_copies[window.memory.device] = DevicePool(dataclasses.replace(pool), arrays, window.memory.device)
+        if window is not None:  # the window lies on the device already: the batches gather from it there. Kept under
+            # the device the reader was given, which `batch_to` is asked for ("cuda", where the memory says "cuda:0")
+            device = self.stager.device
+            pool.device_copies[device] = DevicePool(dataclasses.replace(pool), arrays, device)
         return pool
 
     def largest_window_bytes(self, bounds: list[tuple[int, int]], blocks: int) -> int:
