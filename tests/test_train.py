@@ -220,8 +220,8 @@ def test_the_next_epochs_first_window_is_read_ahead_without_changing_batches(sst
     reads: list[tuple[int, int]] = []
     from read_cache.training.windows import WindowReader
 
-    read = WindowReader.read
-    monkeypatch.setattr(WindowReader, "read", lambda self, bounds: reads.extend(bounds) or read(self, bounds))
+    start = WindowReader.start
+    monkeypatch.setattr(WindowReader, "start", lambda self, bounds: reads.extend(bounds) or start(self, bounds))
     list(ahead.epoch(0, next_epoch=1))
     ahead._early[1].result()  # the read ahead (started at the end of epoch 0) has finished
     reads.clear()
@@ -231,6 +231,28 @@ def test_the_next_epochs_first_window_is_read_ahead_without_changing_batches(sst
     for x, y in zip(second, plain.epoch(1), strict=True):
         for key in x:
             assert torch.equal(x[key], y[key]), key
+
+
+def test_windows_are_read_ahead_of_the_batches_being_made(sst2_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While window i's batches are made, windows up to i + READ_AHEAD are queued on the reading threads (the
+    next epoch's first past the last): the threads never wait for a window to be laid out."""
+    from read_cache.training.reader import READ_AHEAD
+    from read_cache.training.windows import WindowReader
+
+    reader = SplitReader(open_cache(sst2_cache)["train"], batch_size=4, shuffle=True, seed=3, block_tokens=64, shuffle_blocks=2, coded=True)
+    windows = reader.windows(0)
+    started: list[list[tuple[int, int]]] = []
+    start = WindowReader.start
+    monkeypatch.setattr(WindowReader, "start", lambda self, bounds: started.append(bounds) or start(self, bounds))
+    window_of = {int(row): i for i, window in enumerate(windows) for row in window.order}
+    seen = set()
+    for batch in reader.epoch(0, next_epoch=1):  # coded batches are cut on this thread, as it asks
+        newest = window_of[int(batch["rows"][-1])]
+        if newest not in seen:
+            seen.add(newest)
+            assert len(started) == min(newest + 1 + READ_AHEAD, len(windows) + 1), newest
+    assert len(seen) > READ_AHEAD + 1 and len(windows) > READ_AHEAD + 1
+    assert started == [[reader.bounds[b] for b in w.blocks] for w in windows] + [[reader.bounds[b] for b in reader.windows(1)[0].blocks]]
 
 
 def test_the_reader_thread_stops_with_its_consumer_and_hands_on_errors(sst2_cache: Path, tmp_path: Path) -> None:

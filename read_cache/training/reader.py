@@ -15,8 +15,9 @@ chunks, in a shuffled block order (seeded by seed and epoch), and shuffles examp
 `shuffle_blocks` blocks. The order depends only on (seed, epoch, block layout), so the RAM mode, which
 decodes the split once and gathers batches from memory, yields exactly the same batches. Batches a
 CPU run trains on are assembled by background threads into a bounded queue: memory stays bounded
-whatever the store's size. Another thread reads window i+1 while window i's batches are made and, in
-training, the next epoch's first window while this epoch's last batches train (`epoch(e, next_epoch=e + 1)`).
+whatever the store's size. The reading threads read the next READ_AHEAD windows while window i's batches are
+made and, in training, the next epoch's first window while this epoch's last batches train
+(`epoch(e, next_epoch=e + 1)`).
 
 Three tiers hold a split: `stream` reads the store per window, `ram` holds the codes as stored in host
 memory, `device` holds them as stored on a torch device (a GPU, or any device in tests) and gathers and
@@ -35,6 +36,7 @@ holds what was made from it (training.buffers says the rule).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -82,6 +84,10 @@ streaming reader's memory (the window, its blocks while they are concatenated, a
 being read) whatever the store's size; the block order is shuffled across the whole split as well,
 so examples still mix split-wide."""
 PREFETCH_BATCHES = 4
+READ_AHEAD = 2
+"""Windows read ahead of the one whose batches are being made. Two keep the reading threads' queue from
+running dry at a window's end: with one, the threads waited for the last read of a window to finish and
+the next window to be laid out (docs/benchmarks.md, eleventh session)."""
 TIERS = ("device", "ram", "stream")
 """Where a reader holds its split, fastest first (`--reader` adds auto: the fastest that fits)."""
 DEVICE_SHARE = 0.8
@@ -192,8 +198,8 @@ class SplitReader:
         """Reused batch memory (training.buffers); pinned when coded batches go to a GPU."""
         queued = prefetch + self.workers + 1  # batches made or being made ahead of the consumer
         per_window = max(1, self.shuffle_blocks * len(split) // max(1, len(self.bounds)))  # examples, about
-        self.window_ring = BufferRing(keep=2 + math.ceil(queued * batch_size / per_window) + 1, pinned=on_cuda and self.decoding.coded and not self.staged)
-        """Reused window memory (unused when staged): the window being read, the next epoch's first read ahead,
+        self.window_ring = BufferRing(keep=READ_AHEAD + 1 + math.ceil(queued * batch_size / per_window) + 1, pinned=on_cuda and self.decoding.coded and not self.staged)
+        """Reused window memory (unused when staged): the windows being read (READ_AHEAD), the next epoch's first read ahead,
         and every window the queued batches take examples from (one, unless windows are smaller than batches);
         pinned when its windows are copied whole to a GPU (coded batches, `WindowBatch`, not staged)."""
         self._window_reader: WindowReader | None = None
@@ -203,7 +209,6 @@ class SplitReader:
         self._device_blocks: dict[int, DevicePool] = {}
         self._early: dict[int, Future[Pool]] = {}
         """The next epoch's first window, being read (streaming with `epoch(e, next_epoch)`)."""
-        self._background: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         """Batches per epoch (the last one may be short)."""
@@ -306,22 +311,32 @@ class SplitReader:
 
     # --- streaming: a window of blocks, the next one being read -----------------------------------
     def _stream_jobs(self, epoch: int, windows: list[Window], next_epoch: int | None) -> Iterator[Callable[[], Batch]]:
-        # Window i+1 is read on the background thread while window i's batches are made, and the next
-        # epoch's first window while this epoch's last are: reading never stops the batches, from a disk
-        # or an object store (latency-bound) alike. The examples of window i that do not fill a batch
-        # open the next batch, gathered from where they lie (window i stays referenced until then).
-        reading = self._early.pop(epoch, None)  # this epoch's first window, read while the last epoch ran
+        # The READ_AHEAD windows after window i are being read while window i's batches are made, and the next
+        # epoch's first window while this epoch's last are: reading never stops the batches, from a disk or an
+        # object store (latency-bound) alike. The examples of window i that do not fill a batch open the next
+        # batch, gathered from where they lie (window i stays referenced until then).
+        reads: collections.deque[Future[Pool]] = collections.deque()
+        first = self._early.pop(epoch, None)  # this epoch's first window, read while the last epoch ran
         self._early.clear()  # a read ahead for an epoch the caller skipped is let go
-        if reading is None and windows:
-            reading = self._read_window(windows[0])
+        if first is not None:
+            reads.append(first)
+        started = len(reads)
+
+        def start_through(last: int) -> None:
+            """Windows up to `last` queued; past this epoch's last, the next epoch's first."""
+            nonlocal started
+            while started <= last and started < len(windows):
+                reads.append(self._read_window(windows[started]))
+                started += 1
+            if last >= len(windows) and next_epoch is not None and next_epoch not in self._early:
+                self.read_first_window(next_epoch)
+
         pending: Segments = []  # examples that do not fill a batch yet
         have = 0
         for i, window in enumerate(windows):
-            pool = reading.result()
-            if i + 1 < len(windows):
-                reading = self._read_window(windows[i + 1])
-            elif next_epoch is not None:
-                self.read_first_window(next_epoch)
+            start_through(i + READ_AHEAD)
+            pool = reads.popleft().result()
+            start_through(i + READ_AHEAD)
             cut = self.batch_size if self.decoding.coded else 0  # the token -> example maps a WindowBatch slices
             order, at = Order(pool, window.positions, cut, have), 0
             while at < len(order):
@@ -346,19 +361,16 @@ class SplitReader:
         return functools.partial(gather, segments, self.decoding, self.batch_ring)
 
     def _read_window(self, window: Window) -> Future[Pool]:
-        """Start reading a window's blocks on the reader's background thread."""
-        if self._background is None:
-            self._background = ThreadPoolExecutor(1, thread_name_prefix="read-cache-window")
+        """Start reading a window's blocks on the reader's threads (training.windows)."""
         if self._window_reader is None:
             land_on = self.device if self.staged else None
             self._window_reader = WindowReader(self.split, self.window_ring, max(self.inflight, self.workers), land_on)
             blocks = self.shuffle_blocks if self.shuffle else 1  # an unshuffled epoch reads a block per window
             self.window_ring.floor = self._window_reader.largest_window_bytes(self.bounds, blocks)
-        bounds = [self.bounds[b] for b in window.blocks]
-        return self._background.submit(self._window_reader.read, bounds)
+        return self._window_reader.start([self.bounds[b] for b in window.blocks])
 
     def read_first_window(self, epoch: int) -> Future[Pool] | None:
-        """Start reading `epoch`'s first window (streaming) on the reader's background thread, as
+        """Start reading `epoch`'s first window (streaming) on the reader's threads, as
         `epoch(e, next_epoch)` does for the next epoch: the streaming counterpart of `load`. Returns the
         read's future (None for an empty split)."""
         windows = self.windows(epoch)

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -106,8 +107,12 @@ class WindowReader:
         }
         self._executor: ThreadPoolExecutor | None = None
 
-    def read(self, bounds: list[tuple[int, int]]) -> Pool:
-        """Blocks [a, b) of `bounds`, in that order, each block's whole chunks after the last block's."""
+    def start(self, bounds: list[tuple[int, int]]) -> Future[Pool]:
+        """Start reading blocks [a, b) of `bounds`, in that order, each block's whole chunks after the last
+        block's; the future's Pool is ready once every chunk has landed and passed its check (a failed read
+        is its exception). The window is laid out and its reads queued here, on the caller's thread: the
+        reading threads take them after any window queued before, so with the next window already queued
+        they never wait between windows (docs/benchmarks.md, eleventh session)."""
         offsets = self.split.offsets
         token_spans, example_spans = self._spans(bounds)
         layout = self._layout(sum(token_spans), sum(example_spans))
@@ -121,13 +126,16 @@ class WindowReader:
                 jobs += source.jobs(lo, hi, arrays[key][at:], self.stager, window)
             places.append((at_token + t0 % self._chunk_rows[True], at_example + a % self._chunk_rows[False]))
             at_token, at_example = at_token + t_span, at_example + e_span
-        self._run(jobs)
         pool = self._pool(bounds, arrays if window is None else {}, places)
         if window is not None:  # the window lies on the device already: the batches gather from it there. Kept under
             # the device the reader was given, which `batch_to` is asked for ("cuda", where the memory says "cuda:0")
             device = self.stager.device
             pool.device_copies[device] = DevicePool(dataclasses.replace(pool), arrays, device)
-        return pool
+        return self._submit(jobs, pool)
+
+    def read(self, bounds: list[tuple[int, int]]) -> Pool:
+        """The window of `bounds` (see `start`), read now."""
+        return self.start(bounds).result()
 
     def largest_window_bytes(self, bounds: list[tuple[int, int]], blocks: int) -> int:
         """The most bytes a window of `blocks` of these blocks can take: the largest blocks' layouts, summed
@@ -161,15 +169,33 @@ class WindowReader:
         spans = [s.span(start, stop) for k, s in self.sources.items() if (k in TOKEN_ARRAYS) == token]
         return max(spans, default=0)
 
-    def _run(self, jobs: list[Callable[[], object]]) -> None:
-        """Run the reads (GIL-free: preadv, crc32c, zarr's decoders)."""
-        if self.threads > 1 and len(jobs) > 1:
-            if self._executor is None:
-                self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="read-cache-chunks")
-            list(self._executor.map(lambda job: job(), jobs))
-        else:
-            for job in jobs:
+    def _submit(self, jobs: list[Callable[[], object]], pool: Pool) -> Future[Pool]:
+        """Queue the reads on the reading threads (GIL-free: preadv, crc32c, zarr's decoders); the future is
+        `pool` once all are done, or the first read's error."""
+        done: Future[Pool] = Future()
+        if not jobs:
+            done.set_result(pool)
+            return done
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="read-cache-chunks")
+        left, lock = [len(jobs)], threading.Lock()
+
+        def run(job: Callable[[], object]) -> None:
+            try:
                 job()
+            except BaseException as error:  # noqa: BLE001 - handed to the window's future
+                with lock:
+                    if not done.done():
+                        done.set_exception(error)
+                return
+            with lock:
+                left[0] -= 1
+                if left[0] == 0 and not done.done():
+                    done.set_result(pool)
+
+        for job in jobs:
+            self._executor.submit(run, job)
+        return done
 
 
 def _sources(split: Split) -> dict[str, RowSource]:
