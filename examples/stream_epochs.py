@@ -6,8 +6,8 @@
 
 For 1 and 2 workers: the train split's chunk files read by `preadv` into reused buffers (the limit), then
 one epoch of coded batches (codes + scales + offsets, batch 96) from a standing start (`cold`), and one
-timed as training reads it (`steady`: its first window read ahead during an untimed epoch before, the
-next epoch's read during it and waited for). Each reader is made afresh, so its buffers are new memory,
+timed as training reads it (`steady`: after two untimed epochs, its first window read ahead during the
+last of them, the next epoch's read during it and waited for). Each reader is made afresh, so its buffers are new memory,
 as in a training run's first epochs. Runs on any version of read_cache whose `SplitReader` has
 `epoch(e, next_epoch)` (docs/benchmarks.md compares two this way, alternating the versions).
 
@@ -36,11 +36,12 @@ def epoch_seconds(split, workers: int, steady: bool, device: str = "cpu") -> flo
     # Batches and futures are never left bound to a name: a batch held past its epoch holds its window
     # too, and the reader would allocate fresh memory for the next one, inside the timed epoch.
     reader = SplitReader(split, batch_size=96, shuffle=True, seed=0, mode="stream", workers=workers, device=device, coded=True)
-    if steady:
-        collections.deque(reader.epoch(0, next_epoch=1), maxlen=0)
+    if steady:  # two epochs before, as bench.reader.epoch: window slots reach their steady number in the second
+        for warm in (0, 1):
+            collections.deque(reader.epoch(warm, next_epoch=warm + 1), maxlen=0)
         [future.result() for future in list(reader._early.values())]  # the read ahead lands before the clock starts
     started = time.perf_counter()
-    n = sum(len(batch["label"]) for batch in reader.epoch(1, next_epoch=2 if steady else None))
+    n = sum(len(batch["label"]) for batch in reader.epoch(2, next_epoch=3 if steady else None))
     [future.result() for future in list(reader._early.values())]
     assert n == len(split), (n, len(split))
     return time.perf_counter() - started

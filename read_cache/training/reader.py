@@ -207,6 +207,7 @@ class SplitReader:
         self._blocks: dict[int, Pool] = {}
         self._held: DevicePool | None = None
         self._device_blocks: dict[int, DevicePool] = {}
+        self._windows: dict[int, list[Window]] = {}
         self._early: dict[int, Future[Pool]] = {}
         """The next epoch's first window, being read (streaming with `epoch(e, next_epoch)`)."""
 
@@ -222,10 +223,18 @@ class SplitReader:
         return self.epoch(0)
 
     def windows(self, epoch: int) -> list[Window]:
-        return epoch_windows(
-            self.bounds, shuffle=self.shuffle, seed=self.seed, epoch=epoch, shuffle_blocks=self.shuffle_blocks,
-            rank=self.rank, world_size=self.world_size,
-        )
+        """`epoch`'s windows (`epoch_windows`), kept for the epochs last asked for: an epoch asks for its own and
+        the next one's (its first window is read ahead), each ~0.7 ms of the consumer's time at 20,000 examples."""
+        windows = self._windows.get(epoch)
+        if windows is None:
+            windows = epoch_windows(
+                self.bounds, shuffle=self.shuffle, seed=self.seed, epoch=epoch, shuffle_blocks=self.shuffle_blocks,
+                rank=self.rank, world_size=self.world_size,
+            )
+            self._windows[epoch] = windows
+            while len(self._windows) > 2:  # the two asked for last
+                del self._windows[next(iter(self._windows))]
+        return windows
 
     def share(self, epoch: int) -> np.ndarray:
         """The rows this rank yields in `epoch`, in order (every row of the split for one process)."""

@@ -162,7 +162,7 @@ class WindowReader:
             rows.append(np.arange(a, b, dtype=np.int64))
         rows_all = np.concatenate(rows) if rows else np.zeros(0, np.int64)
         starts_all = np.concatenate(starts).astype(np.int64) if starts else np.zeros(0, np.int64)
-        lengths = np.diff(offsets)[rows_all]
+        lengths = offsets[rows_all + 1] - offsets[rows_all]  # not np.diff of every offset of the split, per window
         return Pool(starts_all, lengths, np.concatenate(examples) if examples else starts_all, self.split.labels[rows_all], rows_all, arrays)
 
     def _span(self, token: bool, start: int, stop: int) -> int:
