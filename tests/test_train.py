@@ -8,6 +8,7 @@ import random
 import shutil
 import subprocess
 import sys
+from concurrent.futures import Future
 from pathlib import Path
 
 import numpy as np
@@ -233,25 +234,29 @@ def test_the_next_epochs_first_window_is_read_ahead_without_changing_batches(sst
             assert torch.equal(x[key], y[key]), key
 
 
-def test_windows_are_read_ahead_of_the_batches_being_made(sst2_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """While window i's batches are made, windows up to i + READ_AHEAD are queued on the reading threads (the
-    next epoch's first past the last): the threads never wait for a window to be laid out."""
+def test_windows_are_queued_before_the_stream_waits_for_the_one_ahead(sst2_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When the stream waits for window i, windows up to i + READ_AHEAD are already queued behind it on the reading
+    threads (the next epoch's first past the last): the threads never wait for the stream between windows."""
     from read_cache.training.reader import READ_AHEAD
     from read_cache.training.windows import WindowReader
 
     reader = SplitReader(open_cache(sst2_cache)["train"], batch_size=4, shuffle=True, seed=3, block_tokens=64, shuffle_blocks=2, coded=True)
     windows = reader.windows(0)
     started: list[list[tuple[int, int]]] = []
+    waits: list[tuple[int, int]] = []  # (window waited for, windows started by then)
     start = WindowReader.start
-    monkeypatch.setattr(WindowReader, "start", lambda self, bounds: started.append(bounds) or start(self, bounds))
-    window_of = {int(row): i for i, window in enumerate(windows) for row in window.order}
-    seen = set()
-    for batch in reader.epoch(0, next_epoch=1):  # coded batches are cut on this thread, as it asks
-        newest = window_of[int(batch["rows"][-1])]
-        if newest not in seen:
-            seen.add(newest)
-            assert len(started) == min(newest + 1 + READ_AHEAD, len(windows) + 1), newest
-    assert len(seen) > READ_AHEAD + 1 and len(windows) > READ_AHEAD + 1
+
+    def spy(self: WindowReader, bounds: list[tuple[int, int]]) -> Future:
+        future, k = start(self, bounds), len(started)
+        started.append(bounds)
+        result = future.result
+        future.result = lambda *args, **kwargs: waits.append((k, len(started))) or result(*args, **kwargs)
+        return future
+
+    monkeypatch.setattr(WindowReader, "start", spy)
+    assert sum(len(batch["label"]) for batch in reader.epoch(0, next_epoch=1)) == len(reader.split)
+    assert len(windows) > READ_AHEAD + 1
+    assert waits == [(k, min(k + 1 + READ_AHEAD, len(windows) + 1)) for k in range(len(windows))]
     assert started == [[reader.bounds[b] for b in w.blocks] for w in windows] + [[reader.bounds[b] for b in reader.windows(1)[0].blocks]]
 
 

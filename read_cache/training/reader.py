@@ -15,9 +15,9 @@ chunks, in a shuffled block order (seeded by seed and epoch), and shuffles examp
 `shuffle_blocks` blocks. The order depends only on (seed, epoch, block layout), so the RAM mode, which
 decodes the split once and gathers batches from memory, yields exactly the same batches. Batches a
 CPU run trains on are assembled by background threads into a bounded queue: memory stays bounded
-whatever the store's size. The reading threads read the next READ_AHEAD windows while window i's batches are
-made and, in training, the next epoch's first window while this epoch's last batches train
-(`epoch(e, next_epoch=e + 1)`).
+whatever the store's size. The reading threads read window i+1 (queued behind window i before the stream
+waits for it) while window i's batches are made and, in training, the next epoch's first window while this
+epoch's last batches train (`epoch(e, next_epoch=e + 1)`).
 
 Three tiers hold a split: `stream` reads the store per window, `ram` holds the codes as stored in host
 memory, `device` holds them as stored on a torch device (a GPU, or any device in tests) and gathers and
@@ -84,10 +84,13 @@ streaming reader's memory (the window, its blocks while they are concatenated, a
 being read) whatever the store's size; the block order is shuffled across the whole split as well,
 so examples still mix split-wide."""
 PREFETCH_BATCHES = 4
-READ_AHEAD = 2
-"""Windows read ahead of the one whose batches are being made. Two keep the reading threads' queue from
-running dry at a window's end: with one, the threads waited for the last read of a window to finish and
-the next window to be laid out (docs/benchmarks.md, eleventh session)."""
+READ_AHEAD = 1
+"""Windows queued on the reading threads behind the one the stream waits for (the last window's: the next
+epoch's first). They are queued before the wait, so the threads go from a window's last read straight to
+the next window's first: when the next window was asked for only once this one had landed, they waited for
+the stream to take it and lay the next one out at every window's end (docs/benchmarks.md, eleventh session).
+One is enough while the batches are cut faster than windows are read, and it keeps a window fewer in memory
+than two."""
 TIERS = ("device", "ram", "stream")
 """Where a reader holds its split, fastest first (`--reader` adds auto: the fastest that fits)."""
 DEVICE_SHARE = 0.8
@@ -198,10 +201,10 @@ class SplitReader:
         """Reused batch memory (training.buffers); pinned when coded batches go to a GPU."""
         queued = prefetch + self.workers + 1  # batches made or being made ahead of the consumer
         per_window = max(1, self.shuffle_blocks * len(split) // max(1, len(self.bounds)))  # examples, about
-        self.window_ring = BufferRing(keep=READ_AHEAD + 1 + math.ceil(queued * batch_size / per_window) + 1, pinned=on_cuda and self.decoding.coded and not self.staged)
-        """Reused window memory (unused when staged): the windows being read (READ_AHEAD), the next epoch's first read ahead,
-        and every window the queued batches take examples from (one, unless windows are smaller than batches);
-        pinned when its windows are copied whole to a GPU (coded batches, `WindowBatch`, not staged)."""
+        self.window_ring = BufferRing(keep=1 + READ_AHEAD + math.ceil(queued * batch_size / per_window) + 1, pinned=on_cuda and self.decoding.coded and not self.staged)
+        """Reused window memory (unused when staged): the window being read and the READ_AHEAD queued behind it,
+        every window the queued batches take examples from (one, unless windows are smaller than batches), and
+        one to spare; pinned when its windows are copied whole to a GPU (coded batches, `WindowBatch`, not staged)."""
         self._window_reader: WindowReader | None = None
         self._ram: Pool | None = None
         self._blocks: dict[int, Pool] = {}
@@ -320,10 +323,11 @@ class SplitReader:
 
     # --- streaming: a window of blocks, the next one being read -----------------------------------
     def _stream_jobs(self, epoch: int, windows: list[Window], next_epoch: int | None) -> Iterator[Callable[[], Batch]]:
-        # The READ_AHEAD windows after window i are being read while window i's batches are made, and the next
-        # epoch's first window while this epoch's last are: reading never stops the batches, from a disk or an
-        # object store (latency-bound) alike. The examples of window i that do not fill a batch open the next
-        # batch, gathered from where they lie (window i stays referenced until then).
+        # Before waiting for window i, the READ_AHEAD windows after it are queued behind it (past this epoch's last,
+        # the next epoch's first): they are read while window i's batches are made, and the reading threads
+        # never wait for the stream between windows, from a disk or an object store (latency-bound) alike. The
+        # examples of window i that do not fill a batch open the next batch, gathered from where they lie
+        # (window i stays referenced until then).
         reads: collections.deque[Future[Pool]] = collections.deque()
         first = self._early.pop(epoch, None)  # this epoch's first window, read while the last epoch ran
         self._early.clear()  # a read ahead for an epoch the caller skipped is let go
@@ -345,7 +349,6 @@ class SplitReader:
         for i, window in enumerate(windows):
             start_through(i + READ_AHEAD)
             pool = reads.popleft().result()
-            start_through(i + READ_AHEAD)
             cut = self.batch_size if self.decoding.coded else 0  # the token -> example maps a WindowBatch slices
             order, at = Order(pool, window.positions, cut, have), 0
             while at < len(order):

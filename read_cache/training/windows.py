@@ -1,7 +1,8 @@
 """A streaming window: each block's whole chunks, read into one reused buffer.
 
     reader = WindowReader(split, ring=BufferRing(keep=3), threads=2)
-    pool = reader.read([(0, 400), (1200, 1610)])
+    pool = reader.read([(0, 400), (1200, 1610)])    # now
+    future = reader.start([(3000, 3400)])          # queued on the reading threads; future.result() is its Pool
 
 The result is a `Pool` whose arrays hold each block's chunks as they lie, back to back, so a block's edge
 chunks bring their neighbours' tokens along and `Pool.starts` skips them. Raw local arrays (format 3's
