@@ -47,13 +47,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import crc32c
 import numpy as np
 
 from read_cache.bench.common import metered
 from read_cache.config import BenchConfig
 from read_cache.errors import ReadCacheError
 from read_cache.store import Split, open_cache, read_root_attrs
+from read_cache.store.direct import checksum
 from read_cache.store.engines import ENGINES, engine_readers
 from read_cache.store.transcode import transcode
 from read_cache.training.pools import STORED
@@ -131,7 +131,7 @@ def preadv_seconds(files: list[Path], threads: int, target: str = "preadv") -> f
                     turn += 1
                     os.preadv(fd, [data], at)
                     if target != "preadv":
-                        crc = crc32c.crc32c(data, crc)
+                        crc = checksum(data, crc)
             finally:
                 os.close(fd)
 
