@@ -15,7 +15,7 @@ from conftest import HANG_GUARD_S, build_quietly, flip_byte_in_a_chunk
 
 from read_cache.errors import CacheCorruptError
 from read_cache.store import open_cache
-from read_cache.store.direct import direct_arrays
+from read_cache.store.direct import checksum, direct_arrays
 from read_cache.store.formats import to_torch_codes
 from read_cache.training import staging, windows
 from read_cache.training.buffers import BufferRing, layout_bytes
@@ -43,6 +43,19 @@ def test_direct_reads_equal_zarr_for_every_raw_array(int8_cache: Path) -> None:
             out = np.empty((rows.span(a, b), *rows.row_shape), rows.dtype)
             first = rows.read_into(a, b, out)
             assert np.array_equal(out[first : first + b - a], split.array(name)[a:b]), (name, a, b)
+
+
+def test_the_checksum_is_zarrs_crc32c_continued_over_pieces() -> None:
+    """The direct engine's CRC32C library is not zarr's: it must agree with it (google-crc32c, zarr's crc32c
+    codec) on every length and at every split point a chunk read in pieces continues from."""
+    assert checksum(b"123456789") == 0xE3069283  # RFC 3720's check value
+    google_crc32c = pytest.importorskip("google_crc32c")  # zarr >= 3.1's; 3.0 used ICRAR crc32c
+    data = np.random.default_rng(0).integers(0, 256, 300_007, dtype=np.uint8)
+    for n in (0, 1, 15, 16, 17, 4095, 65_537, 300_007):
+        whole = google_crc32c.value(data[:n].tobytes())
+        assert checksum(data[:n]) == whole
+        for cut in {0, min(1, n), n // 3, n}:
+            assert checksum(data[cut:n], checksum(data[:cut])) == whole, (n, cut)
 
 
 def test_direct_writes_are_the_files_zarr_writes(int8_cache: Path, tmp_path: Path) -> None:

@@ -50,8 +50,8 @@ CHECKSUM_BYTES = 4
 
 checksum = crc32c_rs.crc32c
 """CRC32C of a buffer, continued from a previous value (`checksum(data, value)`), GIL released. `crc32c-rs`
-picks the CPU's fastest kernel at import (here `crc32` and `pclmulqdq` interleaved): 29-32 GB/s on a 2-4 MB
-buffer in cache against ICRAR `crc32c`'s 20-22 (`crc32` alone), which made steady streamed epochs 4-5% faster
+picks the CPU's fastest kernel at import (here `crc32` and `pclmulqdq` interleaved): 22-32 GB/s on a 2-4 MB
+buffer in cache against ICRAR `crc32c`'s 20-22 (`crc32` alone), which made steady streamed epochs 1-5% faster
 (docs/benchmarks.md, twelfth session). Every chunk read and written here, and the bench's ceilings, use it."""
 
 
