@@ -60,7 +60,12 @@ def test_bench_reports_every_figure(tiny_t5: Path, glue_dir: Path, tmp_path: Pat
             assert entry[field] > 0, (fmt, field)
         for path in ("stream", "stream-host", "stream-cold", "ram", "stream-float32"):
             assert entry[path]["stored_gbps"] > 0 and entry[path]["examples_per_second"] > 0, (fmt, path)
-    assert (out / "bench.png").stat().st_size > 0 and "build_over_forward" in (out / "bench.md").read_text()
+        rows = on_disk["methods"]["reader"]["rows"]
+        fastest = {p: max((r for k, r in rows.items() if k.startswith(f"{fmt}/{p}/")), key=lambda r: r["stored_gbps"]) for p in ("preadv", "stream")}
+        rounds = [t / s for t, s in zip(fastest["preadv"]["all_seconds"], fastest["stream"]["all_seconds"])]
+        assert len(rounds) == on_disk["methods"]["reader"]["rounds"] and entry["stream_of_limit_rounds"] == pytest.approx(rounds), fmt
+    bench_md = (out / "bench.md").read_text()
+    assert (out / "bench.png").stat().st_size > 0 and "build_over_forward" in bench_md and "round by round" in bench_md
 
 
 def energy_counters_readable() -> bool:

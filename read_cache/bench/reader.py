@@ -32,7 +32,8 @@ states) and in one process, formats interleaved round by round so they share the
 Reported (medians over the rounds): examples/s, GB/s of stored bytes (the chunk files' sizes: what an
 epoch reads), the cores kept busy (process CPU seconds / wall), and per format the bench.json entry the
 issue names: `limit_preadv_gbps` and, per path (`stream`, `ram`, best worker count), `stored_gbps` and
-`examples_per_second`; beside them the two ceilings (`window_gbps`, `staged_gbps`) and each stream's share of its own.
+`examples_per_second`; beside them the two ceilings (`window_gbps`, `staged_gbps`) and each stream's share of its own,
+and `stream_of_limit_rounds`: the stream's share of the limit in each round (a single run's spread).
 """
 
 from __future__ import annotations
@@ -250,14 +251,20 @@ def _engine_bytes(split: Split) -> int:
 
 def _format_entry(fmt: str, rows: dict[str, Any], stored: int, examples: int) -> dict[str, Any]:
     """bench.json's per-format entry: the preadv limit, and each path at its best worker count."""
+    def fastest(path: str) -> dict[str, Any]:  # the path's row at its best worker count
+        return max((rows[f"{fmt}/{path}/{w}"] for w in WORKERS), key=lambda r: r["stored_gbps"])
+
     def best(path: str) -> dict[str, Any]:
-        r = max((rows[f"{fmt}/{path}/{w}"] for w in WORKERS), key=lambda r: r["stored_gbps"])
+        r = fastest(path)
         return {"stored_gbps": r["stored_gbps"], "examples_per_second": r["examples_per_second"]}
 
-    limit, window, staged = (max(rows[f"{fmt}/{target}/{w}"]["stored_gbps"] for w in WORKERS) for target in LIMITS)
+    limit, window, staged = (fastest(target)["stored_gbps"] for target in LIMITS)
     entry = {"limit_preadv_gbps": limit, "window_gbps": window, "staged_gbps": staged, "stored_bytes": stored, "stored_bytes_per_example": stored / examples}
     entry.update({path: best(path) for path in PATHS})
     entry["stream_of_limit"] = entry["stream"]["stored_gbps"] / limit
+    # The same share round by round (the same bytes, so limit seconds over stream seconds): runs of the same code
+    # differ by about +-0.09 here, and the rounds show how much of that one run holds.
+    entry["stream_of_limit_rounds"] = [t / s for t, s in zip(fastest("preadv")["all_seconds"], fastest("stream")["all_seconds"])]
     entry["stream_of_staged"] = entry["stream"]["stored_gbps"] / staged
     entry["stream_host_of_limit"] = entry["stream-host"]["stored_gbps"] / limit
     entry["stream_host_of_window"] = entry["stream-host"]["stored_gbps"] / window
@@ -284,6 +291,8 @@ def markdown(result: dict[str, Any]) -> str:
                     f"| {fmt} | {entry['stored_bytes_per_example']:,.0f} | {path} | {workers} | {r['examples_per_second']:,.0f} | "
                     f"{r['stored_gbps']:.2f} | {r['stored_gbps'] / entry['limit_preadv_gbps']:.2f} | {r['cores_busy']:.2f} |"
                 )
+    lines += ["", "Stream of the preadv limit, round by round (each round's stream against its own limit):", ""]
+    lines += [f"- {fmt}: " + ", ".join(f"{r:.2f}" for r in result["formats"][fmt]["stream_of_limit_rounds"]) for fmt in FORMATS]
     lines += ["", "Engines (encoder_hidden read whole in 8-chunk blocks, 1 thread, stored GB/s):", "",
               "| format | " + " | ".join(ENGINES) + " |", "|---|" + "---|" * len(ENGINES)]
     for fmt in FORMATS:
