@@ -226,8 +226,9 @@ class SplitReader:
         return self.epoch(0)
 
     def windows(self, epoch: int) -> list[Window]:
-        """`epoch`'s windows (`epoch_windows`), kept for the epochs last asked for: an epoch asks for its own and
-        the next one's (its first window is read ahead), each ~0.7 ms of the consumer's time at 20,000 examples."""
+        """`epoch`'s windows (`epoch_windows`), kept for the two epochs whose windows were made last: an epoch asks
+        for its own and the next one's (its first window is read ahead), each ~0.7 ms of the consumer's time at
+        20,000 examples."""
         windows = self._windows.get(epoch)
         if windows is None:
             windows = epoch_windows(
@@ -235,7 +236,7 @@ class SplitReader:
                 rank=self.rank, world_size=self.world_size,
             )
             self._windows[epoch] = windows
-            while len(self._windows) > 2:  # the two asked for last
+            while len(self._windows) > 2:  # the two made last (insertion order: a hit does not move an epoch)
                 del self._windows[next(iter(self._windows))]
         return windows
 
