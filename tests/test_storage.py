@@ -130,6 +130,22 @@ def test_error_stats_see_outlier_damage_that_row_norms_hide() -> None:
     assert max(stats.rel_rms) < 0.05 and min(stats.channel_rel_rms) > 5 * max(stats.rel_rms)
 
 
+def test_error_sums_are_their_definitions_and_leave_the_inputs_alone() -> None:
+    """ErrorStats squares in place on its own float64 copies: the sums must be those of the formulas, and neither
+    input (float32 from the build, float64 from a caller) may change."""
+    x = states(seed=3).astype(np.float64)
+    approx = (x + np.random.default_rng(4).standard_normal(x.shape) * 0.05).astype(np.float32)
+    kept_x, kept_approx = x.copy(), approx.copy()
+    stats = ErrorStats.empty(x.shape[1])
+    stats.add(x, approx)
+    diff2, ref2 = (x - approx.astype(np.float64)) ** 2, x**2
+    np.testing.assert_allclose(stats.err2, diff2.sum((0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(stats.ref2, ref2.sum((0, 2)), rtol=1e-12)
+    np.testing.assert_allclose(stats.worst_row, np.sqrt(diff2.sum(-1) / ref2.sum(-1)).max(0), rtol=1e-12)
+    np.testing.assert_allclose(stats.close_unit(), np.sqrt((diff2.sum(0) / ref2.sum(0)).mean(-1)), rtol=1e-12)
+    assert np.array_equal(x, kept_x) and np.array_equal(approx, kept_approx)
+
+
 # --------------------------------------------------------------------------------------------------
 # Caches in the compact formats
 
