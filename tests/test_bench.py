@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+from conftest import write_glue
 
 from read_cache.bench.run import run_bench
 from read_cache.config import BenchConfig
@@ -106,3 +107,24 @@ def test_the_gpu_race_script_runs_its_whole_path_on_a_cpu(tmp_path: Path) -> Non
         assert set(result["tiers"]) == set(race.TIERS)
         for tier, figures in result["tiers"].items():
             assert "error" not in figures and figures["examples_per_second"] > 0, (fmt, tier, figures)
+
+
+def test_the_build_overhead_script_runs_every_arm_and_puts_the_build_back(tiny_t5: Path, tmp_path: Path) -> None:
+    """examples/build_overhead.py times the build against the bare forward in one process by swapping the build's
+    model loader and the forward's function; every arm must run, and both swaps must be undone after."""
+    import importlib.util
+
+    import read_cache.backbone.forward as forward_module
+    import read_cache.build as build_module
+    import read_cache.build.units as units_module
+
+    spec = importlib.util.spec_from_file_location("build_overhead", Path(__file__).resolve().parents[1] / "examples" / "build_overhead.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    before = (build_module.load_backbone, forward_module.forward_batch, units_module.forward_batch)
+    glue = write_glue(tmp_path / "glue", n_train=40, n_dev=16)
+    report = script.main(["--model", str(tiny_t5), "--data-dir", str(glue), "--limit", "20", "--rounds", "1"])
+    assert set(report) == {"build", "no-write"}
+    for figures in report.values():
+        assert figures["over_bare"] > 0 and figures["forward_batches_over_bare"] > 0 and len(figures["seconds"]) == 1
+    assert (build_module.load_backbone, forward_module.forward_batch, units_module.forward_batch) == before

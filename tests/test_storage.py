@@ -131,8 +131,8 @@ def test_error_stats_see_outlier_damage_that_row_norms_hide() -> None:
 
 
 def test_error_sums_are_their_definitions_and_leave_the_inputs_alone() -> None:
-    """ErrorStats squares in place on its own float64 copies: the sums must be those of the formulas, and neither
-    input (float32 from the build, float64 from a caller) may change."""
+    """The build's error sample (what `inspect` shows and the ceilings check) is these formulas' sums, per layer and
+    per channel, and measuring it changes neither input (float32 from the build, float64 from a caller)."""
     x = states(seed=3).astype(np.float64)
     approx = (x + np.random.default_rng(4).standard_normal(x.shape) * 0.05).astype(np.float32)
     kept_x, kept_approx = x.copy(), approx.copy()
