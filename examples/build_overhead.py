@@ -6,7 +6,7 @@
 varies by +-10% from process to process on a 2-core VM (docs/benchmarks.md, thirteenth session). Here the three
 arms share one process and one warm model, rotated round by round:
 
-  bare      the bench's bare forward: every split tokenised and forwarded in length-grouped batches of 64
+  bare      the bench's bare forward (`bench.methods.split_tokens`, then `bare_forward`)
   build     `build_cache` of the same examples into a fresh cache (its `load_backbone` returns the loaded model)
   no-write  the same build with every unit's chunk writes and fsyncs left out (units are only marked done)
 
@@ -29,8 +29,8 @@ from typing import Any
 import read_cache.backbone.forward as forward_module
 import read_cache.build as build_module
 import read_cache.build.units as units_module
-from read_cache.backbone.inputs import model_inputs, tokenize
 from read_cache.backbone.load import load_backbone
+from read_cache.bench.methods import bare_forward, split_tokens
 from read_cache.config import BuildConfig
 from read_cache.store.writer import CacheWriter
 from read_cache.tasks.data import load_glue
@@ -67,19 +67,25 @@ def mark_only(writer: CacheWriter, split: str, unit: Any, tokens: dict, examples
     writer.group[split]["units_done"][unit.index] = 1
 
 
-def arms(args: argparse.Namespace, out: Path) -> dict[str, Callable[[], None]]:
-    """The three arms; the build's are given the one loaded model (the caller puts `build.load_backbone` back)."""
-    backbone = load_backbone(args.model, device="cpu")
+@contextlib.contextmanager
+def given_model(backbone: Any) -> Iterator[None]:
+    """`build_cache` loads `backbone` (already loaded) instead of loading the model again."""
+    loader = build_module.load_backbone
     build_module.load_backbone = lambda *a, **k: backbone
+    try:
+        yield
+    finally:
+        build_module.load_backbone = loader
+
+
+def arms(args: argparse.Namespace, backbone: Any, out: Path) -> dict[str, Callable[[], None]]:
+    """The three arms over `args`' examples, the builds into `out`."""
     task = get_task(args.task)
     data = load_glue(task, args.data_dir, args.limit)
     write_unit = CacheWriter.write_unit
 
     def bare() -> None:
-        for split in data.values():
-            tok = tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, split.texts), 256)
-            for _ in forward_module.forward_batches(backbone, tok.ids, 64, "mean", tok.type_ids):
-                pass
+        bare_forward(backbone, split_tokens(backbone, task, data))
 
     def build(write: bool) -> None:
         CacheWriter.write_unit = write_unit if write else mark_only
@@ -101,21 +107,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--limit", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    clock, loader = ForwardClock(), build_module.load_backbone
+    clock, backbone = ForwardClock(), load_backbone(args.model, device="cpu")
     wall: dict[str, list[float]] = {arm: [] for arm in ARMS}
     inside: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    with tempfile.TemporaryDirectory() as scratch, clock.installed():
-        try:
-            run = arms(args, Path(scratch) / "cache")
-            for r in range(args.rounds):
-                for arm in ARMS[r % 3 :] + ARMS[: r % 3]:  # rotated: no arm always runs first
-                    clock.seconds, started = 0.0, time.perf_counter()
-                    run[arm]()
-                    wall[arm].append(time.perf_counter() - started)
-                    inside[arm].append(clock.seconds)
-                    print(f"round {r} {arm:8s} {wall[arm][-1]:6.2f} s, of which forward batches {clock.seconds:6.2f} s", flush=True)
-        finally:
-            build_module.load_backbone = loader
+    with tempfile.TemporaryDirectory() as scratch, clock.installed(), given_model(backbone):
+        run = arms(args, backbone, Path(scratch) / "cache")
+        for r in range(args.rounds):
+            for arm in ARMS[r % 3 :] + ARMS[: r % 3]:  # rotated: no arm always runs first
+                clock.seconds, started = 0.0, time.perf_counter()
+                run[arm]()
+                wall[arm].append(time.perf_counter() - started)
+                inside[arm].append(clock.seconds)
+                print(f"round {r} {arm:8s} {wall[arm][-1]:6.2f} s, of which forward batches {clock.seconds:6.2f} s", flush=True)
     report = {
         arm: {
             "over_bare": statistics.median(b / a for a, b in zip(wall["bare"], wall[arm])),

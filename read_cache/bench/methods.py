@@ -46,16 +46,12 @@ def _rss() -> int:
 
 
 def forward(cfg: BenchConfig) -> dict[str, Any]:
-    from read_cache.backbone.forward import forward_batches
-
     baseline = _rss()
 
     def work() -> tuple[float, int]:
         backbone, tokenized = _backbone_and_tokens(cfg)
         started = time.perf_counter()
-        for tok in tokenized.values():
-            for _ in forward_batches(backbone, tok.ids, 64, "mean", tok.type_ids):
-                pass
+        bare_forward(backbone, tokenized)
         return time.perf_counter() - started, sum(len(t.ids) for t in tokenized.values())
 
     (compute, examples), meter = metered(work)
@@ -82,8 +78,23 @@ def build(cfg: BenchConfig) -> dict[str, Any]:
     return _result(meter, baseline, compute_seconds=report.forward_seconds, raw_bytes=raw, disk_bytes=disk, cached_values=values)
 
 
-def _backbone_and_tokens(cfg: BenchConfig) -> tuple[Any, dict[str, Any]]:
+def bare_forward(backbone: Any, tokenized: dict[str, Any]) -> None:
+    """The bare forward pass over every tokenised split (`split_tokens`), its states dropped: what a build cannot avoid."""
+    from read_cache.backbone.forward import forward_batches
+
+    for tok in tokenized.values():
+        for _ in forward_batches(backbone, tok.ids, 64, "mean", tok.type_ids):
+            pass
+
+
+def split_tokens(backbone: Any, task: Any, data: dict[str, Any]) -> dict[str, Any]:
+    """Every split of `data` (`load_glue`) tokenised for `backbone` as the bare forward reads it."""
     from read_cache.backbone.inputs import model_inputs, tokenize
+
+    return {s: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, d.texts), 256) for s, d in data.items()}
+
+
+def _backbone_and_tokens(cfg: BenchConfig) -> tuple[Any, dict[str, Any]]:
     from read_cache.backbone.load import load_backbone
     from read_cache.tasks.data import load_glue
     from read_cache.tasks.specs import get_task
@@ -91,7 +102,7 @@ def _backbone_and_tokens(cfg: BenchConfig) -> tuple[Any, dict[str, Any]]:
     task = get_task(cfg.task)
     data = load_glue(task, cfg.data_dir, cfg.limit)
     backbone = load_backbone(cfg.model, device=cfg.device)
-    return backbone, {s: tokenize(backbone.tokenizer, *model_inputs(backbone.kind, task, d.texts), 256) for s, d in data.items()}
+    return backbone, split_tokens(backbone, task, data)
 
 
 # --------------------------------------------------------------------------------------------------
