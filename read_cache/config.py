@@ -77,8 +77,9 @@ class BuildConfig:
     """`--store-dtype`: 'bfloat16' (T5's range), 'float16', or 8-/4-bit codes with scales 'fp8', 'int8', 'int4'.
     The default was chosen by measurement (docs/storage.md: size, error and READ scores)."""
     codec: str = "auto"
-    """`--codec`: 'auto' (raw 8-/4-bit codes, zstd for 16-bit floats: what reads fastest, docs/storage.md), 'none',
-    'zstd' (12-19% smaller 8-/4-bit caches, decoded 14-60x slower) or 'lz4'."""
+    """`--codec`: 'auto' (raw 8-/4-bit codes, which read fastest; zstd for 16-bit floats, the compressed store
+    older caches hold), 'none' (a 16-bit cache to stream: ~23x faster for ~1.35x the bytes), 'zstd' (12-19% smaller
+    8-/4-bit caches, decoded 14-60x slower) or 'lz4'. Measurements: docs/storage.md."""
     revision: str | None = None
     """Hub revision of the model."""
     chunk_mb: float = 4.0

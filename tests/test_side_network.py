@@ -10,7 +10,9 @@ from read_cache.training.side_network import (
     SideNetwork,
     SideNetworkConfig,
     count_trainable,
+    padded_rows,
     parameter_breakdown,
+    pool,
 )
 
 T5_BASE = dict(d_model=768, n_encoder_layers=12, n_decoder_layers=12)
@@ -233,3 +235,39 @@ def test_bf16_autocast_stays_close_to_fp32(encoder_only: bool) -> None:
         got = net(**states)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=0.05 * want.abs().max().item(), rtol=0.05)
+
+
+@pytest.mark.parametrize("recurrence", [True, False])
+def test_ops_that_follow_the_token_count_see_few_sizes_and_the_real_tokens_are_unchanged(recurrence: bool) -> None:
+    """The encoder RNN and Up run over a batch's tokens padded to one of 16 sizes per octave, at most 1/16 more,
+    so oneDNN's per-shape kernels stay few (side_network.padded_rows); what the head reads is bit for bit what the
+    unpadded computation gives."""
+    torch.manual_seed(0)
+    net = SideNetwork(SideNetworkConfig(rnn="gru", dim=8, d_model=16, n_encoder_layers=3, n_decoder_layers=0,
+                                        encoder_only=True, head="linear", recurrence=recurrence))
+    torch.nn.init.normal_(net.up.weight)  # Up starts at zero: make it count
+    seen: set[tuple[str, int]] = set()
+    with torch.no_grad():
+        for tokens in range(1, 4097, 3):
+            enc, token_example = torch.randn(tokens, 3, 16), torch.arange(tokens) * 4 // tokens
+            alone = pool(enc[:, -1] + net.up(net.encoder_rnn(net.encoder_norm(enc))[0][:, -1]), token_example, 4, "mean")
+            hooks = [m.register_forward_pre_hook(lambda m, args, name=name: seen.add((name, args[0].shape[0]))) for name, m in (("rnn", net.encoder_rnn), ("up", net.up))]
+            assert torch.equal(net.features(enc=enc, token_example=token_example, n_examples=4), alone)
+            for hook in hooks:
+                hook.remove()
+            assert tokens <= padded_rows(tokens) <= tokens * 17 / 16
+    for name in ("rnn", "up"):
+        assert len({n for kind, n in seen if kind == name}) <= 32 + 16 * 7  # 1..31 as they are, then 16 per octave up to 4,096
+
+
+def test_a_t5_side_network_reads_the_unpadded_corrections() -> None:
+    """The T5 path drops the padding before the cross-attention weighting: the same output as without it."""
+    torch.manual_seed(0)
+    net = SideNetwork(SideNetworkConfig(rnn="gru", dim=8, d_model=16, n_encoder_layers=3, n_decoder_layers=2, head="linear"))
+    torch.nn.init.normal_(net.up.weight)
+    tokens = 77  # padded to 80
+    enc, cross, dec = torch.randn(tokens, 3, 16), torch.rand(tokens, 2), torch.randn(4, 2, 16)
+    token_example = torch.arange(tokens) * 4 // tokens
+    with torch.no_grad():
+        alone = net.decoder_output(net.encoder_rnn(net.encoder_norm(enc))[0][:, -1], cross, token_example, dec)
+        assert torch.equal(net.features(enc=enc, token_example=token_example, n_examples=4, cross=cross, dec=dec), alone)

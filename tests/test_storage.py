@@ -101,6 +101,9 @@ def test_torch_and_numpy_agree_bit_for_bit(name: str) -> None:
             codes_t, scale_t = quantise_torch(given, fmt, ch)
             assert np.array_equal(codes, codes_t) and (scale is None or np.array_equal(scale, scale_t))
         assert np.array_equal(given.float().numpy(), reference)  # the caller's states are left as they were
+        # Scales of 1 (every channel of a model without outliers, MiniLM's among them) give the codes of no scales.
+        plain, ones = quantise_torch(given, fmt), quantise_torch(given, fmt, np.ones_like(channel))
+        assert all((a is None and b is None) or np.array_equal(a, b) for a, b in zip(plain, ones))
 
 
 def test_fp8_codes_are_torchs_float8_e4m3fn() -> None:
@@ -226,6 +229,23 @@ def test_codes_are_stored_raw_with_a_checksum_and_zstd_on_request(caches: dict[s
     raw, packed = read_cache.open_cache(caches["int8"]), read_cache.open_cache(zstd)
     assert packed.attrs["build"]["codec"] == "zstd" and packed.disk_bytes("train") < raw.disk_bytes("train")
     np.testing.assert_array_equal(packed["train"][4].encoder_hidden, raw["train"][4].encoder_hidden)
+
+
+def test_a_raw_bfloat16_cache_streams_directly_with_the_same_batches(caches: dict[str, Path], tmp_path: Path) -> None:
+    """`--codec none` on a 16-bit cache (docs/storage.md: what to stream): its arrays take the direct engine, and
+    its streams, landed on the host or staged to a device, give the zstd cache's batches."""
+    from read_cache.store.direct import direct_arrays
+    from read_cache.store.transcode import transcode
+
+    raw = transcode(caches["bfloat16"], tmp_path / "raw", "bfloat16", "none")
+    assert array_codecs(raw, "encoder_hidden") == ["bytes", "crc32c"]
+    split, packed = read_cache.open_cache(raw)["train"], read_cache.open_cache(caches["bfloat16"])["train"]
+    assert "encoder_hidden" in direct_arrays(split, ("encoder_hidden",)) and not direct_arrays(packed, ("encoder_hidden",))
+    reference = _batches(SplitReader(packed, batch_size=16, mode="stream"))
+    for reader in (SplitReader(split, batch_size=16, mode="stream"), SplitReader(split, batch_size=16, mode="stream", coded=True, stage=True)):
+        theirs = [batch_to(b, torch.device("cpu")) for b in reader.epoch(1)]
+        assert len(theirs) == len(reference)
+        assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(reference, theirs))
 
 
 def test_version_2_caches_still_open_and_resume(caches: dict[str, Path], tiny_t5: Path, tmp_path: Path) -> None:

@@ -34,7 +34,7 @@ def build(
     batch_size: Annotated[int, typer.Option(help="Examples per forward pass (grouped by length).")] = BuildConfig.batch_size,
     cross_attention: Annotated[str, typer.Option(help="mean (over heads, the paper's) or heads.")] = BuildConfig.cross_attention,
     store_dtype: Annotated[str, typer.Option(help="Stored states: int8 (8-bit codes + a scale per row and per-channel scales), fp8, int4, bfloat16 or float16 (docs/storage.md).")] = BuildConfig.float_dtype,
-    codec: Annotated[str, typer.Option(help="auto (raw 8-/4-bit codes, zstd for 16-bit floats), none, zstd or lz4; crc32c always (docs/storage.md).")] = BuildConfig.codec,
+    codec: Annotated[str, typer.Option(help="auto (raw 8-/4-bit codes, zstd for 16-bit floats), none (a 16-bit cache streams ~23x faster, ~1.35x the bytes), zstd or lz4; crc32c always (docs/storage.md).")] = BuildConfig.codec,
     revision: Annotated[Optional[str], typer.Option(help="Hub revision of --model.")] = None,
     chunk_mb: Annotated[float, typer.Option(help="Target raw MiB per chunk of token rows.")] = BuildConfig.chunk_mb,
     force: Annotated[bool, typer.Option(help="Build even if the size estimate exceeds free disk.")] = False,

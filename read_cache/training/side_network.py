@@ -161,8 +161,15 @@ class SideNetwork(nn.Module):
 
     # --- Algorithm 1 -------------------------------------------------------------------------------
     def encoder_corrections(self, enc: torch.Tensor) -> torch.Tensor:
-        """h_E[N_E] per token: [T, N_E, d] -> [T, r]; h_E[0] = 0 is the RNN's default initial state."""
-        out, _ = self.encoder_rnn(self.encoder_norm(enc))  # [T, N_E, r]
+        """h_E[N_E] per token: [T, N_E, d] -> [T', r], T' = `padded_rows(T)`; h_E[0] = 0 is the RNN's default
+        initial state. The tokens are padded with zero rows (see `padded_rows`), and the callers keep the padding
+        through the next matrix product (Up) and drop it after: those are the ops whose shapes follow T. The rows are
+        independent, so the real ones' corrections are those of the RNN run on them alone."""
+        x = self.encoder_norm(enc)
+        tokens = x.shape[0]
+        if padded_rows(tokens) > tokens:
+            x = F.pad(x, (0, 0, 0, 0, 0, padded_rows(tokens) - tokens))
+        out, _ = self.encoder_rnn(x)  # [T', N_E, r]
         return out[:, -1]
 
     def decoder_output(self, h_enc: torch.Tensor, cross: torch.Tensor, token_example: torch.Tensor, dec: torch.Tensor) -> torch.Tensor:
@@ -196,10 +203,10 @@ class SideNetwork(nn.Module):
                 raise ValueError("a T5 side network needs cross-attention and decoder states")
             if c.rnn == RNNKind.NONE:
                 return dec[:, -1]
-            return self.decoder_output(self.encoder_corrections(enc), cross, token_example, dec)
+            return self.decoder_output(self.encoder_corrections(enc)[: len(enc)], cross, token_example, dec)
         tokens = enc[:, -1]
         if c.rnn != RNNKind.NONE:
-            tokens = tokens + self.up(self.encoder_corrections(enc))  # [T, d]
+            tokens = tokens + self.up(self.encoder_corrections(enc))[: len(tokens)]  # [T, d]
         return pool(tokens, token_example, n_examples, c.pooling)
 
     def forward(self, **states: Any) -> torch.Tensor:
@@ -221,6 +228,19 @@ class SideNetwork(nn.Module):
     def predictions(self, logits: torch.Tensor) -> torch.Tensor:
         """Class ids [B] (or the scores themselves for regression)."""
         return logits if self.config.regression else logits.argmax(dim=-1)
+
+
+def padded_rows(n: int) -> int:
+    """n rounded up to one of 16 sizes per octave (at most 1/16 more): the rows the encoder RNN and Up run over.
+
+    Their batch is a training batch's token count, different nearly every batch. On a CPU under bf16 autocast, oneDNN
+    and torch's ideep layer keep compiled kernels per input shape, up to 1,024 shapes each, so memory grew with the
+    split: a streaming GRU/256 epoch's peak RSS was 2.8 GB over 20,000 MiniLM SST-2 examples and 3.4 GB over all 67,349
+    (fp32, which takes no such kernels, 1.57 GB both). Padded, 1.66 and 1.70 GB, and the epochs ran 10-15% faster
+    (docs/benchmarks.md, fourteenth session). The real rows' outputs are bit for bit those of the unpadded call; the
+    weights' gradients sum over more (zero) rows, which moves them by rounding only."""
+    step = 1 << max(0, n.bit_length() - 5)
+    return -(-n // step) * step
 
 
 def lm_logits(
