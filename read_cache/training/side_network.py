@@ -166,9 +166,9 @@ class SideNetwork(nn.Module):
         through the next matrix product (Up) and drop it after: those are the ops whose shapes follow T. The rows are
         independent, so the real ones' corrections are those of the RNN run on them alone."""
         x = self.encoder_norm(enc)
-        tokens = x.shape[0]
-        if padded_rows(tokens) > tokens:
-            x = F.pad(x, (0, 0, 0, 0, 0, padded_rows(tokens) - tokens))
+        extra = padded_rows(len(x)) - len(x)
+        if extra:
+            x = F.pad(x, (0, 0, 0, 0, 0, extra))  # zero rows after the last token
         out, _ = self.encoder_rnn(x)  # [T', N_E, r]
         return out[:, -1]
 
