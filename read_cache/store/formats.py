@@ -396,8 +396,8 @@ class ErrorStats:
     def add(self, x: np.ndarray, approx: np.ndarray) -> None:
         """Add a sample: x and its reconstruction, [rows, layers, d]; `close_unit` ends a unit."""
         x, approx = x.astype(np.float64), approx.astype(np.float64)
-        diff2 = (x - approx) ** 2
-        err2_rows, ref2_rows = diff2.sum(-1), (x**2).sum(-1)  # [rows, layers]
+        diff2, ref2 = (x - approx) ** 2, x**2
+        err2_rows, ref2_rows = diff2.sum(-1), ref2.sum(-1)  # [rows, layers]
         rel_rows = np.sqrt(err2_rows / np.maximum(ref2_rows, 1e-300))
         self.err2 = [a + b for a, b in zip(self.err2, err2_rows.sum(0).tolist())]
         self.ref2 = [a + b for a, b in zip(self.ref2, ref2_rows.sum(0).tolist())]
@@ -406,7 +406,7 @@ class ErrorStats:
         if self._channel_err2 is None:
             self._channel_err2, self._channel_ref2 = np.zeros(x.shape[1:]), np.zeros(x.shape[1:])
         self._channel_err2 += diff2.sum(0)
-        self._channel_ref2 += (x**2).sum(0)
+        self._channel_ref2 += ref2.sum(0)
         self._open_rows += len(x)
 
     def close_unit(self) -> list[float] | None:
